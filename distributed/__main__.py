@@ -1,0 +1,5 @@
+import sys
+
+from distributed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,225 @@
+"""One flat TrainConfig: the single definition of every training knob.
+
+The CLI, the worker loop, the search spaces and every saved result use this class. Unknown keys are an
+error (with a "did you mean"), types are checked and values range-checked, so a typo never silently
+trains the default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad user input in a config, an override or a search space. The CLI prints it and exits 2."""
+
+
+def knob(default, help: str, *, low=None, high=None, choices=None, low_open=False):
+    """A config field with its doc, range ([low, high], or (low, high] with low_open) and allowed values."""
+    meta = {"help": help, "low": low, "high": high, "choices": choices, "low_open": low_open}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+FREEZE_MODES = ("none", "frozen", "progressive")
+BALANCE_MODES = ("none", "loss", "sampler")
+SCHEDULES = ("onecycle", "cosine", "constant")
+METRICS = ("val_acc", "val_macro_f1", "val_loss")
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = knob("baseline_cnn", "architecture name; `emotune list-models` lists them")
+    data: str = knob("synthetic", "synthetic | imagefolder:PATH | parquet:PATH | fer2013_csv:PATH")
+    classes: list = knob([], "subset of class names to keep (empty = all)")
+    in_channels: int = knob(1, "1 = grayscale faces, 3 = RGB photos", choices=(1, 3))
+    data_size: int = knob(48, "side in pixels that images are decoded and stored at", low=16, high=512)
+    image_size: int = knob(0, "side the model sees; batches are resized on the device (0 = model's native)",
+                           low=0, high=512)
+    val_fraction: float = knob(0.15, "stratified validation split carved from train", low=0.01, high=0.5)
+    train_limit: int = knob(0, "use at most this many training images, stratified (0 = all)", low=0)
+    # optimisation
+    epochs: int = knob(10, "training epochs", low=1, high=10_000)
+    batch_size: int = knob(64, "per-worker batch size", low=1, high=4096)
+    lr_head: float = knob(1e-3, "peak learning rate of the classifier head (AdamW)", low=0, high=10, low_open=True)
+    lr_backbone: float = knob(1e-4, "peak learning rate of every other stage", low=0, high=10, low_open=True)
+    weight_decay: float = knob(1e-4, "AdamW weight decay", low=0, high=1)
+    schedule: str = knob("onecycle", "learning-rate schedule", choices=SCHEDULES)
+    warmup_pct: float = knob(0.3, "OneCycle: fraction of steps spent warming up", low=0.01, high=0.9)
+    grad_clip: float = knob(0.0, "clip the gradient norm to this (0 = off)", low=0)
+    amp: bool = knob(True, "mixed precision on CUDA (ignored on CPU)")
+    channels_last: bool = knob(False, "channels_last memory format on CUDA (ignored on CPU)")
+    ema_decay: float = knob(0.0, "EMA of weights used for evaluation (0 = off)", low=0, high=0.99999)
+    early_stop_patience: int = knob(0, "stop after this many epochs without improvement (0 = off)", low=0)
+    monitor: str = knob("val_acc", "metric that picks the best epoch and drives early stopping", choices=METRICS)
+    # regularisation
+    dropout: float = knob(0.5, "dropout of the classifier head", low=0, high=0.95)
+    mixup_alpha: float = knob(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0, high=10)
+    cutmix_alpha: float = knob(0.0, "CutMix Beta(alpha, alpha) (0 = off)", low=0, high=10)
+    label_smoothing: float = knob(0.0, "cross-entropy label smoothing", low=0, high=0.5)
+    augment: bool = knob(True, "flips, small affine, brightness/contrast, random erasing (on the device)")
+    class_balance: str = knob("none", "counter class imbalance by weighted loss or sampler", choices=BALANCE_MODES)
+    # transfer learning
+    pretrained: bool = knob(False, "start from torchvision's ImageNet weights")
+    weights_path: str = knob("", "load backbone weights from this local file instead of downloading")
+    freeze: str = knob("none", "none = fine-tune all; frozen = head only; progressive = unfreeze stage by stage",
+                       choices=FREEZE_MODES)
+    unfreeze_start: int = knob(10, "progressive: epoch (1-based) at which the first backbone stage unfreezes",
+                               low=1, high=10_000)
+    unfreeze_every: int = knob(10, "progressive: epochs between unfreezing further stages", low=1, high=10_000)
+    # reproducibility
+    seed: int = knob(0, "seeds the split, initialisation, sampling and augmentation", low=0)
+
+    # -- construction ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> "TrainConfig":
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: expected a mapping of TrainConfig keys, got {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, raw in values.items():
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, fields)}")
+            kwargs[key] = check_value(fields[key], raw, f"{where}: {key}")
+        if "model" in kwargs:
+            check_model_name(kwargs["model"], f"{where}: model")
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(read_yaml(path), where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def with_overrides(self, pairs: list[str]) -> "TrainConfig":
+        """Apply `--set key=value` strings; values are parsed as YAML scalars (so `1e-4` is a number)."""
+        changes = {}
+        for pair in pairs:
+            key, sep, text = pair.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set lr_head=3e-4")
+            try:
+                changes[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+            except yaml.YAMLError:
+                changes[key.strip()] = text
+        return TrainConfig.from_dict({**self.to_dict(), **changes}, where="--set")
+
+    def save(self, path: str | Path, header: str = "") -> None:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if header:
+            text = "".join(f"# {line}\n" for line in header.splitlines()) + text
+        atomic_write_text(path, text)
+
+
+def check_model_name(name: str, where: str) -> None:
+    from distributed.models import MODELS  # the registry is the one list of architectures
+
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{where}: unknown model {name!r}; {hint}choose from {', '.join(sorted(MODELS))}")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def field_spec(name: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+
+
+def did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def as_number(raw: Any, kind: type, where: str):
+    """Coerce YAML scalars to int/float. PyYAML reads `1e-4` as a string, so numeric strings are accepted."""
+    if isinstance(raw, bool):
+        raise ConfigError(f"{where}: expected a number, got {raw!r}")
+    if isinstance(raw, str):
+        try:
+            raw = float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {raw!r}") from None
+    if not isinstance(raw, (int, float)) or math.isnan(raw) or math.isinf(raw):
+        raise ConfigError(f"{where}: expected a finite number, got {raw!r}")
+    if kind is int:
+        if float(raw) != int(raw):
+            raise ConfigError(f"{where}: expected a whole number, got {raw!r}")
+        return int(raw)
+    return float(raw)
+
+
+def check_value(f: dataclasses.Field, raw: Any, where: str):
+    kind = {"int": int, "float": float, "bool": bool, "str": str, "list": list}[f.type]
+    if kind is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{where}: expected true or false, got {raw!r}")
+        value = raw
+    elif kind is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{where}: expected a string, got {raw!r}")
+        value = raw
+    elif kind is list:
+        if isinstance(raw, str):
+            raw = [s.strip() for s in raw.split(",") if s.strip()]
+        if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
+            raise ConfigError(f"{where}: expected a list of names, got {raw!r}")
+        value = list(raw)
+    else:
+        value = as_number(raw, kind, where)
+    check_range(f, value, where)
+    return value
+
+
+def check_range(f: dataclasses.Field, value, where: str) -> None:
+    meta = f.metadata
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value < low or (meta.get("low_open") and value == low)):
+        bound = f"> {low}" if meta.get("low_open") else f">= {low}"
+        raise ConfigError(f"{where}: {value!r} is out of range; it must be {bound}")
+    if high is not None and value > high:
+        raise ConfigError(f"{where}: {value!r} is out of range; it must be <= {high}")
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{at}: {problem}; fix the file's syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; expected YAML") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; expected YAML")
+    return data
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write through a temporary file and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
