@@ -1,0 +1,271 @@
+"""What runs and searches leave behind: metric tables, test reports, plots, leaderboards, best configs.
+
+Every file is written through a temporary file and a rename, so a crash never leaves half a report.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+from distributed.config import atomic_write_text
+
+
+def _tmp(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_table(rows: list[dict], stem: Path) -> None:
+    """rows -> STEM.csv and STEM.parquet (columns are the union of keys; missing values are null)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    table = pa.table({c: [row.get(c) for row in rows] for c in columns}) if rows else pa.table({})
+    for suffix, write in ((".parquet", pq.write_table), (".csv", pacsv.write_csv)):
+        path = stem.with_suffix(suffix)
+        tmp = _tmp(path)
+        write(table, tmp)
+        tmp.replace(path)
+
+
+def write_json(obj, path: Path) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = _tmp(path)
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(epochs, [h["train_loss"] for h in history], label="train_loss")
+    a.plot(epochs, [h["val_loss"] for h in history], label="val_loss")
+    a.set_xlabel("epoch"), a.set_title("loss"), a.legend()
+    b.plot(epochs, [h["val_acc"] for h in history], label="val_acc")
+    b.plot(epochs, [h["val_macro_f1"] for h in history], label="val_macro_f1")
+    b.set_xlabel("epoch"), b.set_title("validation"), b.legend()
+    save_figure(fig, path)
+
+
+def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * k, 0.8 + 0.6 * k))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
+    save_figure(fig, path)
+
+
+def classification_summary(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], prefix: str = "test") -> dict:
+    labels = list(range(len(class_names)))
+    return {f"{prefix}_acc": float(accuracy_score(y_true, y_pred)),
+            f"{prefix}_macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+            f"{prefix}_count": int(len(y_true))}
+
+
+def write_test_report(out: Path, y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str],
+                      groups: np.ndarray | None = None) -> dict:
+    """One evaluation on the test split: accuracy, macro-F1, sklearn's per-class report (text and JSON) and the
+    confusion matrix (CSV and PNG); per group too (e.g. FER2013 PublicTest / PrivateTest) when groups are given."""
+    labels = list(range(len(class_names)))
+    parts = {"all": np.ones(len(y_true), bool)}
+    if groups is not None:
+        parts.update({str(g): groups == g for g in sorted(set(groups.tolist()))})
+    summary = {}
+    for part, mask in parts.items():
+        suffix = "" if part == "all" else f"_{part}"
+        yt, yp = y_true[mask], y_pred[mask]
+        summary[part] = classification_summary(yt, yp, class_names)
+        report = classification_report(yt, yp, labels=labels, target_names=class_names, zero_division=0, digits=4)
+        atomic_write_text(out / f"classification_report{suffix}.txt", report)
+        write_json(classification_report(yt, yp, labels=labels, target_names=class_names, zero_division=0,
+                                         output_dict=True), out / f"classification_report{suffix}.json")
+        cm = confusion_matrix(yt, yp, labels=labels)
+        rows = [{"true": name, **{pred: int(cm[i, j]) for j, pred in enumerate(class_names)}}
+                for i, name in enumerate(class_names)]
+        write_table(rows, out / f"confusion_matrix{suffix}")
+        out.joinpath(f"confusion_matrix{suffix}.parquet").unlink()  # a K x K matrix needs no Parquet copy
+        plot_confusion(cm, class_names, out / f"confusion_matrix{suffix}.png",
+                       f"test {part}: acc {summary[part]['test_acc']:.3f}, macro-F1 {summary[part]['test_macro_f1']:.3f}")
+    write_json(summary, out / "test_metrics.json")
+    return summary
+
+
+# ------------------------------------------------------------------------------- collecting a search's results
+
+def read_trials(exp: Path) -> list[dict]:
+    """Every trial of an experiment directory, finished or not, from the files Tune writes (so this also works on
+    an interrupted search, and on a copy synced from S3/GCS)."""
+    status = trial_statuses(exp)
+    trials = []
+    for params_file in sorted(exp.glob("*/params.json")):
+        tdir = params_file.parent
+        rows = []
+        result_file = tdir / "result.json"
+        if result_file.exists():
+            for line in result_file.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    pass
+        rows = [r for r in rows if "epoch" in r]
+        trial_id = rows[-1]["trial_id"] if rows else tdir.name
+        trials.append({"trial_id": trial_id, "dir": tdir, "params": json.loads(params_file.read_text()),
+                       "rows": rows, "error": (tdir / "error.txt").exists(), "status": status.get(trial_id)})
+    return trials
+
+
+def trial_statuses(exp: Path) -> dict:
+    states = sorted(exp.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    out = {}
+    for entry in json.loads(states[-1].read_text()).get("trial_data", []):
+        try:
+            info = json.loads(entry[0])
+            out[info["trial_id"]] = info.get("status")
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+            continue
+    return out
+
+
+def flatten_params(params: dict) -> dict:
+    """{"lr_head": 1e-3, "mobilenet_v2": {"unfreeze_start": 4}} -> conditional values under their own names."""
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out.update(value)
+        else:
+            out[key] = value
+    return out
+
+
+def leaderboard_rows(trials: list[dict], space, metric: str, mode: str) -> tuple[list[dict], dict]:
+    """-> (rows best first, {trial_id: the trial's complete TrainConfig dict})."""
+    sign = 1 if mode == "max" else -1
+    rows, configs = [], {}
+    for t in trials:
+        cfg = configs[t["trial_id"]] = space.trial_config(t["params"])
+        hist = t["rows"]
+        values = [h.get(metric) for h in hist if isinstance(h.get(metric), (int, float)) and h.get(metric) == h.get(metric)]
+        best = max(values, key=lambda v: sign * v) if values else None
+        last = hist[-1] if hist else {}
+        epochs_run = int(last.get("epoch", 0))
+        diverged = bool(last.get("diverged", False))
+        early = bool(last.get("early_stopped", False))
+        finished = epochs_run >= cfg["epochs"] or early or diverged
+        if t["error"]:
+            status = "error"
+        elif diverged:
+            status = "diverged"
+        elif finished:
+            status = "early_stopped" if early else "completed"
+        elif t["status"] == "TERMINATED":
+            status = "asha_stopped"
+        else:
+            status = "incomplete"
+        row = {"trial_id": t["trial_id"], "status": status, "model": cfg["model"],
+               **{f"param.{k}": v for k, v in flatten_params(t["params"]).items()},
+               "epochs_run": epochs_run, f"best_{metric}": best}
+        for m in ("val_acc", "val_macro_f1", "val_loss"):
+            row[f"last_{m}"] = last.get(m)
+        row["params"] = last.get("params")
+        row["wall_s"] = round(float(last.get("time_total_s", 0.0)), 1)
+        row["asha_stopped"] = status == "asha_stopped"
+        rows.append(row)
+    rows.sort(key=lambda r: (r[f"best_{metric}"] is None, -sign * (r[f"best_{metric}"] or 0)))
+    return rows, configs
+
+
+def pareto_front(rows: list[dict], objectives: list[tuple[str, str]], metric: str) -> list[dict]:
+    """Non-dominated trials under all objectives (the first is read from best_<metric>, the rest from the row)."""
+    def key(row, m):
+        return row[f"best_{metric}"] if m == metric else row.get(m)
+
+    scored = [r for r in rows if all(key(r, m) is not None for m, _ in objectives)]
+
+    def better_or_equal(a, b):
+        return all((key(a, m) >= key(b, m)) if d == "max" else (key(a, m) <= key(b, m)) for m, d in objectives)
+
+    return [r for r in scored if not any(better_or_equal(o, r) and o is not r and
+                                         any(key(o, m) != key(r, m) for m, _ in objectives) for o in scored)]
+
+
+def collect(exp: str | Path, space=None, top: int = 5, model: str | None = None) -> dict:
+    """Leaderboard, best_config.yaml, best_by_architecture/, Pareto front; from any experiment directory."""
+    from distributed.search_space import load_space
+
+    exp = Path(exp)
+    meta_file = exp / "emotune.json"
+    if not meta_file.is_file():
+        from distributed.config import ConfigError
+
+        raise ConfigError(f"{exp}: not an emotune experiment directory (no emotune.json); pass the directory "
+                          f"printed by `emotune tune`")
+    meta = json.loads(meta_file.read_text())
+    space = space or load_space(exp / "space.yaml", meta.get("overrides", []))
+    metric, mode = space.metric, space.mode
+    rows, configs = leaderboard_rows(read_trials(exp), space, metric, mode)
+    if model:
+        rows = [r for r in rows if r["model"] == model]
+    write_table(rows, exp / "leaderboard")
+    out = {"experiment": str(exp), "leaderboard": str(exp / "leaderboard.csv"), "rows": rows}
+    ranked = [r for r in rows if r[f"best_{metric}"] is not None]
+    if ranked:
+        best = ranked[0]
+        write_best_config(exp / "best_config.yaml", best, configs[best["trial_id"]], meta, metric)
+        out["best_config"] = str(exp / "best_config.yaml")
+        models = sorted({r["model"] for r in ranked})
+        if len(space.model_choices()) > 1:
+            for m in models:
+                first = next(r for r in ranked if r["model"] == m)
+                write_best_config(exp / "best_by_architecture" / f"{m}.yaml", first, configs[first["trial_id"]],
+                                  meta, metric)
+            out["best_by_architecture"] = str(exp / "best_by_architecture")
+    if space.multi_objective:
+        front = pareto_front(ranked, space.objectives, metric)
+        write_table(front, exp / "pareto_front")
+        out["pareto_front"] = str(exp / "pareto_front.csv")
+    out["top"] = ranked[:top]
+    return out
+
+
+def write_best_config(path: Path, row: dict, config: dict, meta: dict, metric: str) -> None:
+    """A complete TrainConfig that `emotune train --config` re-runs as is, with where it came from."""
+    from datetime import datetime, timezone
+
+    from distributed.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(config)
+    header = (f"best trial {row['trial_id']}: {metric} = {row[f'best_{metric}']:.4f} "
+              f"(epoch budget {cfg.epochs}, ran {row['epochs_run']})\n"
+              f"search space: {meta.get('space_file')}  overrides: {' '.join(meta.get('overrides', [])) or 'none'}\n"
+              f"git commit: {meta.get('git_commit', 'unknown')}  collected: "
+              f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n"
+              f"re-run: emotune train --config {path.name}")
+    cfg.save(path, header=header)

@@ -1,0 +1,362 @@
+"""train_loop_per_worker: the one training loop. Ray Train runs it on every DDP worker; a one-worker Tune trial
+may run it directly in the trial process (no worker group) because that starts faster (see BENCHMARKS.md).
+
+It reads top to bottom: data, model, optimizer, schedule; then for each epoch train, evaluate, checkpoint,
+report. Model files and checkpoints are plain dicts of tensors and numbers so `torch.load(weights_only=True)`
+can read them and nothing in them executes.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from distributed.config import TrainConfig
+from distributed.data import augment, class_weights, load_pool, make_splits, mix_transform
+from distributed.models import create_model, native_size, stages
+
+MODEL_FORMAT = "emotune-model/1"
+STATE_FORMAT = "emotune-state/1"
+# ImageNet statistics; grey input uses their mean, which matches backbones whose first conv sums RGB filters.
+MEAN = {1: (0.449,), 3: (0.485, 0.456, 0.406)}
+STD = {1: (0.226,), 3: (0.229, 0.224, 0.225)}
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """loop_config: {"train": TrainConfig dict, "pool": ObjectRef of a data Pool or None, "direct": bool}."""
+    cfg = TrainConfig.from_dict(loop_config["train"])
+    run = RunContext(direct=loop_config.get("direct", False))
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank; DDP also broadcasts rank 0's
+
+    splits = load_splits(cfg, loop_config.get("pool"))
+    num_classes = len(splits.class_names)
+    train_x, train_y = torch.from_numpy(splits.train_x), torch.from_numpy(splits.train_y)
+    val_x, val_y = torch.from_numpy(splits.val_x), torch.from_numpy(splits.val_y)
+
+    net = create_model(cfg.model, num_classes, in_channels=cfg.in_channels, dropout=cfg.dropout,
+                       pretrained=cfg.pretrained, weights_path=cfg.weights_path).to(run.device)
+    if cfg.channels_last and run.device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    groups = stages(net)
+    # Head first, so the first learning rate is lr_head and every backbone stage gets lr_backbone.
+    peak_lrs = [cfg.lr_head] + [cfg.lr_backbone] * (len(groups) - 1)
+    optimizer = torch.optim.AdamW([{"params": list(g.parameters()), "lr": lr} for g, lr in zip(groups, peak_lrs)],
+                                  weight_decay=cfg.weight_decay)
+    steps = steps_per_epoch(len(train_y), run.world, cfg.batch_size)
+    ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+           if cfg.ema_decay > 0 else None)
+    weight = torch.tensor(class_weights(splits.train_y, num_classes), dtype=torch.float32, device=run.device)
+    loss_fn = nn.CrossEntropyLoss(weight=weight if cfg.class_balance == "loss" else None,
+                                  label_smoothing=cfg.label_smoothing)
+    mix = mix_transform(cfg.mixup_alpha, cfg.cutmix_alpha, num_classes)
+    size = cfg.image_size or native_size(cfg.model)
+
+    start_epoch, best, bad_epochs, history, best_blob = 1, None, 0, [], None
+    checkpoint = run.get_checkpoint()
+    if checkpoint:  # a restarted worker group (or trial) resumes from its last epoch
+        with checkpoint.as_directory() as d:
+            state = load_file(Path(d) / "state.pt", STATE_FORMAT)
+            best_blob = load_file(Path(d) / "best_model.pt", MODEL_FORMAT)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state["ema"] is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
+    # Built after any resume and fast-forwarded, so a run resumed with more epochs stretches its schedule.
+    scheduler = make_schedule(cfg, optimizer, peak_lrs, total_steps=max(cfg.epochs, start_epoch) * steps,
+                              done_steps=(start_epoch - 1) * steps)
+
+    run_start = start_epoch  # > 1 when this process resumed from a checkpoint
+    gen = torch.Generator(device=run.device).manual_seed(cfg.seed * 1000 + run.rank)
+    trainable = None
+    model = net
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        tic = time.perf_counter()
+        now_trainable = set_trainable(groups, cfg, epoch)
+        if now_trainable != trainable:
+            # DDP only all-reduces parameters that required grad when it was built: rebuild it on every change.
+            trainable = now_trainable
+            model = run.wrap(net)
+        gen.manual_seed(cfg.seed * 1000 + epoch * 10 + run.rank)
+        net.train()
+        for i, g in enumerate(groups):
+            if i >= trainable:
+                g.eval()  # frozen stages keep their BatchNorm statistics
+        train_loss, seen, finite = 0.0, 0, True
+        for idx in epoch_batches(train_y, splits.train_y, cfg, run, epoch):
+            x = prepare_batch(train_x[idx], cfg, size, run.device)
+            y = train_y[idx].to(run.device, non_blocking=True)
+            if cfg.augment:
+                x = augment(x, gen)
+            if mix is not None:
+                x, y = mix(x, y)
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp and run.device.type == "cuda"):
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(net)
+            value = loss.item()
+            # Keep stepping (every rank must join each all-reduce); NaN spreads through DDP's gradients anyway.
+            finite = finite and math.isfinite(value)
+            train_loss += value * len(idx)
+            seen += len(idx)
+        train_time = time.perf_counter() - tic
+        if run.sum(0.0 if finite else 1.0) > 0:
+            # Diverged (NaN/inf loss): report NaN metrics and end the run. Optuna records a NaN objective as a
+            # failed trial, the search goes on, and the leaderboard shows it; no retry would help.
+            nan = float("nan")
+            run.report({"epoch": epoch, "diverged": True, "val_loss": nan, "val_acc": nan, "val_macro_f1": nan,
+                        "train_loss": nan}, None)
+            return
+
+        metrics = evaluate(ema.module if ema is not None else net, val_x, val_y, cfg, size, run, prefix="val")
+        metrics.update(epoch=epoch, train_loss=run.mean(train_loss, seen), lr_head=optimizer.param_groups[0]["lr"],
+                       images_per_s=run.sum(seen) / max(train_time, 1e-9), epoch_s=time.perf_counter() - tic,
+                       trainable_stages=trainable, params=sum(p.numel() for p in net.parameters()),
+                       run_start_epoch=run_start, ranks_agree=run.agree({k: metrics[k] for k in sorted(metrics)}))
+        value = metrics[cfg.monitor]
+        improved = best is None or (value < best["value"] if cfg.monitor == "val_loss" else value > best["value"])
+        if improved:
+            best, bad_epochs = {"value": value, "epoch": epoch}, 0
+        else:
+            bad_epochs += 1
+        metrics["best_" + cfg.monitor] = best["value"]
+        history.append(metrics)
+        stop = cfg.early_stop_patience > 0 and bad_epochs >= cfg.early_stop_patience
+        metrics.update(early_stopped=stop, diverged=False)
+
+        if improved and run.rank == 0:  # only the newest checkpoint is kept, so each carries the best weights
+            best_blob = model_blob(ema.module if ema is not None else net, cfg, splits.class_names, metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            if run.rank == 0:
+                torch.save({"format": STATE_FORMAT, "epoch": epoch, "model": net.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "ema": ema.state_dict() if ema is not None else None, "best": best,
+                            "bad_epochs": bad_epochs, "history": history}, Path(tmp) / "state.pt")
+                torch.save(best_blob, Path(tmp) / "best_model.pt")
+            run.report(metrics, tmp)
+        if stop:
+            break
+
+
+class RunContext:
+    """Where this copy of the loop runs: a Ray Train worker (DDP rank) or directly inside a Tune trial."""
+
+    def __init__(self, direct: bool):
+        import ray.train
+        import ray.tune
+
+        self.direct = direct
+        if direct:
+            self.rank, self.world = 0, 1
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self._report, self._get = ray.tune.report, ray.tune.get_checkpoint
+        else:
+            import ray.train.torch
+
+            ctx = ray.train.get_context()
+            self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+            self.device = ray.train.torch.get_device()
+            self._report, self._get = ray.train.report, ray.train.get_checkpoint
+
+    def get_checkpoint(self):
+        return self._get()
+
+    def report(self, metrics: dict, tmp: str | None) -> None:
+        from ray.train import Checkpoint
+
+        # Every rank reports (it is a barrier); only rank 0 wrote files, so only it hands over a checkpoint.
+        ckpt = Checkpoint.from_directory(tmp) if self.rank == 0 and tmp else None
+        self._report(metrics, checkpoint=ckpt)
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return net
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item()
+
+    def mean(self, total: float, count: int) -> float:
+        return self.sum(total) / max(self.sum(count), 1)
+
+    def agree(self, obj) -> bool:
+        """Whether every rank holds the same value (a cheap guard that all ranks evaluate identically)."""
+        if self.world == 1:
+            return True
+        parts = [None] * self.world
+        dist.all_gather_object(parts, obj)
+        return all(p == parts[0] for p in parts)
+
+    def gather(self, array: np.ndarray) -> np.ndarray:
+        if self.world == 1:
+            return array
+        parts = [None] * self.world
+        dist.all_gather_object(parts, array)
+        return np.concatenate(parts)
+
+
+# ------------------------------------------------------------------------------------------- the pieces
+
+def load_splits(cfg: TrainConfig, pool_ref=None):
+    """Decoded images come from the object store when the driver put them there (decoded once per cluster,
+    shared zero-copy by the workers of a node); otherwise they are decoded here."""
+    if pool_ref is not None:
+        import ray
+
+        pool = ray.get(pool_ref)
+    else:
+        pool = load_pool(cfg.data, in_channels=cfg.in_channels, size=cfg.data_size, seed=cfg.seed)
+    return make_splits(pool, cfg.classes, cfg.val_fraction, cfg.seed, cfg.train_limit)
+
+
+def prepare_batch(x_uint8: torch.Tensor, cfg: TrainConfig, size: int, device: torch.device) -> torch.Tensor:
+    """uint8 [B,C,S,S] -> normalised float on the device, resized batch-wise there (never per image on the CPU)."""
+    x = x_uint8.to(device, non_blocking=True).float().div_(255)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    mean = torch.tensor(MEAN[cfg.in_channels], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(STD[cfg.in_channels], device=device).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    if cfg.channels_last and device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def steps_per_epoch(n: int, world: int, batch_size: int) -> int:
+    per_rank = math.ceil(n / world)
+    steps, rest = divmod(per_rank, batch_size)
+    return max(1, steps + (1 if rest >= 2 else 0))
+
+
+def epoch_batches(train_y: torch.Tensor, y_np: np.ndarray, cfg: TrainConfig, run: RunContext, epoch: int):
+    """This rank's shuffled index batches: a seeded permutation (DistributedSampler's scheme, with set_epoch),
+    or class-balanced draws with replacement when class_balance is 'sampler'."""
+    n = len(train_y)
+    g = torch.Generator().manual_seed(cfg.seed + epoch)
+    if cfg.class_balance == "sampler":
+        w = torch.from_numpy(class_weights(y_np, int(y_np.max()) + 1)[y_np]).double()
+        order = torch.multinomial(w, n, replacement=True, generator=g)
+    else:
+        order = torch.randperm(n, generator=g)
+    mine = order[run.rank::run.world]
+    if len(mine) < math.ceil(n / run.world):  # pad so every rank runs the same number of steps
+        mine = torch.cat([mine, order[: math.ceil(n / run.world) - len(mine)]])
+    for start in range(0, len(mine), cfg.batch_size):
+        idx = mine[start:start + cfg.batch_size]
+        if len(idx) >= 2:  # BatchNorm cannot train on a batch of one
+            yield idx
+
+
+def make_schedule(cfg: TrainConfig, optimizer, peak_lrs: list[float], total_steps: int, done_steps: int = 0):
+    """Per-step schedule; `done_steps` > 0 resumes it (the optimizer state already carries initial_lr)."""
+    last = done_steps - 1
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak_lrs, total_steps=total_steps,
+                                                   pct_start=cfg.warmup_pct, last_epoch=last)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, last_epoch=last)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0, last_epoch=last)
+
+
+def set_trainable(groups: list[nn.Module], cfg: TrainConfig, epoch: int) -> int:
+    """Returns how many stages (from the head) train this epoch. The source recipe: head only for 10 epochs,
+    then layer4, layer3, layer2, then all, every 10 epochs (unfreeze_start=11, unfreeze_every=10)."""
+    if cfg.freeze == "none":
+        n = len(groups)
+    elif cfg.freeze == "frozen":
+        n = 1
+    else:
+        n = 1 if epoch < cfg.unfreeze_start else min(len(groups), 2 + (epoch - cfg.unfreeze_start) // cfg.unfreeze_every)
+    for i, g in enumerate(groups):
+        for p in g.parameters():
+            p.requires_grad_(i < n)
+    return n
+
+
+@torch.no_grad()
+def predict(net: nn.Module, x: torch.Tensor, cfg: TrainConfig, size: int, device, batch_size: int = 256):
+    """Logits for uint8 images, in batches."""
+    net.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        xb = prepare_batch(x[start:start + batch_size], cfg, size, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+            out.append(net(xb).float())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(net, x, y, cfg, size, run: RunContext, prefix: str) -> dict:
+    """Each rank scores its shard; predictions are gathered so every rank computes identical metrics over the
+    whole split (Ray Tune only sees rank 0's dict, but early stopping runs on every rank)."""
+    mine = torch.arange(run.rank, len(y), run.world)
+    logits = predict(net, x[mine], cfg, size, run.device)
+    loss = F.cross_entropy(logits, y[mine].to(run.device), reduction="sum").item() if len(mine) else 0.0
+    y_true = run.gather(y[mine].numpy())
+    y_pred = run.gather(logits.argmax(1).cpu().numpy())
+    return {f"{prefix}_loss": run.sum(loss) / max(len(y_true), 1),
+            f"{prefix}_acc": float(accuracy_score(y_true, y_pred)),
+            f"{prefix}_macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            f"{prefix}_count": int(len(y_true))}
+
+
+# ------------------------------------------------------------------------------------------ model files
+
+def model_blob(net: nn.Module, cfg: TrainConfig, class_names: list[str], metrics: dict) -> dict:
+    """A self-describing model file: weights (copied to CPU), the config that made them and the class names."""
+    net = getattr(net, "module", net)
+    return {"format": MODEL_FORMAT, "model": cfg.model,
+            "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()},
+            "config": cfg.to_dict(), "class_names": list(class_names),
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}}
+
+
+class NotOurs(ValueError):
+    """A file that is not an emotune model/checkpoint, or that carries pickled code."""
+
+
+def load_file(path: str | Path, expected: str) -> dict:
+    """weights_only=True: a file carrying pickled code is refused and nothing in it executes."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotOurs(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError for code, RuntimeError for non-torch files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NotOurs(f"{path}: not an emotune file, refused by safe (weights_only) loading: {reason[:160]}") from None
+    if not isinstance(obj, dict) or obj.get("format") != expected:
+        raise NotOurs(f"{path}: not an emotune file (expected format {expected}); pass a best_model.pt or "
+                      f"final_model.pt written by `emotune train`")
+    return obj
+
+
+def load_model(path: str | Path, device="cpu"):
+    """-> (model in eval mode, TrainConfig, class names, saved metrics)."""
+    blob = load_file(path, MODEL_FORMAT)
+    cfg = TrainConfig.from_dict(blob["config"])
+    # pretrained/weights_path are irrelevant here: the state dict carries every weight.
+    net = create_model(cfg.model, len(blob["class_names"]), in_channels=cfg.in_channels, dropout=cfg.dropout)
+    net.load_state_dict(blob["state_dict"])
+    return net.to(device).eval(), cfg, blob["class_names"], blob.get("metrics", {})

@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests use real Ray, real Optuna, real files; nothing here is mocked.
+
+Ray instances are started by the fixtures that need them and stopped by the same fixtures (ray.shutdown() for
+in-process instances; process handles for `ray start` clusters), so no test touches a Ray it did not start.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data"
+SPACES = REPO / "search_spaces"
+
+# Quiet, fast local Ray for tests; token auth stays at Ray's default (on for a new local cluster).
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def need(path: Path) -> Path:
+    """Skip (with the reason) when the shared data that a test reads is absent."""
+    if not path.exists():
+        pytest.skip(f"needs {path} (the ../shared folder beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One in-process local Ray instance (2 CPUs, the driver resource) for the tests that run real trials."""
+    import ray
+
+    from distributed.launch import DRIVER_RESOURCE, DRIVER_SLOTS
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, resources={DRIVER_RESOURCE: DRIVER_SLOTS}, include_dashboard=False,
+             logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,117 @@
+"""The training loop under real Ray Train (gloo DDP on CPU), its checkpoints, resume, reports and CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import DATA, need
+from distributed.cli import main
+from distributed.config import TrainConfig
+from distributed.launch import Scaling, fit
+from distributed.models import create_model, stages
+from distributed.train import MODEL_FORMAT, load_file, load_model, set_trainable
+
+
+def test_two_worker_ddp_run_then_resume(ray_local, tmp_path):
+    # Progressive unfreezing at epochs 2 and 3 also makes DDP rebuild its wrapper while both ranks train.
+    cfg = TrainConfig(model="small_cnn", epochs=2, lr_head=3e-3, lr_backbone=3e-3, schedule="constant",
+                      augment=False, freeze="progressive", unfreeze_start=2, unfreeze_every=1, seed=1)
+    out = tmp_path / "run"
+    summary = fit(cfg, str(out), Scaling(workers=2))
+    history = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    # Each rank scored half of the validation split; the gathered metrics cover all of it, identically on both.
+    assert all(h["val_count"] == 315 and h["ranks_agree"] for h in history)
+    assert [h["trainable_stages"] for h in history] == [1, 2]
+    assert list(out.glob("run/checkpoint_*/state.pt")) and (out / "best_model.pt").exists()
+    assert 0 <= summary["test_acc"] <= 1 and (out / "confusion_matrix.png").stat().st_size > 1000
+
+    # Same output directory, one more epoch: Ray Train hands the worker group its latest checkpoint.
+    fit(cfg.replace(epochs=3), str(out), Scaling(workers=2))
+    history = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[2]["run_start_epoch"] == 3
+    assert history[2]["trainable_stages"] == 3
+
+
+def test_run_outputs_are_complete_and_loadable(ray_local, tmp_path):
+    cfg = TrainConfig(model="small_cnn", epochs=1, ema_decay=0.9, classes=["happy", "sad", "surprise"])
+    fit(cfg, str(tmp_path), Scaling(workers=1))
+    for name in ("config.yaml", "metrics.csv", "metrics.parquet", "curves.png", "classification_report.txt",
+                 "classification_report.json", "confusion_matrix.csv", "confusion_matrix.png", "test_metrics.json"):
+        assert (tmp_path / name).exists(), name
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents*"))
+    assert TrainConfig.load(tmp_path / "config.yaml") == cfg
+    for name in ("best_model.pt", "final_model.pt"):
+        blob = torch.load(tmp_path / name, weights_only=True)
+        assert blob["format"] == MODEL_FORMAT and blob["class_names"] == ["happy", "sad", "surprise"]
+    net, loaded_cfg, names, _ = load_model(tmp_path / "best_model.pt")
+    assert loaded_cfg == cfg and net(torch.zeros(2, 1, 48, 48)).shape == (2, 3)
+    report = json.loads((tmp_path / "classification_report.json").read_text())
+    assert set(names) <= set(report)
+
+
+def test_progressive_unfreezing_schedule():
+    """The source recipe: head only for 10 epochs, then layer4, layer3, layer2, then everything, every 10."""
+    net = create_model("resnet18", 7)
+    groups = stages(net)
+    cfg = TrainConfig(model="resnet18", freeze="progressive", unfreeze_start=11, unfreeze_every=10)
+    seen = {}
+    for epoch in (1, 10, 11, 20, 21, 31, 41, 100):
+        n = set_trainable(groups, cfg, epoch)
+        trainable = [any(p.requires_grad for p in g.parameters()) for g in groups]
+        assert trainable == [i < n for i in range(len(groups))]
+        assert all(p.requires_grad == (i < n) for i, g in enumerate(groups) for p in g.parameters())
+        seen[epoch] = n
+    assert seen == {1: 1, 10: 1, 11: 2, 20: 2, 21: 3, 31: 4, 41: 5, 100: 5}
+    assert set_trainable(groups, cfg.replace(freeze="frozen"), 50) == 1
+    assert set_trainable(groups, cfg.replace(freeze="none"), 1) == len(groups)
+
+
+@pytest.mark.slow
+def test_pretrained_mobilenet_beats_random_init_on_ckplus(ray_local, tmp_path, monkeypatch):
+    """The shared torchvision ImageNet file, placed in a temporary TORCH_HOME, is found offline."""
+    weights = need(DATA.parent / "weights" / "mobilenet_v2-b0353104.pth")
+    data = need(DATA / "ckplus48")
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / weights.name).symlink_to(weights)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    base = TrainConfig(model="mobilenet_v2", data=f"imagefolder:{data}", epochs=2, image_size=96, batch_size=32,
+                       lr_head=1e-3, lr_backbone=3e-4, augment=False, seed=0)
+    random = fit(base, str(tmp_path / "random"), Scaling(workers=1))
+    pretrained = fit(base.replace(pretrained=True), str(tmp_path / "pretrained"), Scaling(workers=1))
+    assert pretrained["test_acc"] > random["test_acc"] + 0.05, (pretrained, random)
+
+
+@pytest.mark.slow
+def test_emotion_cnn48_learns_ckplus_and_predicts(ray_local, tmp_path, capsys):
+    data = need(DATA / "ckplus48")
+    cfg = TrainConfig(model="emotion_cnn48", data=f"imagefolder:{data}", epochs=10, batch_size=32,
+                      lr_head=3e-3, lr_backbone=3e-3, seed=0)
+    summary = fit(cfg, str(tmp_path), Scaling(workers=1))
+    assert summary["test_acc"] >= 0.70, summary
+
+    image = sorted((data / "test" / "happy").glob("*.png"))[0]
+    assert main(["predict", str(tmp_path / "best_model.pt"), str(image), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["class"] in ("angry", "contempt", "disgust", "fear", "happy", "sad", "surprise")
+    assert len(out["top3"]) == 3 and abs(sum(t["p"] for t in out["top3"]) - 1) < 1 and out["confidence"] > 0
+
+
+def test_model_files_refuse_foreign_and_pickled_content(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    torch.save({"x": Payload()}, tmp_path / "evil.pt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    for name in ("evil.pt", "foreign.pt", "array.npy"):
+        assert main(["predict", str(tmp_path / name), str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "pwned").exists()
