@@ -1,0 +1,223 @@
+"""`emotune` command line. main(argv) returns the exit code, so tests call it directly.
+
+Bad input exits 2 with one line naming the problem and the fix, before any Ray process starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """Every exception class that means "the user's input is wrong" (exit 2), as opposed to a bug (traceback)."""
+    from distributed.config import ConfigError
+    from distributed.data import DataError
+    from distributed.models import ModelError
+    from distributed.train import NotOurs
+
+    errors = [ConfigError, DataError, ModelError, NotOurs]
+    try:
+        from distributed.cluster import ClusterFileError
+
+        errors.append(ClusterFileError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TrainConfig YAML (e.g. a best_config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one TrainConfig field; repeatable (e.g. --set epochs=5 --set lr_head=3e-4)")
+
+
+def add_scaling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1, help="DDP workers (processes) for the run")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per worker, fractions allowed (default: 1 when this machine has a GPU, else 0)")
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emotune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("tune", help="search hyperparameters: Optuna TPE + ASHA over Ray Train trials")
+    p.add_argument("space", nargs="?", default=DEFAULT_SPACE, help=f"search-space YAML (default: {DEFAULT_SPACE})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="pin a TrainConfig field for every trial (e.g. --set data=parquet:/data/fer2013)")
+    p.add_argument("--storage-path", default="results",
+                   help="where experiments go: a directory, a shared filesystem, or s3://, gs:// (default: ./results)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted experiment of the same name")
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--num-samples", type=int, default=None, help="override the file's num_samples")
+    p.add_argument("--top", type=int, default=5, help="trials shown in the closing summary")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("check-space", help="validate search-space files without starting Ray")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_check_space)
+
+    p = sub.add_parser("best", help="(re)collect leaderboard and best configs from an experiment directory")
+    p.add_argument("experiment")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--model", default=None, help="only trials of this architecture")
+    p.set_defaults(func=cmd_best)
+
+    p = sub.add_parser("train", help="train one configuration with Ray Train, then evaluate it on the test split")
+    add_config_args(p)
+    add_scaling_args(p)
+    p.add_argument("--output", default="runs/train", help="run directory (default: runs/train)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("list-models", help="architectures with parameter counts and native input")
+    p.set_defaults(func=cmd_list_models)
+
+    p = sub.add_parser("predict", help="classify face images with a saved model")
+    p.add_argument("model", help="best_model.pt or final_model.pt from `emotune train`")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.set_defaults(func=cmd_predict)
+
+    from distributed.cluster import add_cluster_commands
+
+    add_cluster_commands(sub)
+    return parser
+
+
+DEFAULT_SPACE = "search_spaces/quick.yaml"
+
+
+def cmd_tune(args) -> int:
+    from distributed.results import collect
+    from distributed.tune import run_search
+
+    exp = run_search(args.space, args.overrides, storage_path=args.storage_path, resume=args.resume,
+                     address=args.address, num_samples=args.num_samples)
+    print_summary(collect(exp, top=args.top))
+    return 0
+
+
+def cmd_check_space(args) -> int:
+    from distributed.search_space import load_space
+
+    for path in args.files:
+        space = load_space(path)
+        for w in space.warnings():
+            print(f"warning: {w}")
+        searched = list(space.params) + [f"{m}/{k}" for m, own in space.by_model.items() for k in own]
+        print(f"{path}: ok ({space.num_samples} trials, {len(searched)} parameters: {', '.join(searched)})")
+    return 0
+
+
+def cmd_best(args) -> int:
+    from distributed.results import collect
+
+    print_summary(collect(args.experiment, top=args.top, model=args.model))
+    return 0
+
+
+def print_summary(out: dict) -> None:
+    rows = out["top"]
+    if not rows:
+        print(f"no trial has reported a metric yet in {out['experiment']}")
+        return
+    metric_col = next(k for k in rows[0] if k.startswith("best_"))
+    params = [k for k in rows[0] if k.startswith("param.")]
+    print(f"\ntop {len(rows)} of {len(out['rows'])} trials by {metric_col[5:]}:")
+    print(f"{'trial':<14}{'status':<15}{metric_col:>14}{'epochs':>8}  params")
+    for r in rows:
+        shown = ", ".join(f"{k[6:]}={fmt(r[k])}" for k in params if r.get(k) is not None)
+        print(f"{r['trial_id']:<14}{r['status']:<15}{r[metric_col]:>14.4f}{r['epochs_run']:>8}  {shown}")
+    print()
+    for key in ("leaderboard", "best_config", "best_by_architecture", "pareto_front"):
+        if key in out:
+            print(f"{key:<22}{out[key]}")
+    print(f"{'tensorboard':<22}tensorboard --logdir {out['experiment']}")
+    print(f"{'optuna-dashboard':<22}optuna-dashboard sqlite:///{out['experiment']}/optuna.db")
+
+
+def fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def load_train_config(args):
+    from distributed.config import TrainConfig
+
+    cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
+    return cfg.with_overrides(args.overrides)
+
+
+def scaling_from(args):
+    from distributed.config import ConfigError
+    from distributed.launch import Scaling
+
+    gpus = args.gpus_per_worker
+    if gpus is None:
+        import torch
+
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    if args.workers < 1 or args.cpus_per_worker < 0 or gpus < 0:
+        raise ConfigError("--workers must be >= 1 and --cpus-per-worker/--gpus-per-worker >= 0")
+    return Scaling(workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus)
+
+
+def cmd_train(args) -> int:
+    from distributed.launch import fit
+
+    cfg = load_train_config(args)
+    summary = fit(cfg, args.output, scaling_from(args), address=args.address)
+    print(f"\ntest_acc {summary['test_acc']:.4f}  test_macro_f1 {summary['test_macro_f1']:.4f}  "
+          f"(best epoch {summary['best_epoch']} of {summary['epochs_run']})")
+    print(f"results in {summary['output']}: best_model.pt final_model.pt metrics.csv curves.png "
+          f"classification_report.txt confusion_matrix.png tensorboard/")
+    return 0
+
+
+def cmd_list_models(args) -> int:
+    from distributed.models import describe_models
+
+    print(f"{'model':<20}{'params':>12}  {'input':<12}kind")
+    for m in describe_models():
+        print(f"{m['name']:<20}{m['params']:>12,}  {m['native_size']}x{m['native_size']:<8}{m['kind']}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import torch
+
+    from distributed.data import read_images
+    from distributed.models import native_size
+    from distributed.train import load_model, predict
+
+    net, cfg, names, _ = load_model(args.model)
+    x = torch.from_numpy(read_images(args.images, cfg.in_channels, cfg.data_size))
+    probs = predict(net, x, cfg, cfg.image_size or native_size(cfg.model), torch.device("cpu")).softmax(1)
+    for path, p in zip(args.images, probs):
+        top = p.topk(min(3, len(names)))
+        ranked = [(names[i], float(v)) for v, i in zip(top.values, top.indices)]
+        if args.json:
+            print(json.dumps({"image": path, "class": ranked[0][0], "confidence": ranked[0][1],
+                              "top3": [{"class": c, "p": v} for c, v in ranked]}))
+        else:
+            print(f"{path}: {ranked[0][0]} ({ranked[0][1]:.2f})  top3: "
+                  + ", ".join(f"{c} {v:.2f}" for c, v in ranked))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except input_errors() as exc:
+        print(f"emotune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("emotune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""Search-space YAML files -> validated SearchSpace -> Optuna define-by-run sampling.
+
+One file is the whole experiment (metric, budget, scaling, scheduler, fixed values and the space). Keys of
+`fixed`, `space` and `by_model` are TrainConfig names. Everything is checked here, without starting Ray, so a
+typo costs a second instead of a cluster launch.
+
+Conditional parameters (`by_model`) are sampled define-by-run: a trial only samples the parameters of the
+architecture it drew, under the Optuna name "<model>/<param>" (Ray unflattens that into {model: {param: v}}).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distributed.config import (METRICS, ConfigError, TrainConfig, as_number, check_model_name, check_range,
+                                check_value, did_you_mean, field_names, field_spec, read_yaml)
+from distributed.launch import Scaling
+
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "quniform")
+TOP_KEYS = ("name", "description", "metric", "mode", "num_samples", "scaling", "scheduler", "search", "fixed",
+            "space", "by_model", "points_to_evaluate", "objectives")
+OBJECTIVE_METRICS = METRICS + ("params", "epoch_s")
+BACKBONES = ("vgg16", "vgg19", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0")
+
+
+class SpaceError(ConfigError):
+    """A search-space file is wrong; the message names the file, the key and the fix."""
+
+
+@dataclass
+class Param:
+    name: str
+    kind: str                 # one of DISTRIBUTIONS
+    low: float = 0.0
+    high: float = 0.0
+    step: float | None = None
+    choices: list = field(default_factory=list)
+
+    def suggest(self, trial, optuna_name: str):
+        if self.kind == "choice":
+            return trial.suggest_categorical(optuna_name, self.choices)
+        if self.kind in ("int", "logint"):
+            return trial.suggest_int(optuna_name, int(self.low), int(self.high), log=self.kind == "logint")
+        return trial.suggest_float(optuna_name, self.low, self.high, log=self.kind == "loguniform", step=self.step)
+
+    def values_span(self) -> tuple:
+        return (min(self.choices), max(self.choices)) if self.kind == "choice" else (self.low, self.high)
+
+
+@dataclass
+class SearchSpace:
+    path: str
+    name: str
+    metric: str = "val_acc"
+    mode: str = "max"
+    num_samples: int = 16
+    scaling: Scaling = field(default_factory=Scaling)
+    worker_group: str = "auto"          # auto | always | never (run one-worker trials without a DDP group)
+    asha: dict | None = None            # {max_t, grace_period, reduction_factor} or None
+    seed: int = 0
+    n_startup_trials: int = 8
+    algorithm: str = "tpe"              # tpe | random
+    fixed: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)      # name -> Param
+    by_model: dict = field(default_factory=dict)    # model -> {name -> Param | constant}
+    points: list = field(default_factory=list)
+    objectives: list = field(default_factory=list)  # [(metric, mode)], >1 means multi-objective
+
+    # -- sampling ---------------------------------------------------------------------------------------
+
+    def define_by_run(self, trial) -> dict:
+        """Optuna define-by-run function: samples the shared parameters, then the drawn architecture's own."""
+        values = {name: p.suggest(trial, name) for name, p in self.params.items()}
+        model = values.get("model", self.fixed.get("model"))
+        constants = {}
+        for name, spec in self.by_model.get(model, {}).items():
+            if isinstance(spec, Param):
+                spec.suggest(trial, f"{model}/{name}")
+            else:
+                constants[f"{model}/{name}"] = spec
+        return constants or None
+
+    def trial_config(self, sampled: dict) -> dict:
+        """Tune's (unflattened) sample -> a complete TrainConfig dict."""
+        flat = {k: v for k, v in sampled.items() if k in self.params}
+        model = flat.get("model", self.fixed.get("model"))
+        own = sampled.get(model, {}) if isinstance(sampled.get(model), dict) else {}
+        return TrainConfig.from_dict({**self.fixed, **flat, **own}, where=f"{self.path}: trial").to_dict()
+
+    def optuna_points(self) -> list[dict]:
+        """points_to_evaluate in Optuna's flat parameter names (conditional ones prefixed by their model)."""
+        out = []
+        for point in self.points:
+            model = point.get("model", self.fixed.get("model"))
+            own = self.by_model.get(model, {})
+            out.append({(f"{model}/{k}" if k in own and k not in self.params else k): v for k, v in point.items()})
+        return out
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def epochs(self) -> int:
+        return int(self.fixed.get("epochs", TrainConfig().epochs))
+
+    def warnings(self) -> list[str]:
+        """Legal but probably unintended: ASHA judging trials before their backbone ever trains."""
+        if not self.asha:
+            return []
+        out = []
+        grace = self.asha["grace_period"]
+        models = self.model_choices()
+        for model in models:
+            if model not in BACKBONES:
+                continue
+            freeze = self.value_span("freeze", model)
+            if "progressive" not in freeze:
+                continue
+            start = self.value_span("unfreeze_start", model)
+            latest = max(start) if start else TrainConfig().unfreeze_start
+            if grace < latest:
+                out.append(f"{self.path}: scheduler.asha.grace_period ({grace}) ends before the first unfreeze "
+                           f"(unfreeze_start up to {latest}) for {model}: ASHA would judge trials before their "
+                           f"backbone ever trains; raise grace_period or lower unfreeze_start")
+        return out
+
+    def model_choices(self) -> list[str]:
+        if "model" in self.params:
+            return list(self.params["model"].choices)
+        return [self.fixed.get("model", TrainConfig().model)]
+
+    def value_span(self, key: str, model: str) -> list:
+        spec = self.by_model.get(model, {}).get(key, self.params.get(key))
+        if isinstance(spec, Param):
+            return list(spec.choices) if spec.kind == "choice" else [spec.low, spec.high]
+        if spec is not None:
+            return [spec]
+        return [self.fixed.get(key, getattr(TrainConfig(), key))]
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
+    """Read and validate a search-space file. `overrides` ("key=value") pin TrainConfig fields: the value goes to
+    `fixed` and the key leaves the searched space (e.g. `--set data=parquet:/data/fer2013`)."""
+    where = str(path)
+    doc = read_yaml(path)
+    if not isinstance(doc, dict):
+        raise SpaceError(f"{where}: expected a mapping with keys like name, metric, space; got {type(doc).__name__}")
+    for key in doc:
+        if key not in TOP_KEYS:
+            raise SpaceError(f"{where}: unknown key {key!r}{did_you_mean(key, TOP_KEYS)}")
+    if "space" not in doc and "by_model" not in doc:
+        raise SpaceError(f"{where}: no `space` section; add at least one parameter to search, e.g. "
+                         f"space: {{lr_head: {{loguniform: [1.0e-4, 1.0e-2]}}}}")
+
+    pins = TrainConfig().with_overrides(list(overrides))  # validates types and ranges of --set values
+    pinned = {p.partition("=")[0].strip(): getattr(pins, p.partition("=")[0].strip()) for p in overrides}
+
+    fixed = dict(mapping(doc.get("fixed", {}), f"{where}: fixed"))
+    fixed.update(pinned)
+    TrainConfig.from_dict(fixed, where=f"{where}: fixed")
+    params = {}
+    for name, spec in mapping(doc.get("space", {}), f"{where}: space").items():
+        if name in pinned:
+            continue
+        if name in fixed:
+            raise SpaceError(f"{where}: space.{name}: also given in fixed; keep it in one of the two")
+        params[name] = parse_param(name, spec, f"{where}: space.{name}")
+
+    by_model = {}
+    for model, own in mapping(doc.get("by_model", {}), f"{where}: by_model").items():
+        if "model" not in params or model not in params["model"].choices:
+            raise SpaceError(f"{where}: by_model.{model}: {model!r} is not among space.model's choices; "
+                             f"add it there or remove this section")
+        by_model[model] = {}
+        for name, spec in mapping(own, f"{where}: by_model.{model}").items():
+            if name in pinned:
+                continue
+            w = f"{where}: by_model.{model}.{name}"
+            if name == "model" or name in params:
+                raise SpaceError(f"{w}: already searched in space; a conditional parameter must be only here")
+            if isinstance(spec, dict):
+                by_model[model][name] = parse_param(name, spec, w)
+            else:
+                by_model[model][name] = check_value(known_field(name, w), spec, w)
+
+    s = SearchSpace(path=where, name=str(doc.get("name") or Path(path).stem), fixed=fixed, params=params,
+                    by_model=by_model)
+    parse_objectives(s, doc, where)
+    s.num_samples = int(bounded(doc.get("num_samples", s.num_samples), int, 1, 100_000, f"{where}: num_samples"))
+    parse_scaling(s, mapping(doc.get("scaling", {}), f"{where}: scaling"), f"{where}: scaling")
+    parse_scheduler(s, doc.get("scheduler", "none"), f"{where}: scheduler")
+    search = mapping(doc.get("search", {}), f"{where}: search")
+    for key in search:
+        if key not in ("seed", "n_startup_trials", "algorithm"):
+            raise SpaceError(f"{where}: search.{key}: unknown key{did_you_mean(key, ('seed', 'n_startup_trials', 'algorithm'))}")
+    s.seed = int(bounded(search.get("seed", 0), int, 0, 2**31, f"{where}: search.seed"))
+    s.n_startup_trials = int(bounded(search.get("n_startup_trials", min(8, s.num_samples)), int, 0, 100_000,
+                                     f"{where}: search.n_startup_trials"))
+    s.algorithm = search.get("algorithm", "tpe")
+    if s.algorithm not in ("tpe", "random"):
+        raise SpaceError(f"{where}: search.algorithm: {s.algorithm!r} is not one of tpe, random")
+    s.points = parse_points(s, doc.get("points_to_evaluate", []), f"{where}: points_to_evaluate")
+    return s
+
+
+def mapping(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SpaceError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def known_field(name: str, where: str):
+    if name not in field_names():
+        raise SpaceError(f"{where}: unknown TrainConfig key {name!r}{did_you_mean(name, field_names())}")
+    return field_spec(name)
+
+
+def bounded(raw, kind, low, high, where: str):
+    value = as_number(raw, kind, where)
+    if not low <= value <= high:
+        raise SpaceError(f"{where}: {value!r} is out of range [{low}, {high}]")
+    return value
+
+
+def parse_param(name: str, spec, where: str) -> Param:
+    f = known_field(name, where.rsplit(".", 1)[0] + f".{name}")
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise SpaceError(f"{where}: expected one distribution such as {{loguniform: [1.0e-4, 1.0e-2]}} or "
+                         f"{{choice: [a, b]}}; got {spec!r} (constants belong in fixed)")
+    kind, args = next(iter(spec.items()))
+    if kind not in DISTRIBUTIONS:
+        raise SpaceError(f"{where}: unknown distribution {kind!r}{did_you_mean(kind, DISTRIBUTIONS)}")
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise SpaceError(f"{where}.choice: expected a non-empty list of values")
+        choices = [check_value(f, v, f"{where}.choice") for v in args]
+        if name == "model":
+            for v in choices:
+                check_model_name(v, f"{where}.choice")
+        return Param(name, kind, choices=choices)
+    if f.type not in ("int", "float"):
+        raise SpaceError(f"{where}: {name} is a {f.type}; only `choice` can search it")
+    if not isinstance(args, list) or len(args) not in (2, 3):
+        raise SpaceError(f"{where}.{kind}: expected [low, high]" + (" or [low, high, step]" if kind == "quniform" else ""))
+    numeric = int if kind in ("int", "logint") else float
+    if numeric is int and f.type != "int":
+        raise SpaceError(f"{where}: {kind} needs an integer field; {name} is a float, use uniform or loguniform")
+    low, high = (as_number(v, numeric, f"{where}.{kind}") for v in args[:2])
+    step = as_number(args[2], float, f"{where}.{kind}") if len(args) == 3 else None
+    if len(args) == 3 and kind != "quniform":
+        raise SpaceError(f"{where}.{kind}: expected [low, high]; use quniform for a step")
+    if low >= high:
+        raise SpaceError(f"{where}: low ({low}) must be < high ({high})")
+    if kind in ("loguniform", "logint") and low <= 0:
+        raise SpaceError(f"{where}: {kind} needs low > 0, got {low}")
+    for bound in (low, high):
+        try:
+            check_range(f, bound, where)
+        except ConfigError as exc:
+            raise SpaceError(f"{where}: bound {bound} is outside {name}'s valid range "
+                             f"({str(exc).rsplit('; ', 1)[-1]})") from None
+    return Param(name, kind, low=low, high=high, step=step)
+
+
+def parse_objectives(s: SearchSpace, doc: dict, where: str) -> None:
+    if "objectives" in doc:
+        objs = doc["objectives"]
+        if not isinstance(objs, list) or not objs:
+            raise SpaceError(f"{where}: objectives: expected a list like [{{val_acc: max}}, {{params: min}}]")
+        for item in objs:
+            if not isinstance(item, dict) or len(item) != 1:
+                raise SpaceError(f"{where}: objectives: each entry is one {{metric: max|min}}, got {item!r}")
+            (metric, mode), = item.items()
+            check_metric(metric, mode, f"{where}: objectives", OBJECTIVE_METRICS)
+            s.objectives.append((metric, mode))
+        s.metric, s.mode = s.objectives[0]
+    else:
+        s.metric, s.mode = doc.get("metric", "val_acc"), doc.get("mode", None)
+        if s.mode is None:
+            s.mode = "min" if s.metric == "val_loss" else "max"
+        check_metric(s.metric, s.mode, f"{where}: metric", METRICS)
+        s.objectives = [(s.metric, s.mode)]
+    if s.metric not in METRICS:
+        raise SpaceError(f"{where}: objectives: the first objective drives ASHA and must be one of {', '.join(METRICS)}")
+
+
+def check_metric(metric, mode, where: str, allowed) -> None:
+    if metric not in allowed:
+        raise SpaceError(f"{where}: unknown metric {metric!r}{did_you_mean(str(metric), allowed)}")
+    if mode not in ("max", "min"):
+        raise SpaceError(f"{where}: mode for {metric} must be max or min, got {mode!r}")
+
+
+def parse_scaling(s: SearchSpace, scaling: dict, where: str) -> None:
+    allowed = ("workers", "cpus_per_worker", "gpus_per_worker", "worker_group")
+    for key in scaling:
+        if key not in allowed:
+            raise SpaceError(f"{where}.{key}: unknown key{did_you_mean(key, allowed)}")
+    s.scaling = Scaling(workers=int(bounded(scaling.get("workers", 1), int, 1, 4096, f"{where}.workers")),
+                        cpus_per_worker=bounded(scaling.get("cpus_per_worker", 1), float, 0, 1024, f"{where}.cpus_per_worker"),
+                        gpus_per_worker=bounded(scaling.get("gpus_per_worker", 0), float, 0, 64, f"{where}.gpus_per_worker"))
+    s.worker_group = scaling.get("worker_group", "auto")
+    if s.worker_group not in ("auto", "always", "never"):
+        raise SpaceError(f"{where}.worker_group: {s.worker_group!r} is not one of auto, always, never")
+    if s.worker_group == "never" and s.scaling.workers > 1:
+        raise SpaceError(f"{where}.worker_group: never needs workers: 1 (DDP needs a worker group)")
+
+
+def parse_scheduler(s: SearchSpace, spec, where: str) -> None:
+    if spec in (None, "none", "fifo"):
+        return
+    if not isinstance(spec, dict) or set(spec) != {"asha"}:
+        raise SpaceError(f"{where}: expected `none` or {{asha: {{max_t, grace_period, reduction_factor}}}}")
+    asha = mapping(spec["asha"], f"{where}.asha")
+    for key in asha:
+        if key not in ("max_t", "grace_period", "reduction_factor"):
+            raise SpaceError(f"{where}.asha.{key}: unknown key{did_you_mean(key, ('max_t', 'grace_period', 'reduction_factor'))}")
+    max_t = int(bounded(asha.get("max_t", s.epochs()), int, 1, 100_000, f"{where}.asha.max_t"))
+    grace = int(bounded(asha.get("grace_period", 1), int, 1, 100_000, f"{where}.asha.grace_period"))
+    rf = bounded(asha.get("reduction_factor", 3), float, 1.01, 100, f"{where}.asha.reduction_factor")
+    if grace > max_t:
+        raise SpaceError(f"{where}.asha: grace_period ({grace}) must be <= max_t ({max_t})")
+    s.asha = {"max_t": max_t, "grace_period": grace, "reduction_factor": rf}
+
+
+def parse_points(s: SearchSpace, points, where: str) -> list[dict]:
+    if not isinstance(points, list):
+        raise SpaceError(f"{where}: expected a list of {{param: value}} mappings")
+    out = []
+    for i, point in enumerate(points):
+        w = f"{where}[{i}]"
+        point = mapping(point, w)
+        model = point.get("model", s.fixed.get("model"))
+        own = s.by_model.get(model, {})
+        checked = {}
+        for key, value in point.items():
+            spec = s.params.get(key) or own.get(key)
+            if not isinstance(spec, Param):
+                raise SpaceError(f"{w}.{key}: not a searched parameter of this space"
+                                 f"{did_you_mean(key, list(s.params) + list(own))}")
+            checked[key] = check_value(field_spec(key), value, f"{w}.{key}")
+            if spec.kind == "choice" and checked[key] not in spec.choices:
+                raise SpaceError(f"{w}.{key}: {value!r} is not among the choices {spec.choices}")
+            if spec.kind != "choice" and not spec.low <= checked[key] <= spec.high:
+                raise SpaceError(f"{w}.{key}: {value!r} is outside the searched range [{spec.low}, {spec.high}]")
+        out.append(checked)
+    return out

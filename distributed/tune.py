@@ -1,0 +1,226 @@
+"""The only module that imports ray.tune: trial driver, OptunaSearch (TPE), ASHA, Tuner, resume.
+
+Each trial is one run of train_loop_per_worker. With several workers it runs in a Ray Train worker group
+(TorchTrainer + TuneReportCallback, Train V2); a one-worker trial on a single node runs the same loop directly
+in the trial process, which skips the worker group's start-up (measured in BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from distributed.config import ConfigError
+from distributed.launch import DRIVER_RESOURCE, absolute_storage, check_writable, make_trainer, ray_session
+from distributed.search_space import SearchSpace, SpaceError, load_space
+
+EPS = 1e-9
+
+
+@dataclass
+class Plan:
+    concurrent: int          # trials that run at once
+    direct: bool             # one-worker trials run without a worker group
+    trial_resources: dict    # what the trial's own process holds
+    driver_pinned: bool      # trial drivers only run where the driver resource is
+
+
+def plan_trials(space: SearchSpace, nodes: list[dict]) -> Plan:
+    """How many trials fit at once, from each node's resources and one trial's needs (its driver plus its worker
+    group), so no trial waits forever for a worker group. Workers are placed bundle by bundle, so count how many
+    worker bundles each node holds; logical GPUs (declared on CPU nodes) count exactly like real ones."""
+    s = space.scaling
+    need = f"{s.cpus_per_worker:g} CPU" + (f" and {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else "")
+
+    def slots(node: dict) -> int:
+        limits = [math.floor(node.get("CPU", 0) / s.cpus_per_worker + EPS) if s.cpus_per_worker else 10**6]
+        if s.gpus_per_worker:
+            limits.append(math.floor(node.get("GPU", 0) / s.gpus_per_worker + EPS))
+        return min(limits)
+
+    per_node = [slots(n) for n in nodes]
+    if not any(per_node):
+        biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+        raise SpaceError(f"{space.path}: scaling: one worker needs {need}, but no node has that much (largest: "
+                         f"{biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU); lower cpus_per_worker/"
+                         f"gpus_per_worker or add bigger nodes")
+    concurrent = sum(per_node) // s.workers
+    if concurrent < 1:
+        raise SpaceError(f"{space.path}: scaling: a trial needs {s.workers} workers of {need}, but the cluster holds "
+                         f"only {sum(per_node)}; lower workers or add nodes")
+    direct = space.worker_group == "never" or (space.worker_group == "auto" and s.workers == 1 and len(nodes) == 1)
+    pinned = any(n.get(DRIVER_RESOURCE, 0) > 0 for n in nodes)
+    if direct:
+        resources = s.worker_resources()
+    else:
+        resources = {"CPU": 0}
+        if pinned:
+            resources[DRIVER_RESOURCE] = 0.001
+    return Plan(min(concurrent, space.num_samples), direct, resources, pinned)
+
+
+def local_nodes() -> list[dict]:
+    """This machine as Ray would see it, known before Ray starts (so a request that can't fit exits 2 early)."""
+    import torch
+
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count()), DRIVER_RESOURCE: 1000}]
+
+
+def cluster_nodes() -> list[dict]:
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+# ------------------------------------------------------------------------------------------------ a trial
+
+def run_trial(config: dict, *, space: SearchSpace, pool_box: list, direct: bool, threads: int, runs_dir: str) -> None:
+    """Tune function trainable: one TrainConfig, trained by the one loop. pool_box holds the decoded data's
+    ObjectRef (boxed, because with_parameters would resolve a bare ref into a copy per trial)."""
+    import torch
+    from ray import tune
+
+    from distributed.train import train_loop_per_worker
+
+    loop_config = {"train": space.trial_config(config), "pool": pool_box[0], "direct": direct}
+    if direct:
+        torch.set_num_threads(threads)
+        train_loop_per_worker(loop_config)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    # The run name is the trial id (no timestamp): a restarted trial finds its Train run and resumes it.
+    trainer = make_trainer(loop_config, space.scaling, name=tune.get_context().get_trial_id(),
+                           storage_path=runs_dir, callbacks=[TuneReportCallback()], max_failures=2)
+    trainer.fit()
+
+
+# ---------------------------------------------------------------------------------------------- a search
+
+def experiment_dir(storage_path: str, name: str) -> str:
+    return f"{absolute_storage(storage_path).rstrip('/')}/{name}"
+
+
+def run_search(space_file: str, overrides: list[str], storage_path: str = "results", resume: bool = False,
+               address: str | None = None, verbose: int = 1, num_samples: int | None = None) -> str:
+    """`emotune tune`: validate everything, then search; returns the experiment directory."""
+    import ray
+    from ray import tune
+
+    from distributed import results
+    from distributed.data import load_pool, make_splits
+
+    storage = absolute_storage(storage_path)
+    local = "://" not in storage
+    if resume:
+        exp = experiment_dir(storage, load_space(space_file, overrides).name)
+        meta = read_meta(exp)
+        space = load_space(Path(exp) / "space.yaml", meta["overrides"])
+        space.num_samples = meta.get("num_samples", space.num_samples)
+    else:
+        space = load_space(space_file, overrides)
+        if num_samples is not None:
+            if num_samples < 1:
+                raise ConfigError("--num-samples must be >= 1")
+            space.num_samples = num_samples
+        exp = experiment_dir(storage, space.name)
+        if local and Path(exp).exists() and any(Path(exp).iterdir()):
+            raise ConfigError(f"{exp}: an experiment of this name exists; add --resume to finish it, or pick another "
+                              f"--storage-path or name")
+    for w in space.warnings():
+        warnings.warn(w, stacklevel=1)
+    pool = None
+    if "data" not in space.params:  # decode once here: bad data fails before Ray starts, and workers share it
+        pool = load_pool(space.fixed.get("data", "synthetic"), in_channels=space.fixed.get("in_channels", 1),
+                         size=space.fixed.get("data_size", 48), seed=space.fixed.get("seed", 0))
+        make_splits(pool, space.fixed.get("classes", []), space.fixed.get("val_fraction", 0.15),
+                    space.fixed.get("seed", 0), space.fixed.get("train_limit", 0))
+    if local:
+        check_writable(exp)
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        plan_trials(space, local_nodes())  # refuse an impossible request before starting Ray
+
+    with ray_session(address):
+        plan = plan_trials(space, cluster_nodes())
+        if not resume and local:
+            shutil.copyfile(space_file, Path(exp) / "space.yaml")
+            write_meta(exp, space_file, overrides, space.num_samples)
+        pool_ref = ray.put(pool) if pool is not None else None
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, space=space, pool_box=[pool_ref], direct=plan.direct,
+                                 threads=max(1, int(space.scaling.cpus_per_worker)), runs_dir=f"{exp}/train_runs"),
+            plan.trial_resources)
+        print(f"emotune: {space.num_samples} trials of {space.name}, {plan.concurrent} at a time, "
+              f"{'in-process' if plan.direct else f'{space.scaling.workers}-worker Ray Train'} trials; results in {exp}")
+        if resume:
+            tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, tune_config=tune_config(space, plan, exp, local),
+                               run_config=tune.RunConfig(name=space.name, storage_path=storage, verbose=verbose,
+                                                         failure_config=tune.FailureConfig(max_failures=2)))
+        tuner.fit()
+    return exp
+
+
+def tune_config(space: SearchSpace, plan: Plan, exp: str, local: bool):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if space.algorithm == "random":
+        sampler = optuna.samplers.RandomSampler(seed=space.seed)
+    else:
+        # multivariate + group: TPE models the conditional (per-architecture) parameters jointly;
+        # constant_liar: trials running at the same time are not sent to the same spot.
+        sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.n_startup_trials,
+                                             multivariate=True, group=True, constant_liar=True)
+    # The study lives in SQLite inside the experiment, so `optuna-dashboard sqlite:///.../optuna.db` opens it.
+    db = Path(exp) / "optuna.db" if local else Path("results") / f"{space.name}-optuna.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    metrics = [m for m, _ in space.objectives]
+    modes = [m for _, m in space.objectives]
+    searcher = OptunaSearch(space=space.define_by_run, metric=metrics if space.multi_objective else metrics[0],
+                            mode=modes if space.multi_objective else modes[0], sampler=sampler,
+                            points_to_evaluate=space.optuna_points() or None, study_name=space.name,
+                            storage=optuna.storages.RDBStorage(f"sqlite:///{db}"))
+    scheduler = None
+    if space.asha:
+        scheduler = ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, **space.asha)
+    return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=space.num_samples,
+                           max_concurrent_trials=plan.concurrent, trial_dirname_creator=trial_dirname)
+
+
+def trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_meta(exp: str, space_file: str, overrides: list[str], num_samples: int) -> None:
+    from distributed.results import write_json
+
+    write_json({"space_file": str(space_file), "overrides": list(overrides), "num_samples": num_samples,
+                "git_commit": git_commit(),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, Path(exp) / "emotune.json")
+
+
+def read_meta(exp: str) -> dict:
+    path = Path(exp) / "emotune.json"
+    if not path.is_file():
+        raise ConfigError(f"{exp}: no emotune experiment here to resume (missing emotune.json); "
+                          f"run without --resume to start it")
+    return json.loads(path.read_text())
