@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
 from distributed.config import ConfigError
 from distributed.launch import DRIVER_RESOURCE, absolute_storage, check_writable, make_trainer, ray_session
 from distributed.search_space import SearchSpace, SpaceError, load_space
@@ -169,10 +172,8 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
 
 
 def tune_config(space: SearchSpace, plan: Plan, exp: str, local: bool):
-    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if space.algorithm == "random":
@@ -187,7 +188,7 @@ def tune_config(space: SearchSpace, plan: Plan, exp: str, local: bool):
     db.parent.mkdir(parents=True, exist_ok=True)
     metrics = [m for m, _ in space.objectives]
     modes = [m for _, m in space.objectives]
-    searcher = OptunaSearch(space=space.define_by_run, metric=metrics if space.multi_objective else metrics[0],
+    searcher = DivergenceAwareOptunaSearch(space=space.define_by_run, metric=metrics if space.multi_objective else metrics[0],
                             mode=modes if space.multi_objective else modes[0], sampler=sampler,
                             points_to_evaluate=space.optuna_points() or None, study_name=space.name,
                             storage=optuna.storages.RDBStorage(f"sqlite:///{db}"))
@@ -196,6 +197,18 @@ def tune_config(space: SearchSpace, plan: Plan, exp: str, local: bool):
         scheduler = ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, **space.asha)
     return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=space.num_samples,
                            max_concurrent_trials=plan.concurrent, trial_dirname_creator=trial_dirname)
+
+
+class DivergenceAwareOptunaSearch(OptunaSearch):
+    """A diverged trial reports NaN metrics. Optuna refuses NaN values (Ray only logs that, leaving the trial
+    RUNNING in the study), so tell the study plainly that the trial failed."""
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result and result.get("diverged") and trial_id in self._ot_trials:
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.FAIL)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 def trial_dirname(trial) -> str:

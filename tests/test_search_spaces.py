@@ -1,0 +1,111 @@
+"""Every shipped search space validates and samples through real Optuna into valid TrainConfigs."""
+from __future__ import annotations
+
+import optuna
+import pytest
+from ray.tune.utils.util import unflatten_dict
+
+from conftest import SPACES
+from distributed.cli import main
+from distributed.config import ConfigError, TrainConfig
+from distributed.search_space import load_space
+
+FILES = sorted(SPACES.glob("*.yaml"))
+
+
+def sample(space, n: int, seed: int = 0) -> list[tuple[dict, dict]]:
+    """(Tune's unflattened sample, resolved TrainConfig dict) for n define-by-run trials of a real study."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), direction="maximize")
+    for point in space.optuna_points():
+        study.enqueue_trial(point)
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        constants = space.define_by_run(trial) or {}
+        sampled = unflatten_dict({**trial.params, **constants})
+        out.append((trial.params, space.trial_config(sampled)))
+        study.tell(trial, 0.5)
+    return out
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_every_space_checks_and_converts(path, capsys):
+    assert main(["check-space", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().out
+    space = load_space(path)
+    assert space.warnings() == []
+    for params, config in sample(space, 12):
+        cfg = TrainConfig.from_dict(config)
+        for name, p in space.params.items():
+            value = getattr(cfg, name)
+            assert value in p.choices if p.kind == "choice" else p.low <= value <= p.high
+    if space.points:  # the warm start is evaluated first, exactly as written
+        params, config = sample(space, 1)[0]
+        for key, value in space.points[0].items():
+            assert config[key] == pytest.approx(value)
+
+
+def test_multi_arch_samples_only_the_drawn_architectures_parameters():
+    space = load_space(SPACES / "multi_arch.yaml")
+    seen = set()
+    for params, config in sample(space, 60):
+        model = params["model"]
+        seen.add(model)
+        conditional = {k.split("/")[0] for k in params if "/" in k}
+        assert conditional <= {model}, params
+        for name, spec in space.by_model[model].items():
+            value = config[name]
+            if hasattr(spec, "kind"):
+                assert spec.low <= value <= spec.high or value in spec.choices
+            else:
+                assert value == spec
+    assert seen == set(space.params["model"].choices)
+
+
+def test_overrides_pin_a_searched_value():
+    space = load_space(SPACES / "quick.yaml", ["lr_head=0.005", "epochs=2"])
+    assert "lr_head" not in space.params and space.fixed["lr_head"] == 0.005 and space.epochs() == 2
+
+
+def test_asha_grace_period_before_first_unfreeze_warns(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("scheduler: {asha: {max_t: 20, grace_period: 2}}\n"
+                    "fixed: {model: resnet18, freeze: progressive, epochs: 20}\n"
+                    "space: {unfreeze_start: {int: [2, 8]}, lr_head: {loguniform: [1.0e-4, 1.0e-2]}}\n")
+    (warning,) = load_space(path).warnings()
+    assert "grace_period (2) ends before the first unfreeze" in warning and "resnet18" in warning
+
+
+def test_multi_objective_space(tmp_path):
+    path = tmp_path / "mo.yaml"
+    path.write_text("objectives: [{val_acc: max}, {params: min}]\nfixed: {epochs: 2}\n"
+                    "space: {model: {choice: [small_cnn, baseline_cnn]}}\n")
+    space = load_space(path)
+    assert space.multi_objective and space.objectives == [("val_acc", "max"), ("params", "min")]
+    assert space.metric == "val_acc"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("space: {lr_head: {loguniform: [1.0e-2, 1.0e-4]}}", "space.lr_head: low (0.01) must be < high (0.0001)"),
+    ("space: {lr_head: {loguniform: [-1, 1]}}", "loguniform needs low > 0"),
+    ("space: {dropout: {uniform: [0.1, 2.0]}}", "bound 2.0 is outside dropout's valid range"),
+    ("space: {lr_head: {logunifrom: [1.0e-4, 1.0e-2]}}", "unknown distribution 'logunifrom'; did you mean 'loguniform'?"),
+    ("space: {lr_head: {loguniform: [small, big]}}", "expected a number, got 'small'"),
+    ("space: {lr_hed: {uniform: [0.1, 0.2]}}", "unknown TrainConfig key 'lr_hed'; did you mean 'lr_head'?"),
+    ("space: {model: {choice: [resnet50, resnet500]}}", "unknown model 'resnet500'"),
+    ("space: {epochs: {uniform: [1, 3]}}\nfixed: {epochs: 3}", "space.epochs: also given in fixed"),
+    ("spaces: {}", "unknown key 'spaces'; did you mean 'space'?"),
+    ("metric: val_accuracy\nspace: {dropout: {uniform: [0.1, 0.2]}}", "unknown metric 'val_accuracy'"),
+    ("scheduler: {asha: {max_t: 3, grace_period: 5}}\nspace: {dropout: {uniform: [0.1, 0.2]}}",
+     "grace_period (5) must be <= max_t (3)"),
+])
+def test_bad_spaces_are_refused_with_the_key(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as exc:
+        load_space(path)
+    assert message in str(exc.value) and str(path) in str(exc.value)
+    assert main(["check-space", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err

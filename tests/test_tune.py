@@ -1,0 +1,152 @@
+"""Real searches: Ray Tune + OptunaSearch (TPE) + ASHA over the training loop, on this 2-CPU machine."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import REPO, SPACES
+from distributed.cli import main
+from distributed.config import TrainConfig
+from distributed.launch import DRIVER_RESOURCE, Scaling
+from distributed.search_space import SpaceError, load_space
+from distributed.tune import plan_trials
+
+
+def small_space(tmp_path: Path, name: str, **changes) -> Path:
+    """quick.yaml, shrunk for a test (fewer trials and epochs), with any top-level key replaced."""
+    doc = yaml.safe_load((SPACES / "quick.yaml").read_text())
+    doc.update(name=name, **changes)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def leaderboard(exp: Path) -> list[dict]:
+    return pq.read_table(exp / "leaderboard.parquet").to_pylist()
+
+
+@pytest.mark.slow
+def test_default_tune_end_to_end_and_best_config_reruns(ray_local, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # `emotune tune` with no argument reads search_spaces/quick.yaml
+    assert main(["tune", "--storage-path", str(tmp_path)]) == 0
+    exp = tmp_path / "quick"
+    rows = leaderboard(exp)
+    assert len(rows) == 8 == len({r["trial_id"] for r in rows})
+    assert any(r["asha_stopped"] for r in rows), [r["status"] for r in rows]
+    assert all(r["status"] in ("completed", "asha_stopped") for r in rows)
+    best, worst = rows[0]["best_val_acc"], rows[-1]["best_val_acc"]
+    assert best > worst + 0.15, (best, worst)
+    header = (exp / "best_config.yaml").read_text()
+    assert f"best trial {rows[0]['trial_id']}: val_acc = {best:.4f}" in header and "git commit:" in header
+    assert (exp / "optuna.db").exists()
+    assert len(list(exp.glob(f"{rows[0]['trial_id']}/events.out.tfevents*"))) == 1
+
+    # The best config re-runs as is through `emotune train`, and at the same seed reproduces the trial's
+    # metric. Tolerance 0.03: the trial ran in-process, the re-run in a Ray Train worker (same seeds, same
+    # batches; CPU kernels may still differ in the last bits of their float sums).
+    assert main(["train", "--config", str(exp / "best_config.yaml"), "--output", str(tmp_path / "rerun")]) == 0
+    rerun = pq.read_table(tmp_path / "rerun" / "metrics.parquet").to_pylist()
+    assert max(r["val_acc"] for r in rerun) == pytest.approx(best, abs=0.03)
+
+    # `emotune best` re-collects the same from the directory alone.
+    (exp / "leaderboard.csv").unlink()
+    assert main(["best", str(exp), "--top", "3"]) == 0
+    assert [r["trial_id"] for r in leaderboard(exp)] == [r["trial_id"] for r in rows]
+
+
+@pytest.mark.slow
+def test_two_workers_per_trial_complete_without_deadlock(ray_local, tmp_path):
+    space = small_space(tmp_path, "ddp", num_samples=2, scheduler="none",
+                        scaling={"workers": 2, "cpus_per_worker": 1}, fixed={"model": "small_cnn", "epochs": 1})
+    assert main(["tune", str(space), "--storage-path", str(tmp_path / "out")]) == 0
+    rows = leaderboard(tmp_path / "out" / "ddp")
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    # each trial ran as a 2-worker Ray Train run named after its trial id
+    assert {p.name for p in (tmp_path / "out" / "ddp" / "train_runs").iterdir()} == {r["trial_id"] for r in rows}
+
+
+@pytest.mark.slow
+def test_diverging_trial_is_marked_and_the_search_goes_on(ray_local, tmp_path):
+    # lr 10 with decoupled weight decay 1 multiplies every weight by -9 per step: inf within a few dozen steps.
+    space = small_space(tmp_path, "diverge", num_samples=2, scheduler="none", fixed={"model": "small_cnn", "epochs": 3},
+                        space={"lr_head": {"loguniform": [1.0e-4, 10]}, "weight_decay": {"uniform": [0.0, 1.0]}},
+                        points_to_evaluate=[{"lr_head": 10, "weight_decay": 1.0}, {"lr_head": 3.0e-3, "weight_decay": 1.0e-4}])
+    assert main(["tune", str(space), "--storage-path", str(tmp_path)]) == 0
+    rows = {r["param.lr_head"]: r for r in leaderboard(tmp_path / "diverge")}
+    assert rows[10]["status"] == "diverged" and rows[10]["epochs_run"] < 3
+    assert rows[3e-3]["status"] == "completed"
+    study = optuna.load_study(study_name="diverge", storage=f"sqlite:///{tmp_path}/diverge/optuna.db")
+    states = {t.params["lr_head"]: t.state for t in study.trials}
+    assert states == {10: optuna.trial.TrialState.FAIL, 3e-3: optuna.trial.TrialState.COMPLETE}
+
+
+@pytest.mark.slow
+def test_search_killed_then_resumed_runs_each_trial_once(tmp_path):
+    space = small_space(tmp_path, "resume", num_samples=4, scheduler="none", fixed={"model": "small_cnn", "epochs": 2})
+    cmd = [sys.executable, "-m", "distributed", "tune", str(space), "--storage-path", str(tmp_path)]
+    exp = tmp_path / "resume"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 420
+        while time.time() < deadline and not finished_trials(exp):
+            time.sleep(1)
+        assert finished_trials(exp), "no trial finished in time"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and every process it started: a real crash
+        proc.wait()
+    assert len(finished_trials(exp)) < 4
+
+    done = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = leaderboard(exp)
+    assert len(rows) == 4 == len({r["trial_id"] for r in rows})
+    assert all(r["status"] == "completed" and r["epochs_run"] == 2 for r in rows)
+    study = optuna.load_study(study_name="resume", storage=f"sqlite:///{exp}/optuna.db")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
+    assert (exp / "best_config.yaml").exists()
+
+
+def finished_trials(exp: Path) -> list[Path]:
+    return [p for p in exp.glob("*/result.json") if '"epoch": 2' in p.read_text()]
+
+
+def test_concurrency_is_planned_from_node_resources():
+    space = load_space(SPACES / "quick.yaml")
+    cpu_box = [{"CPU": 2.0, "GPU": 0.0, DRIVER_RESOURCE: 1000}]
+    plan = plan_trials(space, cpu_box)
+    assert (plan.concurrent, plan.direct, plan.trial_resources) == (2, True, {"CPU": 1.0})
+    space.scaling = Scaling(workers=2, cpus_per_worker=1)
+    plan = plan_trials(space, cpu_box)
+    assert (plan.concurrent, plan.direct, plan.trial_resources) == (1, False, {"CPU": 0, DRIVER_RESOURCE: 0.001})
+    # fractional GPUs: four 48x48 trials share each GPU; workers are placed per node
+    space.scaling = Scaling(workers=1, cpus_per_worker=1, gpus_per_worker=0.25)
+    gpu_nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 4.0}]
+    assert plan_trials(space, gpu_nodes).concurrent == 4 + 2
+    space.scaling = Scaling(workers=1, cpus_per_worker=1, gpus_per_worker=8)
+    with pytest.raises(SpaceError, match="no node has that much"):
+        plan_trials(space, gpu_nodes)
+    space.scaling = Scaling(workers=3, cpus_per_worker=1)
+    with pytest.raises(SpaceError, match="needs 3 workers"):
+        plan_trials(space, cpu_box)
+
+
+def test_impossible_request_refused_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    space = small_space(tmp_path, "toobig", scaling={"workers": 1, "gpus_per_worker": 1})
+    already = ray.is_initialized()
+    assert main(["tune", str(space), "--storage-path", str(tmp_path / "out")]) == 2
+    assert "no node has that much" in capsys.readouterr().err
+    assert ray.is_initialized() == already
+    assert not (tmp_path / "out" / "toobig" / "emotune.json").exists()
