@@ -144,10 +144,10 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
                          size=space.fixed.get("data_size", 48), seed=space.fixed.get("seed", 0))
         make_splits(pool, space.fixed.get("classes", []), space.fixed.get("val_fraction", 0.15),
                     space.fixed.get("seed", 0), space.fixed.get("train_limit", 0))
-    if local:
-        check_writable(exp)
     if not (address or os.environ.get("RAY_ADDRESS")):
         plan_trials(space, local_nodes())  # refuse an impossible request before starting Ray
+    if local:
+        check_writable(exp)  # last check: it creates the experiment directory
 
     with ray_session(address):
         plan = plan_trials(space, cluster_nodes())

@@ -1,0 +1,80 @@
+"""Every bad input in tests/bad_inputs/ (one case per file) is refused with exit code 2 and one line naming the
+problem, before any Ray process starts, and leaves no half-written result directory.
+
+Each case runs the real CLI in its own process with Ray's temporary directory pointed at a fresh folder:
+if anything started Ray, that folder would exist afterwards.
+"""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import REPO
+
+CASES = sorted((Path(__file__).parent / "bad_inputs").glob("*.yaml"))
+
+
+def png_bytes(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48), dtype=np.uint8), "L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+class Payload:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def materialise(case: dict, tmp: Path) -> None:
+    for rel in case.get("dirs", []):
+        (tmp / rel).mkdir(parents=True, exist_ok=True)
+    for i, rel in enumerate(case.get("pngs", [])):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(png_bytes(i))
+    for rel in case.get("truncated_pngs", []):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(png_bytes()[:60])
+    for rel, text in case.get("files", {}).items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        pixels = " ".join(["128"] * 2304)
+        (tmp / rel).write_text(text.replace("PIXELS2304", pixels).replace("PIXELS2303", pixels[4:]))
+    for rel, columns in case.get("parquet", {}).items():
+        table = {k: [png_bytes() if v == "png" else v for v in vals] for k, vals in columns.items()}
+        pq.write_table(pa.table(table), tmp / rel)
+    for rel, target in case.get("pickled_code", {}).items():
+        torch.save({"format": "emotune-model/1", "payload": Payload(str(tmp / target))}, tmp / rel)
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_bad_input_is_refused_clearly(path, tmp_path):
+    case = yaml.safe_load(path.read_text())
+    materialise(case, tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in case["argv"]]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    ray_tmp = tmp_path.parent / f"{tmp_path.name}-raytmp"
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONWARNINGS": "ignore"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "distributed", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    err = done.stderr.strip()
+    assert done.returncode == 2, (case["what"], done.stdout[-500:], err[-2000:])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and case["expect"] in lines[0], err
+    assert not ray_tmp.exists(), "a Ray process was started"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "something was written"
+    for rel in case.get("absent", []):
+        assert not (tmp_path / rel).exists()
