@@ -166,7 +166,9 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
         else:
             tuner = tune.Tuner(trainable, tune_config=tune_config(space, plan, exp, local),
                                run_config=tune.RunConfig(name=space.name, storage_path=storage, verbose=verbose,
-                                                         failure_config=tune.FailureConfig(max_failures=2)))
+                                                         failure_config=tune.FailureConfig(max_failures=2),
+                                                         # resume needs only the latest; each carries the best weights
+                                                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
     return exp
 
