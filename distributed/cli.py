@@ -41,7 +41,8 @@ def add_scaling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emotune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="emotune", description="Ray-distributed hyperparameter search and "
+                                     "training for facial-emotion-recognition CNNs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tune", help="search hyperparameters: Optuna TPE + ASHA over Ray Train trials")
@@ -81,10 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.set_defaults(func=cmd_predict)
 
-    from distributed import cluster
+    from distributed.cluster import add_cluster_commands
 
-    if hasattr(cluster, "add_cluster_commands"):  # TEMP until the cluster commands land
-        cluster.add_cluster_commands(sub)
+    add_cluster_commands(sub)
     return parser
 
 

@@ -10,13 +10,32 @@ Launcher files are checked against the JSON schema Ray itself uses (ray/autoscal
 the installed Ray so the two never disagree), then against what emotune needs: trial drivers pinned to the head
 by the `emotune_driver` resource, GPUs declared where there are GPUs, no credentials, a private dashboard, token
 auth left on, shared storage for results.
+
+Running a search on a cluster is a Ray job: `emotune submit` uploads this checkout (without results, data, the
+virtualenv, .git and model files) as the job's working directory, and runs `python -m distributed tune ...` on the
+head. The commands and their Ray CLI equivalents (all take the dashboard address, http://HEAD:8265):
+
+    emotune cluster validate cluster/*.yaml       (no Ray equivalent: Ray finds these problems after `ray up`)
+    emotune submit --address A SPACE.yaml --storage-path P [--set k=v] [--num-samples N] [--resume] [--no-wait]
+        = ray job submit --address A --working-dir . -- python -m distributed tune SPACE.yaml --storage-path P ...
+    emotune jobs --address A                      = ray job list --address A
+    emotune logs JOB --address A [--follow]       = ray job logs JOB --address A [--follow]
+                                                  (stop one: ray job stop JOB --address A)
+
+Token auth: like `ray job submit`, the client sends the cluster's token only when RAY_AUTH_MODE=token is set, and
+reads it from RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import json
+import os
 import re
 import shlex
+import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,11 +44,11 @@ import jsonschema
 import yaml
 
 from distributed.config import ConfigError, did_you_mean, read_yaml
+# DRIVER_RESOURCE: the custom resource only the head node offers. Tune's trial drivers ask for a little of it, so
+# they always run on the on-demand head: losing a spot worker then costs a trial its workers (which Ray Train
+# restarts from a checkpoint), never its driver.
+from distributed.launch import DRIVER_RESOURCE
 
-# The custom resource only the head node offers. Tune's trial drivers ask for a little of it, so they always run
-# on the on-demand head: losing a spot worker then costs a trial its workers (which Ray Train restarts from a
-# checkpoint), never its driver.
-DRIVER_RESOURCE = "emotune_driver"
 
 # Provider types `ray up` knows (ray/autoscaler/_private/providers.py). A typo here would otherwise only surface
 # as "Unsupported provider" after `ray up` has started.
@@ -705,3 +724,203 @@ def safe_shlex(text: str) -> list[str]:
         return shlex.split(text)
     except ValueError:
         return text.split()
+
+
+# -- running a search on a cluster: Ray Jobs --------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# What a job's working directory leaves out (gitignore patterns, relative to the checkout): results and data stay
+# where they are (the job writes to --storage-path and reads data from the cluster's own paths), and the rest is
+# bulk that every node already has or never needs.
+JOB_EXCLUDES = ["/results/", "/runs/", "/data/", "/.venv/", "/.git/", "/build/", "*.egg-info/", "__pycache__/",
+                ".pytest_cache/", "*.pt", "*.pth", "*.ckpt", "*.parquet"]
+
+# A job's final status -> the exit code of `emotune submit` / `emotune logs --follow`.
+EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
+
+
+def add_cluster_commands(sub) -> None:
+    """`emotune cluster validate`, `emotune submit`, `emotune jobs` and `emotune logs` (sub: cli's subparsers)."""
+    p = sub.add_parser("cluster", help="check Ray cluster files (launcher YAMLs, KubeRay manifests)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    v = actions.add_parser("validate", help="validate cluster files (a directory means its *.yaml) without "
+                           "launching anything")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("submit", help="run `emotune tune` on a Ray cluster as a Ray job")
+    p.add_argument("space", help="search-space YAML inside this checkout (it is uploaded with the code)")
+    add_address_arg(p)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="pin a TrainConfig field for every trial; paths are paths on the cluster")
+    p.add_argument("--storage-path", help="where the cluster writes results: an absolute path that every node "
+                   "shares (NFS) or s3://, gs:// (required: the job's own directory is temporary)")
+    p.add_argument("--num-samples", type=int, default=None, help="override the file's num_samples")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted experiment of the same name")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following logs")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list the Ray jobs of a cluster")
+    add_address_arg(p)
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("logs", help="print (or --follow) the logs of a Ray job")
+    p.add_argument("job", help="job id, as printed by `emotune submit` or listed by `emotune jobs`")
+    add_address_arg(p)
+    p.add_argument("--follow", action="store_true", help="follow until the job ends; exit 0 if it succeeded")
+    p.set_defaults(func=cmd_logs)
+
+
+def add_address_arg(p) -> None:
+    p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+                   help="the head's dashboard, http://HOST:8265 (default: $RAY_API_SERVER_ADDRESS)")
+
+
+def cmd_validate(args) -> int:
+    failed = False
+    for path in args.files:
+        path = Path(path)
+        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
+        if not files:
+            raise ClusterFileError(f"{path}: no *.yaml files in this directory")
+        for file in files:
+            problems = validate_cluster_file(file)
+            for problem in problems:
+                print(problem, file=sys.stderr)
+            if not problems:
+                print(f"{file}: ok")
+            failed = failed or bool(problems)
+    return 2 if failed else 0
+
+
+def cmd_submit(args) -> int:
+    from distributed.search_space import load_space
+
+    # Everything checkable is checked here, before the cluster is contacted.
+    space = load_space(args.space, args.overrides)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ConfigError("--num-samples must be >= 1")
+    entrypoint = shlex.join(["python", "-m", "distributed", "tune", repo_relative(args.space),
+                             "--storage-path", job_storage_path(args.storage_path),
+                             *[f"--set={pair}" for pair in args.overrides],
+                             *(["--num-samples", str(args.num_samples)] if args.num_samples is not None else []),
+                             *(["--resume"] if args.resume else [])])
+    client = job_client(args.address)
+    with job_errors(args.address):
+        job = client.submit_job(entrypoint=entrypoint,
+                                runtime_env={"working_dir": str(REPO_ROOT), "excludes": JOB_EXCLUDES})
+    print(f"emotune: submitted job {job}: {entrypoint}")
+    if args.no_wait:
+        print(f"emotune: follow it with: emotune logs {job} --address {args.address} --follow")
+        return 0
+    return follow(client, job, args.address)
+
+
+def cmd_jobs(args) -> int:
+    client = job_client(args.address)
+    with job_errors(args.address):
+        jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    if not jobs:
+        print(f"no jobs on {args.address}")
+    for j in jobs:
+        print(f"{j.submission_id or j.job_id:<30}{j.status.value:<11}{j.entrypoint}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    client = job_client(args.address)
+    if args.follow:
+        return follow(client, args.job, args.address)
+    with job_errors(args.address, args.job):
+        print(client.get_job_logs(args.job), end="")
+    return 0
+
+
+def repo_relative(space: str) -> str:
+    """The space file's path inside the uploaded checkout, which is the job's working directory."""
+    path = Path(space).resolve()
+    if not (REPO_ROOT / "pyproject.toml").is_file():
+        raise ConfigError(f"{REPO_ROOT}: not a source checkout; emotune submit uploads the checkout as the job's "
+                          f"working directory, so run it from one (pip install -e .)")
+    try:
+        return path.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        raise ConfigError(f"{space}: the job runs in a copy of {REPO_ROOT}, so the search space must be inside it; "
+                          f"copy it to search_spaces/") from None
+
+
+def job_storage_path(storage: str | None) -> str:
+    """A relative path would land in the job's working directory, which Ray deletes; a path on one node's disk
+    is only fine on a one-machine cluster. So: an absolute path (shared by every node) or a URI."""
+    if not storage:
+        raise ConfigError("emotune submit needs --storage-path: where the cluster writes results, storage every "
+                          "node shares (an NFS path mounted on every node, s3://, gs://)")
+    if not (storage.startswith("/") or "://" in storage):
+        raise ConfigError(f"--storage-path {storage}: give an absolute path or a URI; a relative path would land "
+                          f"in the job's temporary working directory on the head")
+    return storage
+
+
+def job_client(address: str | None):
+    if not address:
+        raise ConfigError("--address: give the head's dashboard, e.g. http://127.0.0.1:8265 (forwarded by "
+                          "`ray dashboard cluster/local.yaml`), or set RAY_API_SERVER_ADDRESS")
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError(f"--address {address}: expected the dashboard's http://HOST:8265, not the GCS address "
+                          f"(HOST:6379) that `emotune tune --address` takes")
+    from ray.job_submission import JobSubmissionClient
+
+    with job_errors(address):
+        return JobSubmissionClient(address)
+
+
+@contextlib.contextmanager
+def job_errors(address: str, job: str | None = None):
+    """Turns the Jobs SDK's failures that mean "wrong address, token or job id" into one-line ConfigErrors."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError:
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            fix = "set RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH)"
+        else:
+            fix = "the token sent (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is not the cluster's"
+        raise ConfigError(f"{address}: the cluster refused the request (Ray token auth); {fix}") from None
+    except ConnectionError:
+        raise ConfigError(f"{address}: cannot reach the Ray dashboard there; is the cluster up, and the port "
+                          f"forwarded (`ray dashboard cluster/local.yaml`)?") from None
+    except RuntimeError as exc:
+        if job and "404" in str(exc):
+            raise ConfigError(f"{job}: no such job on {address}; `emotune jobs --address {address}` lists "
+                              f"them") from None
+        raise
+
+
+def follow(client, job: str, address: str) -> int:
+    """Print the job's logs as they come until it ends; the exit code says how it ended."""
+
+    async def tail():
+        async for chunk in client.tail_job_logs(job):
+            print(chunk, end="", flush=True)
+
+    with job_errors(address, job):
+        client.get_job_info(job)  # an unknown id is a one-line error here, not a failed websocket handshake
+    try:
+        with job_errors(address, job):
+            asyncio.run(tail())
+    except KeyboardInterrupt:
+        print(f"\nemotune: stopped following; job {job} keeps running (stop it: ray job stop {job} --address "
+              f"{address})", file=sys.stderr)
+        raise
+    except RuntimeError as exc:  # the log stream broke; the job may still be fine, so ask for its status
+        print(f"emotune: lost the log stream ({exc}); waiting for the job's status", file=sys.stderr)
+    with job_errors(address, job):
+        info = client.get_job_info(job)
+        while not info.status.is_terminal():  # the stream can end a moment before the status is final
+            time.sleep(1)
+            info = client.get_job_info(job)
+    status = info.status.value
+    print(f"emotune: job {job} {status}" + (f": {info.message}" if status != "SUCCEEDED" and info.message else ""))
+    return EXIT_CODES[status]

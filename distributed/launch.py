@@ -28,10 +28,12 @@ class Scaling:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
-                dashboard: bool = False):
+def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None):
     """Join the cluster at `address` (or $RAY_ADDRESS, as inside a Ray job), or start a local instance that
-    declares the driver resource. Only a Ray instance started here is shut down here."""
+    declares the driver resource. Only a Ray instance started here is shut down here.
+
+    A local instance starts its dashboard (bound to 127.0.0.1): Ray Train V2 asks the State API it serves
+    whether a run's controller is alive, to release the run's placement group when it is not."""
     import ray
 
     if ray.is_initialized():
@@ -42,8 +44,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, resources={DRIVER_RESOURCE: DRIVER_SLOTS},
-                 include_dashboard=dashboard, **kwargs)
+        # "local": without it ray.init() joins any cluster that `ray start` left on this machine, and then
+        # refuses the resources below ("When connecting to an existing cluster, resources must not be provided").
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources={DRIVER_RESOURCE: DRIVER_SLOTS},
+                 include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     try:
         yield ray
     finally:

@@ -179,7 +179,10 @@ class RunContext:
         return self._get()
 
     def report(self, metrics: dict, tmp: str | None) -> None:
-        from ray.train import Checkpoint
+        if self.direct:
+            from ray.tune import Checkpoint
+        else:
+            from ray.train import Checkpoint
 
         # Every rank reports (it is a barrier); only rank 0 wrote files, so only it hands over a checkpoint.
         ckpt = Checkpoint.from_directory(tmp) if self.rank == 0 and tmp else None

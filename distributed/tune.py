@@ -161,6 +161,11 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
             plan.trial_resources)
         print(f"emotune: {space.num_samples} trials of {space.name}, {plan.concurrent} at a time, "
               f"{'in-process' if plan.direct else f'{space.scaling.workers}-worker Ray Train'} trials; results in {exp}")
+        # Ray's classic table reporter: one concise live table, sorted by the metric, instead of a box per result.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        # One kept checkpoint per trial makes each checkpoint snapshot the (small) experiment state; that is the
+        # point (restore sees state and checkpoints agree), so Tune's warning about it is noise here.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         if resume:
             tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -168,7 +173,8 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
                                run_config=tune.RunConfig(name=space.name, storage_path=storage, verbose=verbose,
                                                          failure_config=tune.FailureConfig(max_failures=2),
                                                          # resume needs only the latest; each carries the best weights
-                                                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                                                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                                         progress_reporter=progress_table(space)))
         tuner.fit()
     return exp
 
@@ -211,6 +217,15 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def progress_table(space: SearchSpace):
+    from ray.tune import CLIReporter
+
+    metrics = {"epoch": "epoch", space.metric: space.metric}
+    metrics.update({m: m for m in ("val_acc", "val_macro_f1", "val_loss") if m not in metrics})
+    return CLIReporter(metric_columns=metrics, parameter_columns=list(space.params)[:6], max_progress_rows=12,
+                       max_report_frequency=15, sort_by_metric=True, metric=space.metric, mode=space.mode)
 
 
 def trial_dirname(trial) -> str:

@@ -36,7 +36,8 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, resources={DRIVER_RESOURCE: DRIVER_SLOTS}, include_dashboard=False,
-             logging_level="WARNING", log_to_driver=False)
+    # The dashboard serves the State API that Ray Train V2 uses to clean up after a dead controller.
+    ray.init(num_cpus=2, resources={DRIVER_RESOURCE: DRIVER_SLOTS}, include_dashboard=True,
+             dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
