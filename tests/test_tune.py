@@ -150,3 +150,24 @@ def test_impossible_request_refused_before_ray_starts(tmp_path, capsys):
     assert "no node has that much" in capsys.readouterr().err
     assert ray.is_initialized() == already
     assert not (tmp_path / "out" / "toobig" / "emotune.json").exists()
+
+
+@pytest.mark.slow
+def test_multi_objective_pareto_front_and_best_by_architecture(ray_local, tmp_path):
+    space = small_space(tmp_path, "pareto", num_samples=3, scheduler="none",
+                        objectives=[{"val_acc": "max"}, {"params": "min"}],
+                        fixed={"epochs": 1, "train_limit": 300},
+                        space={"model": {"choice": ["small_cnn", "emotion_cnn48"]},
+                               "lr_head": {"loguniform": [1.0e-3, 1.0e-2]}},
+                        points_to_evaluate=[{"model": "small_cnn"}, {"model": "emotion_cnn48"}])
+    assert main(["tune", str(space), "--storage-path", str(tmp_path)]) == 0
+    exp = tmp_path / "pareto"
+    rows = leaderboard(exp)
+    front = pq.read_table(exp / "pareto_front.parquet").to_pylist()
+    assert front and {r["trial_id"] for r in front} <= {r["trial_id"] for r in rows}
+    # nothing on the front is beaten on both objectives by another trial
+    for f in front:
+        assert not any(r["best_val_acc"] >= f["best_val_acc"] and r["params"] <= f["params"] and
+                       (r["best_val_acc"], r["params"]) != (f["best_val_acc"], f["params"]) for r in rows)
+    for model in ("small_cnn", "emotion_cnn48"):
+        assert TrainConfig.load(exp / "best_by_architecture" / f"{model}.yaml").model == model
