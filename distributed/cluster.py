@@ -78,13 +78,15 @@ class ClusterFileError(ConfigError):
 
 def validate_cluster_files(paths: Iterable[str | Path]) -> list[str]:
     """Problems in all these files (a directory stands for its *.yaml files); [] when all are fine."""
-    problems = []
-    for path in paths:
-        path = Path(path)
-        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
-        for file in files:
-            problems += validate_cluster_file(file)
-    return problems
+    return [problem for file in cluster_files(paths) for problem in validate_cluster_file(file)]
+
+
+def cluster_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The files these paths name, a directory standing for its *.yaml/*.yml files."""
+    files = []
+    for path in map(Path, paths):
+        files += sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
+    return files
 
 
 def validate_cluster_file(path: str | Path) -> list[str]:
@@ -778,19 +780,17 @@ def add_address_arg(p) -> None:
 
 
 def cmd_validate(args) -> int:
+    files = cluster_files(args.files)
+    if not files:
+        raise ClusterFileError(f"{' '.join(args.files)}: no *.yaml files there")
     failed = False
-    for path in args.files:
-        path = Path(path)
-        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
-        if not files:
-            raise ClusterFileError(f"{path}: no *.yaml files in this directory")
-        for file in files:
-            problems = validate_cluster_file(file)
-            for problem in problems:
-                print(problem, file=sys.stderr)
-            if not problems:
-                print(f"{file}: ok")
-            failed = failed or bool(problems)
+    for file in files:
+        problems = validate_cluster_file(file)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if not problems:
+            print(f"{file}: ok")
+        failed = failed or bool(problems)
     return 2 if failed else 0
 
 
@@ -882,10 +882,12 @@ def job_errors(address: str, job: str | None = None):
 
     try:
         yield
-    except AuthenticationError:
+    except AuthenticationError as exc:
         if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
             fix = "set RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH)"
-        else:
+        elif "Authentication required" in str(exc):  # HTTP 401: no token was sent
+            fix = "no token found; put the cluster's token in ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH)"
+        else:  # HTTP 403
             fix = "the token sent (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is not the cluster's"
         raise ConfigError(f"{address}: the cluster refused the request (Ray token auth); {fix}") from None
     except ConnectionError:

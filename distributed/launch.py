@@ -114,17 +114,19 @@ def fit(cfg, output: str, scaling: Scaling, address: str | None = None, max_fail
 
     from distributed import results
     from distributed.data import load_pool, make_splits
-    from distributed.models import native_size
+    from distributed.models import fetch_weights, native_size
     from distributed.train import MODEL_FORMAT, load_file, load_model, predict
 
     out = Path(output).resolve()
+    fetch_weights(cfg.model, cfg.pretrained, cfg.weights_path)
     pool = load_pool(cfg.data, in_channels=cfg.in_channels, size=cfg.data_size, seed=cfg.seed)
     splits = make_splits(pool, cfg.classes, cfg.val_fraction, cfg.seed, cfg.train_limit)
+    check_same_run(out, cfg)
     check_writable(out)
     cfg.save(out / "config.yaml", header="resolved TrainConfig of this run; re-run: emotune train --config config.yaml")
 
     with ray_session(address) as ray:
-        loop_config = {"train": cfg.to_dict(), "pool": ray.put(pool), "direct": False}
+        loop_config = {"train": cfg.to_dict(), "pool": ray.put(pool), "direct": False, "env": passed_env()}
         trainer = make_trainer(loop_config, scaling, name="run", storage_path=str(out), max_failures=max_failures,
                                callbacks=[tensorboard_callback(str(out / "tensorboard"))])
         result = trainer.fit()
@@ -146,11 +148,32 @@ def fit(cfg, output: str, scaling: Scaling, address: str | None = None, max_fail
             f"best_{cfg.monitor}": state["best"]["value"], **summary["all"]}
 
 
+def passed_env() -> dict:
+    """Environment the workers need from the launching shell (Ray's worker processes may predate it):
+    TORCH_HOME says where pretrained weights are cached."""
+    return {k: os.environ[k] for k in ("TORCH_HOME",) if k in os.environ}
+
+
 def final_weights(state: dict) -> dict:
     """The last epoch's weights; its EMA weights when EMA was on (what evaluation used)."""
     if state.get("ema") is None:
         return state["model"]
     return {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+
+
+def check_same_run(out, cfg) -> None:
+    """An existing run directory is resumed (or extended with more epochs) only by the same config: anything
+    else would silently continue someone else's run."""
+    from distributed.config import ConfigError, TrainConfig
+
+    saved = out / "config.yaml"
+    if not (out / "run").exists() or not saved.exists():
+        return
+    before = TrainConfig.load(saved).to_dict()
+    changed = sorted(k for k, v in cfg.to_dict().items() if k != "epochs" and before.get(k) != v)
+    if changed:
+        raise ConfigError(f"{out}: holds a run of a different config ({', '.join(changed)} differ); "
+                          f"choose another --output, or the same config to resume it")
 
 
 def check_writable(path) -> None:

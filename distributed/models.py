@@ -209,6 +209,15 @@ def download_imagenet(name: str) -> tuple[dict, str]:
     return state, f"ImageNet weights {cache / file_name}"
 
 
+def fetch_weights(name: str, pretrained: bool, weights_path: str) -> None:
+    """Make sure the weights a run will load are here, before any worker starts: a missing file is refused up
+    front (exit 2), and N workers on a node then share one downloaded file instead of racing to fetch it."""
+    if weights_path:
+        read_state_dict(weights_path)
+    elif pretrained and name in BACKBONES:
+        download_imagenet(name)
+
+
 def to_grayscale(model: nn.Module) -> None:
     """Swap the first RGB conv for a 1-channel one whose kernel is the sum over R, G and B.
 

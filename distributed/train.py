@@ -8,6 +8,7 @@ can read them and nothing in them executes.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ STD = {1: (0.226,), 3: (0.229, 0.224, 0.225)}
 def train_loop_per_worker(loop_config: dict) -> None:
     """loop_config: {"train": TrainConfig dict, "pool": ObjectRef of a data Pool or None, "direct": bool}."""
     cfg = TrainConfig.from_dict(loop_config["train"])
+    os.environ.update(loop_config.get("env", {}))
     run = RunContext(direct=loop_config.get("direct", False))
     torch.manual_seed(cfg.seed)  # same initial weights on every rank; DDP also broadcasts rank 0's
 
@@ -95,10 +97,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 g.eval()  # frozen stages keep their BatchNorm statistics
         train_loss, seen, finite = 0.0, 0, True
         for idx in epoch_batches(train_y, splits.train_y, cfg, run, epoch):
-            x = prepare_batch(train_x[idx], cfg, size, run.device)
+            x = prepare_batch(train_x[idx], cfg, size, run.device, augment_with=gen if cfg.augment else None)
             y = train_y[idx].to(run.device, non_blocking=True)
-            if cfg.augment:
-                x = augment(x, gen)
             if mix is not None:
                 x, y = mix(x, y)
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp and run.device.type == "cuda"):
@@ -234,11 +234,15 @@ def load_splits(cfg: TrainConfig, pool_ref=None):
     return make_splits(pool, cfg.classes, cfg.val_fraction, cfg.seed, cfg.train_limit)
 
 
-def prepare_batch(x_uint8: torch.Tensor, cfg: TrainConfig, size: int, device: torch.device) -> torch.Tensor:
-    """uint8 [B,C,S,S] -> normalised float on the device, resized batch-wise there (never per image on the CPU)."""
+def prepare_batch(x_uint8: torch.Tensor, cfg: TrainConfig, size: int, device: torch.device,
+                  augment_with: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 [B,C,S,S] -> normalised float on the device, resized batch-wise there (never per image on the CPU).
+    With a generator, the batch is augmented on the device first (augmentation works on [0, 1] pixels)."""
     x = x_uint8.to(device, non_blocking=True).float().div_(255)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    if augment_with is not None:
+        x = augment(x, augment_with)
     mean = torch.tensor(MEAN[cfg.in_channels], device=device).view(1, -1, 1, 1)
     std = torch.tensor(STD[cfg.in_channels], device=device).view(1, -1, 1, 1)
     x = (x - mean) / std

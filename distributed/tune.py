@@ -20,7 +20,8 @@ import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from distributed.config import ConfigError
-from distributed.launch import DRIVER_RESOURCE, absolute_storage, check_writable, make_trainer, ray_session
+from distributed.launch import (DRIVER_RESOURCE, absolute_storage, check_writable, make_trainer, passed_env,
+                                ray_session)
 from distributed.search_space import SearchSpace, SpaceError, load_space
 
 EPS = 1e-9
@@ -83,7 +84,8 @@ def cluster_nodes() -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ a trial
 
-def run_trial(config: dict, *, space: SearchSpace, pool_box: list, direct: bool, threads: int, runs_dir: str) -> None:
+def run_trial(config: dict, *, space: SearchSpace, pool_box: list, direct: bool, threads: int, runs_dir: str,
+              env: dict) -> None:
     """Tune function trainable: one TrainConfig, trained by the one loop. pool_box holds the decoded data's
     ObjectRef (boxed, because with_parameters would resolve a bare ref into a copy per trial)."""
     import torch
@@ -91,7 +93,7 @@ def run_trial(config: dict, *, space: SearchSpace, pool_box: list, direct: bool,
 
     from distributed.train import train_loop_per_worker
 
-    loop_config = {"train": space.trial_config(config), "pool": pool_box[0], "direct": direct}
+    loop_config = {"train": space.trial_config(config), "pool": pool_box[0], "direct": direct, "env": env}
     if direct:
         torch.set_num_threads(threads)
         train_loop_per_worker(loop_config)
@@ -118,6 +120,7 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
 
     from distributed import results
     from distributed.data import load_pool, make_splits
+    from distributed.models import fetch_weights
 
     storage = absolute_storage(storage_path)
     local = "://" not in storage
@@ -138,6 +141,9 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
                               f"--storage-path or name")
     for w in space.warnings():
         warnings.warn(w, stacklevel=1)
+    for model in space.model_choices():  # weights a trial will load are fetched (or refused) before Ray starts
+        pretrained, weights_path = space.value_span("pretrained", model), space.value_span("weights_path", model)
+        fetch_weights(model, True in pretrained, weights_path[0] if len(weights_path) == 1 else "")
     pool = None
     if "data" not in space.params:  # decode once here: bad data fails before Ray starts, and workers share it
         pool = load_pool(space.fixed.get("data", "synthetic"), in_channels=space.fixed.get("in_channels", 1),
@@ -157,7 +163,8 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
         pool_ref = ray.put(pool) if pool is not None else None
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, space=space, pool_box=[pool_ref], direct=plan.direct,
-                                 threads=max(1, int(space.scaling.cpus_per_worker)), runs_dir=f"{exp}/train_runs"),
+                                 threads=max(1, int(space.scaling.cpus_per_worker)), runs_dir=f"{exp}/train_runs",
+                                 env=passed_env()),
             plan.trial_resources)
         print(f"emotune: {space.num_samples} trials of {space.name}, {plan.concurrent} at a time, "
               f"{'in-process' if plan.direct else f'{space.scaling.workers}-worker Ray Train'} trials; results in {exp}")

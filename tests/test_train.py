@@ -92,8 +92,10 @@ def test_pretrained_mobilenet_beats_random_init_on_ckplus(ray_local, tmp_path, m
 @pytest.mark.slow
 def test_emotion_cnn48_learns_ckplus_and_predicts(ray_local, tmp_path, capsys):
     data = need(DATA / "ckplus48")
-    cfg = TrainConfig(model="emotion_cnn48", data=f"imagefolder:{data}", epochs=10, batch_size=32,
-                      lr_head=3e-3, lr_backbone=3e-3, seed=0)
+    # 15 CPU epochs of 21 steps from scratch on 663 faces; measured 0.78 test accuracy with this recipe (0.66 at
+    # 10 epochs). Augmentation and the default dropout 0.5 help longer runs but slow these first epochs.
+    cfg = TrainConfig(model="emotion_cnn48", data=f"imagefolder:{data}", epochs=15, batch_size=32, dropout=0.2,
+                      augment=False, lr_head=3e-3, lr_backbone=3e-3, seed=0)
     summary = fit(cfg, str(tmp_path), Scaling(workers=1))
     assert summary["test_acc"] >= 0.70, summary
 

@@ -1,0 +1,225 @@
+"""Trials on a real three-node cluster: resource planning, logical GPUs, where drivers and workers run.
+
+The cluster is a ray.cluster_utils.Cluster on this machine: a head with no CPU and the driver resource (like the
+head of cluster/*.yaml), a 1-CPU worker node, and a 1-CPU worker node declaring 2 logical GPUs. Searches run as
+`python -m distributed tune --address ...` subprocesses, so the pytest process never connects a driver (another
+test may hold an in-process Ray). Where actors ran comes from Ray's state API, which keeps dead actors too.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distributed import cli
+from distributed.launch import DRIVER_RESOURCE, DRIVER_SLOTS
+from distributed.search_space import SpaceError, load_space
+from distributed.tune import plan_trials
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = REPO / "search_spaces" / "quick.yaml"
+SEARCH_TIMEOUT = 540  # seconds for one small search; the machine is shared and may be busy
+
+# The cluster below, as Ray reports real machines of the same shape (a GPU node with 2 physical GPUs).
+HEAD = {DRIVER_RESOURCE: float(DRIVER_SLOTS)}
+CPU_NODE = {"CPU": 1.0}
+GPU_NODE = {"CPU": 1.0, "GPU": 2.0}
+
+
+def space_with(tmp_path: Path, num_samples: int = 8, **scaling) -> Path:
+    """quick.yaml with other scaling; written into tmp_path, the same name (quick) for every variant."""
+    doc = yaml.safe_load(QUICK.read_text())
+    doc["scaling"] = {**doc["scaling"], **scaling}
+    doc["num_samples"] = num_samples
+    path = tmp_path / f"quick-{'-'.join(f'{k}{v}' for k, v in scaling.items()) or 'as-is'}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+# -- planning, on node dicts -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cpus, gpus, expected", [
+    (0.5, 1, 2),     # GPU node: min(1 CPU / 0.5, 2 GPU / 1) = 2 workers; the CPU node holds no GPU worker
+    (0.5, 0.5, 2),   # min(2, 4): the CPU is the limit
+    (0.25, 0.5, 4),  # min(4, 4)
+    (1, 2, 1),       # one worker takes the whole node
+])
+def test_plan_counts_gpus_per_node(tmp_path, cpus, gpus, expected):
+    space = load_space(space_with(tmp_path, cpus_per_worker=cpus, gpus_per_worker=gpus))
+    assert plan_trials(space, [HEAD, CPU_NODE, GPU_NODE]).concurrent == expected
+
+
+def test_multi_node_trials_use_worker_groups_with_drivers_pinned_to_the_head(tmp_path):
+    space = load_space(space_with(tmp_path))
+    plan = plan_trials(space, [HEAD, CPU_NODE, GPU_NODE])
+    assert not plan.direct and plan.driver_pinned
+    assert plan.trial_resources == {"CPU": 0, DRIVER_RESOURCE: 0.001}  # the driver holds no CPU a worker needs
+    assert plan.concurrent == 2
+    # One machine: a one-worker trial trains inside its own trial process.
+    single = plan_trials(space, [{"CPU": 2.0, DRIVER_RESOURCE: float(DRIVER_SLOTS)}])
+    assert single.direct and single.trial_resources == {"CPU": 1.0}
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ({"gpus_per_worker": 3}, "no node has that much (largest: 1 CPU, 2 GPU)"),
+    ({"cpus_per_worker": 2}, "no node has that much"),
+    ({"workers": 3}, "the cluster holds only 2"),
+], ids=["gpus", "cpus", "workers"])
+def test_a_trial_bigger_than_the_cluster_is_refused(tmp_path, scaling, message):
+    with pytest.raises(SpaceError, match="scaling") as err:
+        plan_trials(load_space(space_with(tmp_path, **scaling)), [HEAD, CPU_NODE, GPU_NODE])
+    assert message in str(err.value)
+
+
+def test_a_trial_needing_more_gpus_than_this_machine_has_exits_2_before_ray_starts(tmp_path, capsys):
+    import torch
+
+    space = space_with(tmp_path, gpus_per_worker=torch.cuda.device_count() + 1)
+    assert cli.main(["tune", str(space), "--storage-path", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert "GPU" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "results" / "quick" / "emotune.json").exists()
+
+
+# -- a live three-node cluster -----------------------------------------------------------------------------------
+
+@dataclass
+class Nodes:
+    address: str     # the GCS address: what `emotune tune --address` takes
+    head: str        # node ids
+    cpu: str
+    gpu: str
+    root: Path       # private temp directory: Ray's files and the results
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def remove(root: Path) -> None:
+    """Delete the temp directory; again after a moment if a Ray process that was exiting wrote into it meanwhile."""
+    for _ in range(3):
+        shutil.rmtree(root, ignore_errors=True)
+        time.sleep(2)
+        if not root.exists():
+            return
+
+
+def use_token_auth() -> None:
+    """Ray reads RAY_AUTH_MODE once, when imported; ray.init() reads it again, and creates ~/.ray/auth_token if
+    there is none, when it starts a local cluster. Cluster() does neither, so do what ray.init() does, or the
+    pytest process could not talk to the token-protected GCS it starts."""
+    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+    from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+
+    if get_authentication_mode() != AuthenticationMode.TOKEN:
+        Config.initialize("")
+    ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    from ray.cluster_utils import Cluster
+
+    # Short and private: Ray's socket paths live under it (a Unix socket path is limited to 107 bytes), and
+    # Cluster() writes "the local cluster" address file there, not into /tmp/ray that other Ray users here share.
+    root = Path(tempfile.mkdtemp(prefix="emotune-", dir="/tmp"))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", str(root))
+        env.setenv("RAY_AUTH_MODE", "token")
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        env.setenv("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+        # Ray Train gives a worker group 60 s to start; a worker importing torch on a busy 2-core box can take longer.
+        env.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+        env.delenv("RAY_ADDRESS", raising=False)
+        use_token_auth()
+        # Every port is picked here: Ray's defaults (8265, 52365) may belong to another cluster on this machine.
+        cluster = Cluster(initialize_head=True, head_node_args=dict(
+            num_cpus=0, resources={DRIVER_RESOURCE: DRIVER_SLOTS}, include_dashboard=True,
+            dashboard_host="127.0.0.1", dashboard_port=free_port(), dashboard_agent_listen_port=free_port()))
+        try:
+            cpu = cluster.add_node(num_cpus=1)
+            gpu = cluster.add_node(num_cpus=1, num_gpus=2)  # logical GPUs: this machine has none
+            yield Nodes(cluster.address, cluster.head_node.node_id, cpu.node_id, gpu.node_id, root)
+        finally:
+            cluster.shutdown()
+            remove(root)
+
+
+def python(args: list[str], timeout: float = SEARCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run Python in a fresh process (which inherits the fixture's RAY_* settings) in the repository."""
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_logical_gpus_plan_like_real_ones(nodes, tmp_path):
+    code = ("import json, ray\nfrom distributed.tune import cluster_nodes\n"
+            f"ray.init(address={nodes.address!r}, logging_level='ERROR')\nprint(json.dumps(cluster_nodes()))")
+    r = python(["-c", code], timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    live = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sorted(n.get("GPU", 0) for n in live) == [0, 0, 2.0]
+    for cpus, gpus in [(0.5, 1), (0.25, 0.5), (1, 0)]:
+        space = load_space(space_with(tmp_path, cpus_per_worker=cpus, gpus_per_worker=gpus))
+        assert plan_trials(space, live) == plan_trials(space, [HEAD, CPU_NODE, GPU_NODE])
+
+
+@pytest.mark.slow
+def test_a_trial_needing_more_gpus_than_any_node_exits_2_before_the_search(nodes, tmp_path):
+    storage = nodes.root / "results-refused"
+    r = python(["-m", "distributed", "tune", str(space_with(tmp_path, gpus_per_worker=3)), "--address",
+                nodes.address, "--storage-path", str(storage)], timeout=180)
+    assert r.returncode == 2, r.stderr[-3000:]
+    error = [line for line in r.stderr.splitlines() if line.startswith("emotune: error:")]
+    assert len(error) == 1 and "(largest: 1 CPU, 2 GPU)" in error[0], r.stderr[-3000:]
+    assert not (storage / "quick" / "emotune.json").exists()  # nothing of a search was started or recorded
+
+
+@pytest.mark.slow
+def test_search_spreads_trial_workers_over_nodes_and_keeps_drivers_on_the_head(nodes):
+    from ray.util.state import list_actors
+
+    storage = nodes.root / "results-search"
+    r = python(["-m", "distributed", "tune", str(QUICK), "--address", nodes.address, "--num-samples", "4",
+                "--set", "epochs=1", "--storage-path", str(storage)])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    assert "2 at a time, 1-worker Ray Train trials" in r.stdout  # 2 worker nodes of 1 CPU, drivers need none
+    with open(storage / "quick" / "leaderboard.csv", newline="") as f:
+        statuses = [row["status"] for row in csv.DictReader(f)]
+    # Every trial ran to its end (1 epoch); none errored. (A NaN loss would read "diverged": a finished run too.)
+    assert len(statuses) == 4 and set(statuses) <= {"completed", "diverged"}, (r.stdout + r.stderr)[-6000:]
+
+    actors = list_actors(address=nodes.address, detail=True, limit=10_000, raise_on_missing_output=False)
+    name = {nodes.head: "head", nodes.cpu: "cpu", nodes.gpu: "gpu"}
+    seen = sorted(f"{a.class_name}@{name.get(a.node_id, a.node_id)}:{a.state}" for a in actors)
+
+    # Each trial is one RayTrainWorker (workers: 1); they hold the CPUs, which only the worker nodes have.
+    workers = [a.node_id for a in actors if a.class_name == "RayTrainWorker"]
+    assert len(workers) >= 4, seen
+    assert set(workers) == {nodes.cpu, nodes.gpu}, seen
+    # Trial drivers are Tune's function-trainable actors; the driver resource keeps them on the head.
+    drivers = [a.node_id for a in actors if a.class_name == "ImplicitFunc"]
+    assert len(drivers) == 4 and set(drivers) == {nodes.head}, seen
+
+
+@pytest.mark.slow
+def test_a_local_run_starts_its_own_ray_even_beside_a_running_cluster(nodes):
+    # Ray's ray.init() joins "the local cluster" (the address file Cluster() wrote) unless told address="local";
+    # joining would then refuse the driver resource that a local emotune instance declares.
+    code = ("from distributed.launch import ray_session\n"
+            "with ray_session(num_cpus=1) as ray:\n    print(ray.get_runtime_context().gcs_address)")
+    r = python(["-c", code], timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] != nodes.address
