@@ -129,7 +129,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics.update(epoch=epoch, train_loss=run.mean(train_loss, seen), lr_head=optimizer.param_groups[0]["lr"],
                        images_per_s=run.sum(seen) / max(train_time, 1e-9), epoch_s=time.perf_counter() - tic,
                        trainable_stages=trainable, params=sum(p.numel() for p in net.parameters()),
-                       run_start_epoch=run_start, ranks_agree=run.agree({k: metrics[k] for k in sorted(metrics)}))
+                       run_start_epoch=run_start, ranks_agree=run.agree({k: metrics[k] for k in sorted(metrics)}),
+                       node=run.node)
         value = metrics[cfg.monitor]
         improved = best is None or (value < best["value"] if cfg.monitor == "val_loss" else value > best["value"])
         if improved:
@@ -159,10 +160,12 @@ class RunContext:
     """Where this copy of the loop runs: a Ray Train worker (DDP rank) or directly inside a Tune trial."""
 
     def __init__(self, direct: bool):
+        import ray
         import ray.train
         import ray.tune
 
         self.direct = direct
+        self.node = ray.get_runtime_context().get_node_id()  # where rank 0 ran: placement is readable from results
         if direct:
             self.rank, self.world = 0, 1
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
