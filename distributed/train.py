@@ -35,7 +35,8 @@ STD = {1: (0.226,), 3: (0.229, 0.224, 0.225)}
 # ---------------------------------------------------------------------------------------------- the loop
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """loop_config: {"train": TrainConfig dict, "pool": ObjectRef of a data Pool or None, "direct": bool}."""
+    """loop_config: {"train": TrainConfig dict, "pool": ObjectRef of the decoded data or None (decode here),
+    "direct": True when run inside a Tune trial without a worker group, "env": variables from the launcher}."""
     cfg = TrainConfig.from_dict(loop_config["train"])
     os.environ.update(loop_config.get("env", {}))
     run = RunContext(direct=loop_config.get("direct", False))
