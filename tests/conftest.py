@@ -6,6 +6,9 @@ in-process instances; process handles for `ray start` clusters), so no test touc
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,21 @@ SPACES = REPO / "search_spaces"
 # Quiet, fast local Ray for tests; token auth stays at Ray's default (on for a new local cluster).
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def remove(root: Path) -> None:
+    """Delete the temp directory; again after a moment if a Ray process that was exiting wrote into it meanwhile."""
+    for _ in range(3):
+        shutil.rmtree(root, ignore_errors=True)
+        time.sleep(2)
+        if not root.exists():
+            return
 
 
 def need(path: Path) -> Path:

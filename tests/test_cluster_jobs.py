@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import free_port, remove
 from distributed import cli
 from distributed.cluster import JOB_EXCLUDES, REPO_ROOT
 from distributed.launch import DRIVER_RESOURCE
@@ -100,20 +100,6 @@ class RayCluster:
     env: dict            # environment of a client: token auth on, the cluster's token
     root: Path           # private temp directory: Ray's files, logs, and results
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def remove(root: Path) -> None:
-    """Delete the temp directory; again after a moment if a Ray process that was exiting wrote into it meanwhile."""
-    for _ in range(3):
-        shutil.rmtree(root, ignore_errors=True)
-        time.sleep(2)
-        if not root.exists():
-            return
 
 
 def start_node(args: list[str], log: Path, env: dict) -> subprocess.Popen:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import free_port, remove
 from distributed import cli
 from distributed.launch import DRIVER_RESOURCE, DRIVER_SLOTS
 from distributed.search_space import SpaceError, load_space
@@ -103,20 +102,6 @@ class Nodes:
     gpu: str
     root: Path       # private temp directory: Ray's files and the results
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def remove(root: Path) -> None:
-    """Delete the temp directory; again after a moment if a Ray process that was exiting wrote into it meanwhile."""
-    for _ in range(3):
-        shutil.rmtree(root, ignore_errors=True)
-        time.sleep(2)
-        if not root.exists():
-            return
 
 
 def use_token_auth() -> None:
