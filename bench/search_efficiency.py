@@ -72,6 +72,7 @@ def one_search(kind: str, dataset: str, seed: int, trials: int, epochs: int, out
     return {"kind": kind, "dataset": dataset, "seed": seed, "wall_s": run["wall_s"], "cpu": run["cpu"],
             "trials": len(rows), "epochs": sum(int(r["epochs_run"]) for r in rows), "best": max(scored),
             "pick": rows[0]["trial_id"], "pick_test_acc": pick_test_acc(exp, rows[0]["trial_id"]),
+            "rung_spearman": rung_correlation(exp, list(range(1, epochs + 1))) if kind == "random" else None,
             "val_count": None, "statuses": sorted(r["status"] for r in rows),
             "epochs_per_trial": sorted((int(r["epochs_run"]) for r in rows), reverse=True)}
 
@@ -90,6 +91,24 @@ def pick_test_acc(exp: Path, trial_id: str) -> float:
     logits = predict(net, torch.from_numpy(splits.test_x), cfg, cfg.image_size or native_size(cfg.model),
                      torch.device("cpu"))
     return float((logits.argmax(1).numpy() == splits.test_y).mean())
+
+
+def rung_correlation(exp: Path, epochs: list[int]) -> dict[int, float]:
+    """Spearman rank correlation, over random search's trials (every one trained all epochs), between val_acc at
+    epoch e and the trial's best val_acc over the whole run: how well a rung at epoch e ranks trials."""
+    from scipy.stats import spearmanr
+
+    curves = []
+    for progress in exp.glob("*/progress.csv"):
+        acc = {int(r["epoch"]): float(r["val_acc"]) for r in leaderboard_rows(progress)}
+        curves.append(acc)
+    return {e: float(spearmanr([c.get(e, float("nan")) for c in curves], [max(c.values()) for c in curves],
+                               nan_policy="omit").statistic) for e in epochs}
+
+
+def leaderboard_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def sha_floor(grace: int, rf: float, max_t: int) -> float:
@@ -121,7 +140,19 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--out", default=None, help="default: results/bench/search_efficiency/<time>")
+    p.add_argument("--table", default=None, metavar="DIR", help="re-print the tables of a finished run in DIR")
     args = p.parse_args(argv)
+    if args.table:
+        out = Path(args.table).resolve()
+        pairs = json.loads((out / "search_efficiency.json").read_text())
+        for res in pairs:  # runs written before the rank correlation was part of the result
+            r = res["random"]
+            if r.get("rung_spearman") is None:
+                exp = next(p for p in (out / f"{r['dataset']}-seed{r['seed']}-random").iterdir() if p.is_dir())
+                r["rung_spearman"] = rung_correlation(exp, list(range(1, max(r["epochs_per_trial"]) + 1)))
+        args.datasets = list(dict.fromkeys(res["random"]["dataset"] for res in pairs))
+        args.epochs = max(pairs[0]["random"]["epochs_per_trial"])
+        return report(pairs, args)
     out = Path(args.out or REPO / "results/bench/search_efficiency" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     import proc
@@ -145,6 +176,10 @@ def main(argv=None) -> int:
                       f"{r['wall_s']:.0f} s", flush=True)
             pairs.append(res)
     (out / "search_efficiency.json").write_text(json.dumps(pairs, indent=1) + "\n")
+    return report(pairs, args)
+
+
+def report(pairs: list[dict], args) -> int:
     asha = yaml.safe_load(SPACES["asha"].read_text())["scheduler"]["asha"]
     floor = sha_floor(asha["grace_period"], asha["reduction_factor"], min(asha["max_t"], args.epochs))
 
@@ -167,6 +202,15 @@ def main(argv=None) -> int:
               f"{statistics.mean(frac):.2f} (range {min(frac):.2f}..{max(frac):.2f}); goal met in {ok}/{len(mine)} seeds; "
               f"1 validation image = {100 / mine[0]['random']['val_count']:.2f} points; "
               f"test accuracy of the picks, asha - random (points) {spread(tdiffs)}")
+    print("\nrank correlation (Spearman, random search's trials) of val_acc at epoch e with the trial's best val_acc; "
+          "ASHA's rungs are at " + ", ".join(str(asha["grace_period"] * asha["reduction_factor"] ** k) for k in range(3)
+                                              if asha["grace_period"] * asha["reduction_factor"] ** k < args.epochs))
+    for dataset in args.datasets:
+        mine = [res["random"]["rung_spearman"] for res in pairs if res["random"]["dataset"] == dataset]
+        print(f"  {dataset:<15}" + "  ".join(f"e{e}: {statistics.mean(m[e] for m in mine):+.2f}"
+                                              for e in sorted(mine[0], key=int)))
+        print(f"  {'':<15}" + "  ".join(f"{'':>3} {min(m[e] for m in mine):+.2f}..{max(m[e] for m in mine):+.2f}"
+                                        for e in sorted(mine[0], key=int)[:4]) + "  (range over seeds, e1-e4)")
     print(f"ideal successive-halving floor for this schedule (grace {asha['grace_period']}, reduction factor "
           f"{asha['reduction_factor']}, max_t {min(asha['max_t'], args.epochs)}): {floor:.1%} of random search's epochs")
     return 0
