@@ -1,7 +1,9 @@
 """Input-pipeline throughput: the training step as the loop runs it against the model step alone.
 
-full = uint8 gather (train_x[idx]) -> prepare_batch (to float, resize, augment, normalise) -> MixUp/CutMix
-       -> forward + backward + AdamW step        (the pieces of distributed.train.train_loop_per_worker)
+full = the loop's sampler (epoch_batches: seeded per-epoch permutation, this rank's share) -> uint8 gather
+       (train_x[idx]) -> prepare_batch (to float, resize, augment, normalise) -> MixUp/CutMix -> forward +
+       backward + AdamW step        (the pieces of distributed.train.train_loop_per_worker; with one worker the
+       loop does not wrap the model in DDP, as Ray's prepare_model does not, so neither does this)
 raw  = forward + backward + AdamW step on a ready float batch of the same shape
 
 Both run on the same model, batch size and thread count, interleaved round by round (full, raw, full, raw, ...)
@@ -19,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distributed.config import TrainConfig  # noqa: E402
 from distributed.data import augment, load_pool, mix_transform  # noqa: E402
 from distributed.models import create_model  # noqa: E402
-from distributed.train import prepare_batch  # noqa: E402
+from distributed.train import epoch_batches, prepare_batch  # noqa: E402
 
 # model:image_size:batch[:steps]; 224 rows use few steps because a CPU trains resnet18 at a few images/s
 DEFAULT_ROWS = ["emotion_cnn48:48:64:8", "resnet18:112:32:4", "resnet18:224:16:2", "mobilenet_v2:224:16:2"]
@@ -66,8 +69,18 @@ def bench_row(model: str, size: int, batch: int, steps: int, rounds: int, device
     def batch_idx():
         return torch.randperm(len(train_y), generator=gen)[:batch]
 
+    one_rank = SimpleNamespace(rank=0, world=1)
+
+    def sampler():
+        epoch = 0
+        while True:
+            epoch += 1
+            yield from epoch_batches(train_y, pool.train_y, cfg, one_rank, epoch)
+
+    batches = sampler()
+
     def full_step():
-        idx = batch_idx()
+        idx = next(batches)
         x = prepare_batch(train_x[idx], cfg, size, device, augment_with=gen)  # augments [0, 1] pixels, then normalises
         y = train_y[idx].to(device, non_blocking=True)
         x, y = mix(x, y)
