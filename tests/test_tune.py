@@ -1,6 +1,7 @@
 """Real searches: Ray Tune + OptunaSearch (TPE) + ASHA over the training loop, on this 2-CPU machine."""
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -72,6 +73,30 @@ def test_two_workers_per_trial_complete_without_deadlock(ray_local, tmp_path):
     assert [r["status"] for r in rows] == ["completed", "completed"]
     # each trial ran as a 2-worker Ray Train run named after its trial id
     assert {p.name for p in (tmp_path / "out" / "ddp" / "train_runs").iterdir()} == {r["trial_id"] for r in rows}
+
+
+@pytest.mark.slow
+def test_trials_reuse_their_process_and_each_starts_afresh(ray_local, tmp_path):
+    # The same point three times, one trial at a time: in-process trials reuse their trial process, and each
+    # builds its model, optimiser and RNGs anew, so all three follow the same curve (MixUp and augmentation draw
+    # random numbers, so leftover RNG state would show).
+    point = {"lr_head": 3.0e-3, "lr_backbone": 3.0e-3, "dropout": 0.3, "mixup_alpha": 0.2, "weight_decay": 1.0e-4}
+    space = small_space(tmp_path, "reuse", num_samples=3, scheduler="none", scaling={"workers": 1, "cpus_per_worker": 2},
+                        fixed={"model": "small_cnn", "data": "synthetic", "epochs": 2, "batch_size": 64},
+                        points_to_evaluate=[point] * 3)
+    assert main(["tune", str(space), "--storage-path", str(tmp_path)]) == 0
+    trials = [read_progress(d / "progress.csv") for d in (tmp_path / "reuse").iterdir() if (d / "progress.csv").exists()]
+    assert len(trials) == 3 and all(len(rows) == 2 for rows in trials)
+    assert len({row["pid"] for rows in trials for row in rows}) == 1, "the trials did not share one process"
+    curves = [[row[k] for row in rows for k in ("train_loss", "val_loss")] for rows in trials]
+    assert curves[1] == pytest.approx(curves[0], rel=1e-6) and curves[2] == pytest.approx(curves[0], rel=1e-6), curves
+
+
+def read_progress(path: Path) -> list[dict]:
+    """A trial's per-epoch results as Tune wrote them (with the pid of the process that ran it)."""
+    with open(path, newline="") as f:
+        return [{"pid": r["pid"], "train_loss": float(r["train_loss"]), "val_loss": float(r["val_loss"])}
+                for r in csv.DictReader(f)]
 
 
 @pytest.mark.slow
