@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 DATA = REPO.parent / "shared" / "data"
@@ -50,8 +52,8 @@ def seeded_space(kind: str, seed: int, out: Path) -> Path:
     return path
 
 
-def leaderboard(exp: Path) -> list[dict]:
-    with open(exp / "leaderboard.csv", newline="") as f:
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -67,7 +69,7 @@ def one_search(kind: str, dataset: str, seed: int, trials: int, epochs: int, out
     if run["rc"]:
         raise SystemExit(f"emotune tune failed (rc {run['rc']}); see {storage.with_suffix('.log')}")
     exp = next(p for p in storage.iterdir() if p.is_dir())
-    rows = leaderboard(exp)
+    rows = read_csv(exp / "leaderboard.csv")
     scored = [float(r["best_val_acc"]) for r in rows if r["best_val_acc"] not in ("", None)]
     return {"kind": kind, "dataset": dataset, "seed": seed, "wall_s": run["wall_s"], "cpu": run["cpu"],
             "trials": len(rows), "epochs": sum(int(r["epochs_run"]) for r in rows), "best": max(scored),
@@ -81,7 +83,6 @@ def pick_test_acc(exp: Path, trial_id: str) -> float:
     """Test accuracy of the best-epoch weights the trial kept (its latest checkpoint carries best_model.pt)."""
     import torch
 
-    sys.path.insert(0, str(REPO))
     from distributed.models import native_size
     from distributed.train import load_model, load_splits, predict
 
@@ -93,26 +94,31 @@ def pick_test_acc(exp: Path, trial_id: str) -> float:
     return float((logits.argmax(1).numpy() == splits.test_y).mean())
 
 
+def curve(progress: Path) -> list[float]:
+    """A trial's val_acc per epoch, from the progress.csv Tune wrote."""
+    rows = sorted(read_csv(progress), key=lambda r: int(r["epoch"]))
+    return [float(r["val_acc"]) for r in rows]
+
+
 def rung_correlation(exp: Path, epochs: list[int]) -> dict[int, float]:
     """Spearman rank correlation, over random search's trials (every one trained all epochs), between val_acc at
     epoch e and the trial's best val_acc over the whole run: how well a rung at epoch e ranks trials."""
     from scipy.stats import spearmanr
 
-    curves = []
-    for progress in exp.glob("*/progress.csv"):
-        acc = {int(r["epoch"]): float(r["val_acc"]) for r in leaderboard_rows(progress)}
-        curves.append(acc)
-    return {e: float(spearmanr([c.get(e, float("nan")) for c in curves], [max(c.values()) for c in curves],
+    curves = [curve(p) for p in exp.glob("*/progress.csv")]
+    return {e: float(spearmanr([c[e - 1] if len(c) >= e else float("nan") for c in curves], [max(c) for c in curves],
                                nan_policy="omit").statistic) for e in epochs}
 
 
 def random_curves(out: Path, dataset: str) -> list[list[float]]:
-    """Per-epoch val_acc of every random-search trial of a finished run, all seeds (same split, so comparable)."""
-    curves = []
-    for progress in sorted(out.glob(f"{dataset}-seed*-random/*/*/progress.csv")):
-        rows = sorted(leaderboard_rows(progress), key=lambda r: int(r["epoch"]))
-        curves.append([float(r["val_acc"]) for r in rows])
-    return curves
+    """val_acc per epoch of every random-search trial of a finished run, all seeds (same split, so comparable)."""
+    return [curve(p) for p in sorted(out.glob(f"{dataset}-seed*-random/*/*/progress.csv"))]
+
+
+def rungs(grace: int, rf: float, max_t: int) -> list[int]:
+    """Ray's ASHA milestones (AsyncHyperBandScheduler, one bracket): grace * rf**k below max_t."""
+    n = int(math.log(max_t / grace) / math.log(rf) + 1)
+    return [grace * rf ** k for k in range(n) if grace * rf ** k < max_t]
 
 
 def replay_asha(curves: list[list[float]], grace: int, rf: float, max_t: int, concurrency: int) -> tuple[int, float]:
@@ -122,8 +128,7 @@ def replay_asha(curves: list[list[float]], grace: int, rf: float, max_t: int, co
     there. -> (epochs spent, best val_acc seen)."""
     import numpy as np
 
-    n_rungs = int(np.log(max_t / grace) / np.log(rf) + 1)
-    rungs = {grace * rf ** k: [] for k in range(n_rungs) if grace * rf ** k < max_t}
+    recorded_at = {m: [] for m in rungs(grace, rf, max_t)}
     waiting, running, spent, best = list(range(len(curves))), [], 0, 0.0
     while waiting or running:
         while waiting and len(running) < concurrency:
@@ -135,8 +140,8 @@ def replay_asha(curves: list[list[float]], grace: int, rf: float, max_t: int, co
             value = curves[trial[0]][trial[1] - 1]
             best = max(best, value)
             stop = trial[1] >= min(max_t, len(curves[trial[0]]))
-            if trial[1] in rungs:
-                recorded = rungs[trial[1]]
+            if trial[1] in recorded_at:
+                recorded = recorded_at[trial[1]]
                 if recorded and value < np.nanpercentile(recorded, (1 - 1 / rf) * 100):
                     stop = True
                 recorded.append(value)
@@ -177,25 +182,16 @@ def replay_table(out: Path, datasets: list[str], sizes=(16, 64), repeats: int = 
                       f"{statistics.mean(diff):>+21.2f}{ok / repeats:>15.0%}")
 
 
-def leaderboard_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def sha_floor(grace: int, rf: float, max_t: int) -> float:
     """Epochs per trial, as a fraction of max_t, if successive halving ran ideally (every rung sees all its trials and
-    keeps exactly the top 1/rf). Ray's ASHA puts rungs at grace * rf**k below max_t; survivors of the last run to max_t.
-    Asynchronous ASHA with few trials spends more: with fewer than rf results at a rung it promotes every trial."""
-    import math
-
-    n_rungs = int(math.log(max_t / grace) / math.log(rf) + 1)
-    milestones = [grace * rf ** k for k in range(n_rungs) if grace * rf ** k < max_t] + [max_t]
+    keeps exactly the top 1/rf; survivors of the last rung run to max_t). Asynchronous ASHA spends more: a trial is
+    judged only against the results already recorded at its rung, so the first trials to arrive always continue."""
+    milestones = rungs(grace, rf, max_t) + [max_t]
     epochs = sum((m - prev) / rf ** i for i, (prev, m) in enumerate(zip([0] + milestones, milestones)))
     return epochs / max_t
 
 
 def val_count(dataset: str) -> int:
-    sys.path.insert(0, str(REPO))
     from distributed.config import TrainConfig
     from distributed.data import load_pool, make_splits
 
@@ -278,8 +274,8 @@ def report(pairs: list[dict], args) -> int:
               f"1 validation image = {100 / mine[0]['random']['val_count']:.2f} points; "
               f"test accuracy of the picks, asha - random (points) {spread(tdiffs)}")
     print("\nrank correlation (Spearman, random search's trials) of val_acc at epoch e with the trial's best val_acc; "
-          "ASHA's rungs are at " + ", ".join(str(asha["grace_period"] * asha["reduction_factor"] ** k) for k in range(3)
-                                              if asha["grace_period"] * asha["reduction_factor"] ** k < args.epochs))
+          "ASHA's rungs are at " + ", ".join(map(str, rungs(asha["grace_period"], asha["reduction_factor"],
+                                                            min(asha["max_t"], args.epochs)))))
     for dataset in args.datasets:
         mine = [res["random"]["rung_spearman"] for res in pairs if res["random"]["dataset"] == dataset]
         print(f"  {dataset:<15}" + "  ".join(f"e{e}: {statistics.mean(m[e] for m in mine):+.2f}"
