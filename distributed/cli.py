@@ -14,9 +14,9 @@ def input_errors() -> tuple[type[Exception], ...]:
     from distributed.config import ConfigError
     from distributed.data import DataError
     from distributed.models import ModelError
-    from distributed.train import NotOurs
+    from distributed.train import ModelFileError
 
-    errors = [ConfigError, DataError, ModelError, NotOurs]
+    errors = [ConfigError, DataError, ModelError, ModelFileError]
     try:
         from distributed.cluster import ClusterFileError
 
@@ -152,8 +152,7 @@ def load_train_config(args):
 
 
 def scaling_from(args):
-    from distributed.config import ConfigError
-    from distributed.launch import Scaling
+    from distributed.config import ConfigError, Scaling
 
     gpus = args.gpus_per_worker
     if gpus is None:
@@ -166,10 +165,10 @@ def scaling_from(args):
 
 
 def cmd_train(args) -> int:
-    from distributed.launch import fit
+    from distributed.run import train_run
 
     cfg = load_train_config(args)
-    summary = fit(cfg, args.output, scaling_from(args), address=args.address)
+    summary = train_run(cfg, args.output, scaling_from(args), address=args.address)
     print(f"\ntest_acc {summary['test_acc']:.4f}  test_macro_f1 {summary['test_macro_f1']:.4f}  "
           f"(best epoch {summary['best_epoch']} of {summary['epochs_run']})")
     print(f"results in {summary['output']}: best_model.pt final_model.pt metrics.csv curves.png "

@@ -47,7 +47,7 @@ from distributed.config import ConfigError, did_you_mean, read_yaml
 # DRIVER_RESOURCE: the custom resource only the head node offers. Tune's trial drivers ask for a little of it, so
 # they always run on the on-demand head: losing a spot worker then costs a trial its workers (which Ray Train
 # restarts from a checkpoint), never its driver.
-from distributed.launch import DRIVER_RESOURCE
+from distributed.config import DRIVER_RESOURCE
 
 
 # Provider types `ray up` knows (ray/autoscaler/_private/providers.py). A typo here would otherwise only surface

@@ -31,7 +31,39 @@ def knob(default, help: str, *, low=None, high=None, choices=None, low_open=Fals
 FREEZE_MODES = ("none", "frozen", "progressive")
 BALANCE_MODES = ("none", "loss", "sampler")
 SCHEDULES = ("onecycle", "cosine", "constant")
-METRICS = ("val_acc", "val_macro_f1", "val_loss")
+# Every metric a run reports and which direction is better: the loop's best epoch, the search's mode, ASHA and the
+# leaderboard all read this one map.
+METRIC_MODES = {"val_acc": "max", "val_macro_f1": "max", "val_loss": "min"}
+METRICS = tuple(METRIC_MODES)
+# Fields that decide what the decoded data holds: the launcher decodes once and shares the result with every trial
+# only when none of these is searched.
+DECODE_FIELDS = ("data", "in_channels", "data_size", "seed")
+
+# Trial drivers run only on nodes declaring this resource (the non-spot head of a cluster file), so losing a spot
+# worker never kills a driver. Plenty of slots: it says *where*, concurrency is planned elsewhere.
+DRIVER_RESOURCE = "emotune_driver"
+DRIVER_SLOTS = 1000
+
+
+def better(metric: str, value: float, than: float | None) -> bool:
+    """Whether `value` beats `than` (None: nothing yet) under the metric's direction."""
+    if than is None:
+        return True
+    return value < than if METRIC_MODES[metric] == "min" else value > than
+
+
+@dataclass
+class Scaling:
+    """How one training run is spread: `workers` DDP processes, each with these CPUs/GPUs (fractions allowed)."""
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def worker_resources(self) -> dict:
+        res = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            res["GPU"] = self.gpus_per_worker
+        return res
 
 
 @dataclass
@@ -125,12 +157,12 @@ class TrainConfig:
 
 
 def check_model_name(name: str, where: str) -> None:
-    from distributed.models import MODELS  # the registry is the one list of architectures
+    from distributed.models import ModelError, builder  # the registry is the one list of architectures
 
-    if name not in MODELS:
-        close = difflib.get_close_matches(name, list(MODELS), n=1, cutoff=0.5)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"{where}: unknown model {name!r}; {hint}choose from {', '.join(sorted(MODELS))}")
+    try:
+        builder(name)
+    except ModelError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def field_names() -> list[str]:

@@ -1,9 +1,9 @@
 """Datasets: decode once into numpy, split, and augment batches on the device.
 
-`load_pool(data)` turns a `kind:PATH` string into a `Pool` of uint8 arrays. The driver decodes it once and
+`decode_data(data)` turns a `kind:PATH` string into `Decoded` uint8 arrays. The driver decodes it once and
 puts it in Ray's object store, so every worker on a node maps the same memory instead of decoding again.
-`make_splits` carves the stratified validation set from train on each worker (cheap, seeded, identical
-everywhere). Augmentation runs on whole batches on the training device, so a GPU is never waiting on a
+`make_splits` carves the stratified validation set from train on each worker as index arrays (cheap, seeded,
+identical everywhere, and no copy of the images). Augmentation runs on whole batches on the training device, so a GPU is never waiting on a
 per-image CPU pipeline.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ class DataError(ValueError):
 
 
 @dataclass
-class Pool:
+class Decoded:
     """Everything decoded once, before any split. Plain numpy so Ray's object store shares it zero-copy."""
 
     train_x: np.ndarray  # uint8 [N, C, S, S]
@@ -48,14 +48,32 @@ class Pool:
 
 @dataclass
 class Splits:
-    train_x: np.ndarray
-    train_y: np.ndarray
-    val_x: np.ndarray
-    val_y: np.ndarray
+    """Train and validation as indices into the decoded training images `x` (shared, never copied); labels `y`
+    re-indexed to class_names. The test split is its own (small) arrays."""
+    x: np.ndarray
+    y: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
     class_names: list[str]
     test_groups: np.ndarray | None = None
+
+    @property
+    def train_y(self) -> np.ndarray:
+        return self.y[self.train_idx]
+
+    @property
+    def train_x(self) -> np.ndarray:  # a copy: for inspection, not for the loop
+        return self.x[self.train_idx]
+
+    @property
+    def val_x(self) -> np.ndarray:
+        return self.x[self.val_idx]
+
+    @property
+    def val_y(self) -> np.ndarray:
+        return self.y[self.val_idx]
 
 
 # -- synthetic faces --------------------------------------------------------------------------------------
@@ -140,7 +158,7 @@ def _draw_faces(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.n
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def load_synthetic(path: str, in_channels: int, size: int, seed: int) -> Pool:
+def load_synthetic(path: str, in_channels: int, size: int, seed: int) -> Decoded:
     """Procedural 7-expression faces (300/class train, 100/class test); needs no files, so it is the default."""
     train_seq, test_seq = np.random.SeedSequence(seed).spawn(2)  # independent streams for train and test
     k = len(FER2013_CLASSES)
@@ -149,7 +167,7 @@ def load_synthetic(path: str, in_channels: int, size: int, seed: int) -> Pool:
     # would need GBs of float temporaries.
     train_x = _draw_faces(train_y, 48, np.random.default_rng(train_seq))
     test_x = _draw_faces(test_y, 48, np.random.default_rng(test_seq))
-    return Pool(_fit(train_x, in_channels, size), train_y.astype(np.int64), _fit(test_x, in_channels, size),
+    return Decoded(_fit(train_x, in_channels, size), train_y.astype(np.int64), _fit(test_x, in_channels, size),
                 test_y.astype(np.int64), list(FER2013_CLASSES))
 
 
@@ -227,7 +245,7 @@ def _keep_readable(labels: list[str], kept: np.ndarray, where: str) -> list[str]
     return readable
 
 
-def load_imagefolder(path: str, in_channels: int, size: int, seed: int) -> Pool:
+def load_imagefolder(path: str, in_channels: int, size: int, seed: int) -> Decoded:
     """PATH/train/<class>/* and PATH/test/<class>/*, any image size or mode."""
     root = Path(path)
     if not root.is_dir():
@@ -265,7 +283,7 @@ def load_imagefolder(path: str, in_channels: int, size: int, seed: int) -> Pool:
         where = str(root / split)
         x, kept = _decode_all([str(f) for f in files], [f.name for f in files], in_channels, size, where)
         arrays += [x, _labels_to_ids(_keep_readable(labels, kept, where), class_names)]
-    return Pool(*arrays, class_names=class_names)
+    return Decoded(*arrays, class_names=class_names)
 
 
 # -- parquet ------------------------------------------------------------------------------------------------
@@ -291,7 +309,7 @@ def _read_parquet(file: Path, need_usage: bool) -> dict:
     return out
 
 
-def load_parquet(path: str, in_channels: int, size: int, seed: int) -> Pool:
+def load_parquet(path: str, in_channels: int, size: int, seed: int) -> Decoded:
     """A .parquet file with a usage column, or a directory with train.parquet and test.parquet."""
     where = Path(path)
     if where.is_dir():
@@ -330,12 +348,12 @@ def load_parquet(path: str, in_channels: int, size: int, seed: int) -> Pool:
     groups = None
     if "usage" in test:  # kept is the test split's mask here
         groups = np.array([str(u) for u, ok in zip(test["usage"], kept) if ok], dtype=str)
-    return Pool(*arrays, class_names=class_names, test_groups=groups)
+    return Decoded(*arrays, class_names=class_names, test_groups=groups)
 
 
 # -- the original Kaggle fer2013.csv -------------------------------------------------------------------------
 
-def load_fer2013_csv(path: str, in_channels: int, size: int, seed: int) -> Pool:
+def load_fer2013_csv(path: str, in_channels: int, size: int, seed: int) -> Decoded:
     """Kaggle's fer2013.csv: emotion (0-6), pixels (2304 space-separated ints), Usage."""
     file = Path(path)
     if not file.is_file():
@@ -372,11 +390,11 @@ def load_fer2013_csv(path: str, in_channels: int, size: int, seed: int) -> Pool:
         raise DataError(f"{file}: Usage must hold both Training and test rows (PublicTest/PrivateTest)")
     x = _fit(np.stack(pixels).reshape(-1, 48, 48), in_channels, size)
     y = np.array(emotions, dtype=np.int64)
-    return Pool(x[is_train], y[is_train], x[~is_train], y[~is_train], list(FER2013_CLASSES),
+    return Decoded(x[is_train], y[is_train], x[~is_train], y[~is_train], list(FER2013_CLASSES),
                 test_groups=np.array(usages, dtype=str)[~is_train])
 
 
-DATASETS: dict[str, Callable[[str, int, int, int], Pool]] = {
+DATASETS: dict[str, Callable[[str, int, int, int], Decoded]] = {
     "synthetic": load_synthetic,
     "imagefolder": load_imagefolder,
     "parquet": load_parquet,
@@ -384,8 +402,13 @@ DATASETS: dict[str, Callable[[str, int, int, int], Pool]] = {
 }
 
 
-def load_pool(data: str = "synthetic", in_channels: int = 1, size: int = 48, seed: int = 0) -> Pool:
-    """`kind` or `kind:PATH` -> Pool. `seed` only matters for generated data."""
+def load_data(cfg) -> Decoded:
+    """The data a TrainConfig names, decoded (the one place that reads the fields in config.DECODE_FIELDS)."""
+    return decode_data(cfg.data, in_channels=cfg.in_channels, size=cfg.data_size, seed=cfg.seed)
+
+
+def decode_data(data: str = "synthetic", in_channels: int = 1, size: int = 48, seed: int = 0) -> Decoded:
+    """`kind` or `kind:PATH` -> Decoded. `seed` only matters for generated data."""
     kind, _, path = data.partition(":")
     try:
         loader = DATASETS[kind]
@@ -401,39 +424,43 @@ def load_pool(data: str = "synthetic", in_channels: int = 1, size: int = 48, see
 
 # -- splits -------------------------------------------------------------------------------------------------
 
-def make_splits(pool: Pool, classes: list[str], val_fraction: float, seed: int, train_limit: int = 0) -> Splits:
-    """Keep `classes` (re-indexed in that order), carve a stratified validation set from train, cap train.
+def make_splits(decoded: Decoded, cfg) -> Splits:
+    """Keep cfg.classes (re-indexed in that order), carve a stratified validation set from train, cap train at
+    cfg.train_limit. The images are not copied: train and validation are index arrays.
 
     The test set is never touched, so every trial of a search is scored on the same images.
     """
-    x, y, test_x, test_y, groups = pool.train_x, pool.train_y, pool.test_x, pool.test_y, pool.test_groups
-    names = list(pool.class_names)
+    y, test_x, test_y, groups = decoded.train_y, decoded.test_x, decoded.test_y, decoded.test_groups
+    names, classes = list(decoded.class_names), list(cfg.classes)
+    candidates = np.arange(len(y))
     if classes:
         unknown = [c for c in classes if c not in names]
         if unknown:
             raise DataError(f"classes: unknown class {unknown[0]!r}; available: {', '.join(names)}")
         if len(set(classes)) != len(classes):
-            raise DataError(f"classes: {list(classes)} names a class twice; list each once")
+            raise DataError(f"classes: {classes} names a class twice; list each once")
         remap = np.full(len(names), -1, dtype=np.int64)
         remap[[names.index(c) for c in classes]] = np.arange(len(classes))
-        keep, keep_test = remap[y] >= 0, remap[test_y] >= 0
-        x, y, test_x, test_y = x[keep], remap[y[keep]], test_x[keep_test], remap[test_y[keep_test]]
+        keep_test = remap[test_y] >= 0
+        y = remap[y]
+        candidates = np.flatnonzero(y >= 0)
+        test_x, test_y = test_x[keep_test], remap[test_y[keep_test]]
         groups = groups[keep_test] if groups is not None else None
-        names = list(classes)
+        names = classes
     if len(names) < 2:
         raise DataError(f"classes: {names} leaves fewer than 2 classes; keep at least 2")
 
     try:
-        train_idx, val_idx = train_test_split(np.arange(len(y)), test_size=val_fraction, stratify=y,
-                                              random_state=seed)
-        if 0 < train_limit < len(train_idx):
-            train_idx, _ = train_test_split(train_idx, train_size=train_limit, stratify=y[train_idx],
-                                            random_state=seed)
+        train_idx, val_idx = train_test_split(candidates, test_size=cfg.val_fraction, stratify=y[candidates],
+                                              random_state=cfg.seed)
+        if 0 < cfg.train_limit < len(train_idx):
+            train_idx, _ = train_test_split(train_idx, train_size=cfg.train_limit, stratify=y[train_idx],
+                                            random_state=cfg.seed)
     except ValueError as exc:  # sklearn: a class too small to stratify, or a split smaller than the class count
         reason = str(exc).splitlines()[0]
-        raise DataError(f"cannot split {len(y)} training images {np.bincount(y).tolist()} stratified "
-                        f"(val_fraction={val_fraction}, train_limit={train_limit}): {reason}") from None
-    return Splits(x[train_idx], y[train_idx], x[val_idx], y[val_idx], test_x, test_y, names, groups)
+        raise DataError(f"cannot split {len(candidates)} training images {np.bincount(y[candidates]).tolist()} "
+                        f"stratified (val_fraction={cfg.val_fraction}, train_limit={cfg.train_limit}): {reason}") from None
+    return Splits(decoded.train_x, y, train_idx, val_idx, test_x, test_y, names, groups)
 
 
 def class_weights(y: np.ndarray, num_classes: int) -> np.ndarray:

@@ -209,13 +209,21 @@ def download_imagenet(name: str) -> tuple[dict, str]:
     return state, f"ImageNet weights {cache / file_name}"
 
 
-def fetch_weights(name: str, pretrained: bool, weights_path: str) -> None:
-    """Make sure the weights a run will load are here, before any worker starts: a missing file is refused up
-    front (exit 2), and N workers on a node then share one downloaded file instead of racing to fetch it."""
-    if weights_path:
-        read_state_dict(weights_path)
-    elif pretrained and name in BACKBONES:
-        download_imagenet(name)
+def check_weights(cfg) -> None:
+    """Make sure the weights a run will load exist and fit, before any worker starts (exit 2, not a traceback in a
+    worker); N workers on a node then share one downloaded file instead of racing to fetch it."""
+    builder(cfg.model)
+    if cfg.weights_path:
+        state = read_state_dict(cfg.weights_path)
+        if cfg.model in BACKBONES:  # a scratch model's file includes its head, whose size the data decides
+            with torch.device("meta"):  # shapes only: nothing allocated
+                net = getattr(torchvision.models, cfg.model)(weights=None)
+            check_fit(net, state, cfg.model, f"weights_path {cfg.weights_path}")
+    elif cfg.pretrained:
+        if cfg.model not in BACKBONES:
+            raise ModelError(f"pretrained: {cfg.model} has no ImageNet weights (it is trained from scratch); set "
+                             f"pretrained: false, or choose one of {', '.join(BACKBONES)}")
+        download_imagenet(cfg.model)
 
 
 def to_grayscale(model: nn.Module) -> None:
@@ -255,6 +263,11 @@ def read_state_dict(path: str) -> dict:
 
 def load_into(model: nn.Module, state: dict, name: str, source: str) -> None:
     """load_state_dict(strict=True), with a one-line summary instead of PyTorch's list of every key."""
+    check_fit(model, state, name, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_fit(model: nn.Module, state: dict, name: str, source: str) -> None:
     own = model.state_dict()
     problems = {
         "missing": [k for k in own if k not in state],
@@ -264,8 +277,7 @@ def load_into(model: nn.Module, state: dict, name: str, source: str) -> None:
     if any(problems.values()):
         summary = "; ".join(f"{len(keys)} {kind} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
                             for kind, keys in problems.items() if keys)
-        raise ModelError(f"{source}: does not fit {name}: {summary}")
-    model.load_state_dict(state, strict=True)
+        raise ModelError(f"{source}: does not fit {name}: {summary}; pass torchvision's {name} weights")
 
 
 def first_line(exc: Exception) -> str:

@@ -5,6 +5,7 @@ Every file is written through a temporary file and a rename, so a crash never le
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from distributed.config import atomic_write_text
+from distributed.config import METRICS, atomic_write_text
 
 
 def _tmp(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp")
+    return path.with_name(f".{path.name}.tmp")  # the same name atomic_write_text uses
 
 
 def write_table(rows: list[dict], stem: Path) -> None:
@@ -166,13 +167,15 @@ def flatten_params(params: dict) -> dict:
 
 
 def leaderboard_rows(trials: list[dict], space, metric: str, mode: str) -> tuple[list[dict], dict]:
-    """-> (rows best first, {trial_id: the trial's complete TrainConfig dict})."""
+    """-> (rows best first, {trial_id: the trial's complete TrainConfig dict}). Each trial's config is the one it
+    recorded with its results; only a trial that never reported is rebuilt from its sampled parameters."""
     sign = 1 if mode == "max" else -1
     rows, configs = [], {}
     for t in trials:
-        cfg = configs[t["trial_id"]] = space.trial_config(t["params"])
         hist = t["rows"]
-        values = [h.get(metric) for h in hist if isinstance(h.get(metric), (int, float)) and h.get(metric) == h.get(metric)]
+        recorded = next((h["train_config"] for h in reversed(hist) if isinstance(h.get("train_config"), dict)), None)
+        cfg = configs[t["trial_id"]] = recorded or space.trial_config(t["params"])
+        values = [v for v in (h.get(metric) for h in hist) if isinstance(v, (int, float)) and math.isfinite(v)]
         best = max(values, key=lambda v: sign * v) if values else None
         last = hist[-1] if hist else {}
         epochs_run = int(last.get("epoch", 0))
@@ -192,9 +195,11 @@ def leaderboard_rows(trials: list[dict], space, metric: str, mode: str) -> tuple
         row = {"trial_id": t["trial_id"], "status": status, "model": cfg["model"],
                **{f"param.{k}": v for k, v in flatten_params(t["params"]).items()},
                "epochs_run": epochs_run, f"best_{metric}": best}
-        for m in ("val_acc", "val_macro_f1", "val_loss"):
+        for m in METRICS:
             row[f"last_{m}"] = last.get(m)
-        row["params"] = last.get("params")
+        row["num_params"] = last.get("num_params")
+        epoch_times = [h["epoch_s"] for h in hist if isinstance(h.get("epoch_s"), (int, float))]
+        row["epoch_s"] = round(sum(epoch_times) / len(epoch_times), 3) if epoch_times else None
         row["wall_s"] = round(float(last.get("time_total_s", 0.0)), 1)
         row["asha_stopped"] = status == "asha_stopped"
         rows.append(row)
@@ -231,8 +236,6 @@ def collect(exp: str | Path, space=None, top: int = 5, model: str | None = None)
     space = space or load_space(exp / "space.yaml", meta.get("overrides", []))
     metric, mode = space.metric, space.mode
     rows, configs = leaderboard_rows(read_trials(exp), space, metric, mode)
-    if model:
-        rows = [r for r in rows if r["model"] == model]
     write_table(rows, exp / "leaderboard")
     out = {"experiment": str(exp), "leaderboard": str(exp / "leaderboard.csv"), "rows": rows}
     ranked = [r for r in rows if r[f"best_{metric}"] is not None]
@@ -251,7 +254,8 @@ def collect(exp: str | Path, space=None, top: int = 5, model: str | None = None)
         front = pareto_front(ranked, space.objectives, metric)
         write_table(front, exp / "pareto_front")
         out["pareto_front"] = str(exp / "pareto_front.csv")
-    out["top"] = ranked[:top]
+    # --model only narrows what is shown: the files above always hold every trial
+    out["top"] = [r for r in ranked if model is None or r["model"] == model][:top]
     return out
 
 

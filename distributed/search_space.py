@@ -11,17 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from distributed.config import (METRICS, ConfigError, TrainConfig, as_number, check_model_name, check_range,
-                                check_value, did_you_mean, field_names, field_spec, read_yaml)
-from distributed.launch import Scaling
+from distributed.config import (METRIC_MODES, METRICS, ConfigError, Scaling, TrainConfig, as_number, check_model_name,
+                                check_range, check_value, did_you_mean, field_names, field_spec, read_yaml)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "quniform")
 TOP_KEYS = ("name", "description", "metric", "mode", "num_samples", "scaling", "scheduler", "search", "fixed",
             "space", "by_model", "points_to_evaluate", "objectives")
-OBJECTIVE_METRICS = METRICS + ("params", "epoch_s")
-BACKBONES = ("vgg16", "vgg19", "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0")
+OBJECTIVE_METRICS = METRICS + ("num_params", "epoch_s")  # also read from each trial's reports
 
 
 class SpaceError(ConfigError):
@@ -43,9 +40,6 @@ class Param:
         if self.kind in ("int", "logint"):
             return trial.suggest_int(optuna_name, int(self.low), int(self.high), log=self.kind == "logint")
         return trial.suggest_float(optuna_name, self.low, self.high, log=self.kind == "loguniform", step=self.step)
-
-    def values_span(self) -> tuple:
-        return (min(self.choices), max(self.choices)) if self.kind == "choice" else (self.low, self.high)
 
 
 @dataclass
@@ -104,8 +98,15 @@ class SearchSpace:
     def epochs(self) -> int:
         return int(self.fixed.get("epochs", TrainConfig().epochs))
 
+    def searches(self, keys) -> bool:
+        """Whether any of these TrainConfig keys varies between trials (in space or in a by_model section)."""
+        varying = set(self.params) | {k for own in self.by_model.values() for k in own}
+        return bool(varying & set(keys))
+
     def warnings(self) -> list[str]:
         """Legal but probably unintended: ASHA judging trials before their backbone ever trains."""
+        from distributed.models import BACKBONES
+
         if not self.asha:
             return []
         out = []
@@ -282,7 +283,7 @@ def parse_objectives(s: SearchSpace, doc: dict, where: str) -> None:
     else:
         s.metric, s.mode = doc.get("metric", "val_acc"), doc.get("mode", None)
         if s.mode is None:
-            s.mode = "min" if s.metric == "val_loss" else "max"
+            s.mode = METRIC_MODES.get(s.metric, "max")
         check_metric(s.metric, s.mode, f"{where}: metric", METRICS)
         s.objectives = [(s.metric, s.mode)]
     if s.metric not in METRICS:

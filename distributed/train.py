@@ -1,5 +1,6 @@
-"""train_loop_per_worker: the one training loop. Ray Train runs it on every DDP worker; a one-worker Tune trial
-may run it directly in the trial process (no worker group) because that starts faster (see BENCHMARKS.md).
+"""train_loop: the one training loop. It imports no Ray: its caller hands it a Run that says its rank, device and
+where reports go. Ray Train runs it on every DDP worker (run.py), a one-worker Tune trial runs it in the trial
+process (tune.py), and tests, benchmarks and machines without Ray run it in one process (LocalRun).
 
 It reads top to bottom: data, model, optimizer, schedule; then for each epoch train, evaluate, checkpoint,
 report. Model files and checkpoints are plain dicts of tensors and numbers so `torch.load(weights_only=True)`
@@ -8,9 +9,10 @@ can read them and nothing in them executes.
 from __future__ import annotations
 
 import math
-import os
+import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +23,14 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from distributed.config import TrainConfig
-from distributed.data import augment, class_weights, load_pool, make_splits, mix_transform
+from distributed.config import TrainConfig, better
+from distributed.data import Decoded, augment, class_weights, load_data, make_splits, mix_transform
 from distributed.models import create_model, native_size, stages
 
 MODEL_FORMAT = "emotune-model/1"
 STATE_FORMAT = "emotune-state/1"
+STATE_FILE, BEST_FILE = "state.pt", "best_model.pt"  # one checkpoint directory: save_state / load_state
+MIN_BATCH = 2  # BatchNorm cannot train on a batch of one: epoch_batches skips it, steps_per_epoch does not count it
 # ImageNet statistics; grey input uses their mean, which matches backbones whose first conv sums RGB filters.
 MEAN = {1: (0.449,), 3: (0.485, 0.456, 0.406)}
 STD = {1: (0.226,), 3: (0.229, 0.224, 0.225)}
@@ -34,18 +38,17 @@ STD = {1: (0.226,), 3: (0.229, 0.224, 0.225)}
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """loop_config: {"train": TrainConfig dict, "pool": ObjectRef of the decoded data or None (decode here),
-    "direct": True when run inside a Tune trial without a worker group, "env": variables from the launcher}."""
-    cfg = TrainConfig.from_dict(loop_config["train"])
-    os.environ.update(loop_config.get("env", {}))
-    run = RunContext(direct=loop_config.get("direct", False))
+def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> None:
+    """The loop. `data`: the decoded images (None: decode here); `run`: where this copy runs and where it reports
+    (a Ray Train worker, a Tune trial, or a LocalRun in one plain process)."""
+    cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank; DDP also broadcasts rank 0's
 
-    splits = load_splits(cfg, loop_config.get("pool"))
+    splits = make_splits(data or load_data(cfg), cfg)
     num_classes = len(splits.class_names)
-    train_x, train_y = torch.from_numpy(splits.train_x), torch.from_numpy(splits.train_y)
-    val_x, val_y = torch.from_numpy(splits.val_x), torch.from_numpy(splits.val_y)
+    images = shared_tensor(splits.x)  # every batch is gathered from here by index: the images are never copied whole
+    train_idx, labels = torch.from_numpy(splits.train_idx), torch.from_numpy(splits.y)
+    val_x, val_y = images[torch.from_numpy(splits.val_idx)], torch.from_numpy(splits.val_y)
 
     net = create_model(cfg.model, num_classes, in_channels=cfg.in_channels, dropout=cfg.dropout,
                        pretrained=cfg.pretrained, weights_path=cfg.weights_path).to(run.device)
@@ -56,7 +59,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     peak_lrs = [cfg.lr_head] + [cfg.lr_backbone] * (len(groups) - 1)
     optimizer = torch.optim.AdamW([{"params": list(g.parameters()), "lr": lr} for g, lr in zip(groups, peak_lrs)],
                                   weight_decay=cfg.weight_decay)
-    steps = steps_per_epoch(len(train_y), run.world, cfg.batch_size)
+    steps = steps_per_epoch(len(train_idx), run.world, cfg.batch_size)
     ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
            if cfg.ema_decay > 0 else None)
     weight = torch.tensor(class_weights(splits.train_y, num_classes), dtype=torch.float32, device=run.device)
@@ -66,11 +69,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     size = cfg.image_size or native_size(cfg.model)
 
     start_epoch, best, bad_epochs, history, best_blob = 1, None, 0, [], None
-    checkpoint = run.get_checkpoint()
-    if checkpoint:  # a restarted worker group (or trial) resumes from its last epoch
-        with checkpoint.as_directory() as d:
-            state = load_file(Path(d) / "state.pt", STATE_FORMAT)
-            best_blob = load_file(Path(d) / "best_model.pt", MODEL_FORMAT)
+    resumed = run.resume()
+    if resumed:  # a restarted worker group (or trial) resumes from its last epoch
+        state, best_blob = resumed
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state["ema"] is not None:
@@ -96,10 +97,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for i, g in enumerate(groups):
             if i >= trainable:
                 g.eval()  # frozen stages keep their BatchNorm statistics
-        train_loss, seen, finite = 0.0, 0, True
-        for idx in epoch_batches(train_y, splits.train_y, cfg, run, epoch):
-            x = prepare_batch(train_x[idx], cfg, size, run.device, augment_with=gen if cfg.augment else None)
-            y = train_y[idx].to(run.device, non_blocking=True)
+        train_loss, seen, finite = torch.zeros((), device=run.device), 0, True
+        for idx in epoch_batches(splits.train_y, cfg, run.rank, run.world, epoch):
+            idx = train_idx[idx]
+            x = prepare_batch(images[idx], cfg, size, run.device, augment_with=gen if cfg.augment else None)
+            y = labels[idx].to(run.device, non_blocking=True)
             if mix is not None:
                 x, y = mix(x, y)
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp and run.device.type == "cuda"):
@@ -112,11 +114,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(net)
-            value = loss.item()
-            # Keep stepping (every rank must join each all-reduce); NaN spreads through DDP's gradients anyway.
-            finite = finite and math.isfinite(value)
-            train_loss += value * len(idx)
+            # Summed on the device: a loss.item() per step would wait for the GPU every step.
+            train_loss += loss.detach().float() * len(idx)
             seen += len(idx)
+        train_loss = float(train_loss)  # one sync per epoch
+        # Keep every rank stepping through the epoch (each must join each all-reduce); NaN spreads through DDP's
+        # gradients anyway, so the epoch's summed loss tells whether any step diverged.
+        finite = math.isfinite(train_loss)
         train_time = time.perf_counter() - tic
         if run.sum(0.0 if finite else 1.0) > 0:
             # Diverged (NaN/inf loss): report NaN metrics and end the run. Optuna records a NaN objective as a
@@ -126,14 +130,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "train_loss": nan}, None)
             return
 
-        metrics = evaluate(ema.module if ema is not None else net, val_x, val_y, cfg, size, run, prefix="val")
+        scored = ema.module if ema is not None else net
+        run.sync_buffers(scored)  # every rank scores with rank 0's BatchNorm statistics: the model that is saved
+        metrics = evaluate(scored, val_x, val_y, cfg, size, run, prefix="val")
         metrics.update(epoch=epoch, train_loss=run.mean(train_loss, seen), lr_head=optimizer.param_groups[0]["lr"],
                        images_per_s=run.sum(seen) / max(train_time, 1e-9), epoch_s=time.perf_counter() - tic,
-                       trainable_stages=trainable, params=sum(p.numel() for p in net.parameters()),
-                       run_start_epoch=run_start, ranks_agree=run.agree({k: metrics[k] for k in sorted(metrics)}),
-                       node=run.node)
+                       trainable_stages=trainable, num_params=sum(p.numel() for p in net.parameters()),
+                       run_start_epoch=run_start, node=run.node,
+                       train_config=cfg.to_dict())  # the resolved config, recorded with every result
         value = metrics[cfg.monitor]
-        improved = best is None or (value < best["value"] if cfg.monitor == "val_loss" else value > best["value"])
+        improved = best is None or better(cfg.monitor, value, best["value"])
         if improved:
             best, bad_epochs = {"value": value, "epoch": epoch}, 0
         else:
@@ -144,53 +150,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics.update(early_stopped=stop, diverged=False)
 
         if improved and run.rank == 0:  # only the newest checkpoint is kept, so each carries the best weights
-            best_blob = model_blob(ema.module if ema is not None else net, cfg, splits.class_names, metrics)
+            best_blob = model_blob(scored, cfg, splits.class_names, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             if run.rank == 0:
-                torch.save({"format": STATE_FORMAT, "epoch": epoch, "model": net.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "ema": ema.state_dict() if ema is not None else None, "best": best,
-                            "bad_epochs": bad_epochs, "history": history}, Path(tmp) / "state.pt")
-                torch.save(best_blob, Path(tmp) / "best_model.pt")
+                save_state(tmp, {"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "ema": ema.state_dict() if ema is not None else None, "best": best,
+                                 "bad_epochs": bad_epochs, "history": history}, best_blob)
             run.report(metrics, tmp)
         if stop:
             break
 
 
-class RunContext:
-    """Where this copy of the loop runs: a Ray Train worker (DDP rank) or directly inside a Tune trial."""
+class Run:
+    """Where one copy of the loop runs: its rank among `world` DDP processes, its device, and where it reports.
+    The collectives are DDP's when world > 1. Subclasses say where reports and checkpoints go."""
 
-    def __init__(self, direct: bool):
-        import ray
-        import ray.train
-        import ray.tune
+    rank, world, node = 0, 1, "local"
+    device = torch.device("cpu")
 
-        self.direct = direct
-        self.node = ray.get_runtime_context().get_node_id()  # where rank 0 ran: placement is readable from results
-        if direct:
-            self.rank, self.world = 0, 1
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            self._report, self._get = ray.tune.report, ray.tune.get_checkpoint
-        else:
-            import ray.train.torch
+    def resume(self) -> tuple[dict, dict] | None:
+        """(training state, best model blob) of the last checkpoint, or None for a fresh start."""
+        return None
 
-            ctx = ray.train.get_context()
-            self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-            self.device = ray.train.torch.get_device()
-            self._report, self._get = ray.train.report, ray.train.get_checkpoint
-
-    def get_checkpoint(self):
-        return self._get()
-
-    def report(self, metrics: dict, tmp: str | None) -> None:
-        if self.direct:
-            from ray.tune import Checkpoint
-        else:
-            from ray.train import Checkpoint
-
-        # Every rank reports (it is a barrier); only rank 0 wrote files, so only it hands over a checkpoint.
-        ckpt = Checkpoint.from_directory(tmp) if self.rank == 0 and tmp else None
-        self._report(metrics, checkpoint=ckpt)
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        raise NotImplementedError
 
     def wrap(self, net: nn.Module) -> nn.Module:
         if self.world == 1:
@@ -208,14 +191,6 @@ class RunContext:
     def mean(self, total: float, count: int) -> float:
         return self.sum(total) / max(self.sum(count), 1)
 
-    def agree(self, obj) -> bool:
-        """Whether every rank holds the same value (a cheap guard that all ranks evaluate identically)."""
-        if self.world == 1:
-            return True
-        parts = [None] * self.world
-        dist.all_gather_object(parts, obj)
-        return all(p == parts[0] for p in parts)
-
     def gather(self, array: np.ndarray) -> np.ndarray:
         if self.world == 1:
             return array
@@ -223,19 +198,45 @@ class RunContext:
         dist.all_gather_object(parts, array)
         return np.concatenate(parts)
 
+    def sync_buffers(self, net: nn.Module) -> None:
+        """DDP broadcasts buffers at the start of each forward, so after the last training step each rank holds
+        its own BatchNorm statistics; give every rank rank 0's before scoring."""
+        if self.world > 1:
+            for buf in getattr(net, "module", net).buffers():
+                dist.broadcast(buf, 0)
+
+
+class LocalRun(Run):
+    """One plain process without Ray (tests, benchmarks, machines without Ray): reports go into `reports`, and the
+    latest checkpoint into `checkpoint_dir` when one is given (so a second LocalRun on it resumes)."""
+
+    def __init__(self, device: str | torch.device | None = None, checkpoint_dir: str | Path | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.reports: list[dict] = []
+
+    def resume(self):
+        if self.checkpoint_dir and (self.checkpoint_dir / "state.pt").is_file():
+            return load_state(self.checkpoint_dir)
+        return None
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir and self.checkpoint_dir:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            for name in (STATE_FILE, BEST_FILE):
+                shutil.copyfile(Path(checkpoint_dir) / name, self.checkpoint_dir / f".{name}.tmp")
+                (self.checkpoint_dir / f".{name}.tmp").replace(self.checkpoint_dir / name)
+
 
 # ------------------------------------------------------------------------------------------- the pieces
 
-def load_splits(cfg: TrainConfig, pool_ref=None):
-    """Decoded images come from the object store when the driver put them there (decoded once per cluster,
-    shared zero-copy by the workers of a node); otherwise they are decoded here."""
-    if pool_ref is not None:
-        import ray
-
-        pool = ray.get(pool_ref)
-    else:
-        pool = load_pool(cfg.data, in_channels=cfg.in_channels, size=cfg.data_size, seed=cfg.seed)
-    return make_splits(pool, cfg.classes, cfg.val_fraction, cfg.seed, cfg.train_limit)
+def shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over the same memory. Arrays from Ray's object store are read-only; nothing writes to this tensor
+    (batches are gathered copies), so torch's warning about that is noise here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def prepare_batch(x_uint8: torch.Tensor, cfg: TrainConfig, size: int, device: torch.device,
@@ -258,25 +259,25 @@ def prepare_batch(x_uint8: torch.Tensor, cfg: TrainConfig, size: int, device: to
 def steps_per_epoch(n: int, world: int, batch_size: int) -> int:
     per_rank = math.ceil(n / world)
     steps, rest = divmod(per_rank, batch_size)
-    return max(1, steps + (1 if rest >= 2 else 0))
+    return max(1, steps + (1 if rest >= MIN_BATCH else 0))
 
 
-def epoch_batches(train_y: torch.Tensor, y_np: np.ndarray, cfg: TrainConfig, run: RunContext, epoch: int):
+def epoch_batches(y_np: np.ndarray, cfg: TrainConfig, rank: int, world: int, epoch: int):
     """This rank's shuffled index batches: a seeded permutation (DistributedSampler's scheme, with set_epoch),
-    or class-balanced draws with replacement when class_balance is 'sampler'."""
-    n = len(train_y)
+    or class-balanced draws with replacement when class_balance is 'sampler'. Exactly steps_per_epoch of them."""
+    n = len(y_np)
     g = torch.Generator().manual_seed(cfg.seed + epoch)
     if cfg.class_balance == "sampler":
         w = torch.from_numpy(class_weights(y_np, int(y_np.max()) + 1)[y_np]).double()
         order = torch.multinomial(w, n, replacement=True, generator=g)
     else:
         order = torch.randperm(n, generator=g)
-    mine = order[run.rank::run.world]
-    if len(mine) < math.ceil(n / run.world):  # pad so every rank runs the same number of steps
-        mine = torch.cat([mine, order[: math.ceil(n / run.world) - len(mine)]])
+    mine = order[rank::world]
+    if len(mine) < math.ceil(n / world):  # pad so every rank runs the same number of steps
+        mine = torch.cat([mine, order[: math.ceil(n / world) - len(mine)]])
     for start in range(0, len(mine), cfg.batch_size):
         idx = mine[start:start + cfg.batch_size]
-        if len(idx) >= 2:  # BatchNorm cannot train on a batch of one
+        if len(idx) >= MIN_BATCH:
             yield idx
 
 
@@ -318,7 +319,7 @@ def predict(net: nn.Module, x: torch.Tensor, cfg: TrainConfig, size: int, device
     return torch.cat(out) if out else torch.empty(0)
 
 
-def evaluate(net, x, y, cfg, size, run: RunContext, prefix: str) -> dict:
+def evaluate(net, x, y, cfg, size, run: Run, prefix: str) -> dict:
     """Each rank scores its shard; predictions are gathered so every rank computes identical metrics over the
     whole split (Ray Tune only sees rank 0's dict, but early stopping runs on every rank)."""
     mine = torch.arange(run.rank, len(y), run.world)
@@ -343,22 +344,40 @@ def model_blob(net: nn.Module, cfg: TrainConfig, class_names: list[str], metrics
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}}
 
 
-class NotOurs(ValueError):
+class ModelFileError(ValueError):
     """A file that is not an emotune model/checkpoint, or that carries pickled code."""
+
+
+def save_state(directory: str | Path, state: dict, best_blob: dict) -> None:
+    """One checkpoint: the training state (to resume) and the best model so far (to keep)."""
+    torch.save({"format": STATE_FORMAT, **state}, Path(directory) / STATE_FILE)
+    torch.save(best_blob, Path(directory) / BEST_FILE)
+
+
+def load_state(directory: str | Path) -> tuple[dict, dict]:
+    """The pair save_state wrote: (training state, best model blob)."""
+    return load_file(Path(directory) / STATE_FILE, STATE_FORMAT), load_file(Path(directory) / BEST_FILE, MODEL_FORMAT)
+
+
+def final_weights(state: dict) -> dict:
+    """The last epoch's weights; its EMA weights when EMA was on (what evaluation used)."""
+    if state.get("ema") is None:
+        return state["model"]
+    return {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
 
 
 def load_file(path: str | Path, expected: str) -> dict:
     """weights_only=True: a file carrying pickled code is refused and nothing in it executes."""
     path = Path(path)
     if not path.is_file():
-        raise NotOurs(f"{path}: no such file")
+        raise ModelFileError(f"{path}: no such file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError for code, RuntimeError for non-torch files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NotOurs(f"{path}: not an emotune file, refused by safe (weights_only) loading: {reason[:160]}") from None
+        raise ModelFileError(f"{path}: not an emotune file, refused by safe (weights_only) loading: {reason[:160]}") from None
     if not isinstance(obj, dict) or obj.get("format") != expected:
-        raise NotOurs(f"{path}: not an emotune file (expected format {expected}); pass a best_model.pt or "
+        raise ModelFileError(f"{path}: not an emotune file (expected format {expected}); pass a best_model.pt or "
                       f"final_model.pt written by `emotune train`")
     return obj
 

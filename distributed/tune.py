@@ -1,105 +1,73 @@
 """The only module that imports ray.tune: trial driver, OptunaSearch (TPE), ASHA, Tuner, resume.
 
-Each trial is one run of train_loop_per_worker. With several workers it runs in a Ray Train worker group
-(TorchTrainer + TuneReportCallback, Train V2); a one-worker trial on a single node runs the same loop directly
-in the trial process, which skips the worker group's start-up (measured in BENCHMARKS.md).
+Each trial is one run of train.train_loop. With several workers it runs in a Ray Train worker group
+(TorchTrainer + TuneReportCallback, Train V2); a one-worker trial on a single node runs the same loop in the trial
+process (in-process), which skips the worker group's start-up (measured in BENCHMARKS.md).
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
 import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
+from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from distributed.config import ConfigError
-from distributed.launch import (DRIVER_RESOURCE, absolute_storage, check_writable, make_trainer, passed_env,
-                                ray_session)
-from distributed.search_space import SearchSpace, SpaceError, load_space
-
-EPS = 1e-9
-
-
-@dataclass
-class Plan:
-    concurrent: int          # trials that run at once
-    direct: bool             # one-worker trials run without a worker group
-    trial_resources: dict    # what the trial's own process holds
-    driver_pinned: bool      # trial drivers only run where the driver resource is
-
-
-def plan_trials(space: SearchSpace, nodes: list[dict]) -> Plan:
-    """How many trials fit at once, from each node's resources and one trial's needs (its driver plus its worker
-    group), so no trial waits forever for a worker group. Workers are placed bundle by bundle, so count how many
-    worker bundles each node holds; logical GPUs (declared on CPU nodes) count exactly like real ones."""
-    s = space.scaling
-    need = f"{s.cpus_per_worker:g} CPU" + (f" and {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else "")
-
-    def slots(node: dict) -> int:
-        limits = [math.floor(node.get("CPU", 0) / s.cpus_per_worker + EPS) if s.cpus_per_worker else 10**6]
-        if s.gpus_per_worker:
-            limits.append(math.floor(node.get("GPU", 0) / s.gpus_per_worker + EPS))
-        return min(limits)
-
-    per_node = [slots(n) for n in nodes]
-    if not any(per_node):
-        biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-        raise SpaceError(f"{space.path}: scaling: one worker needs {need}, but no node has that much (largest: "
-                         f"{biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU); lower cpus_per_worker/"
-                         f"gpus_per_worker or add bigger nodes")
-    concurrent = sum(per_node) // s.workers
-    if concurrent < 1:
-        raise SpaceError(f"{space.path}: scaling: a trial needs {s.workers} workers of {need}, but the cluster holds "
-                         f"only {sum(per_node)}; lower workers or add nodes")
-    direct = space.worker_group == "never" or (space.worker_group == "auto" and s.workers == 1 and len(nodes) == 1)
-    pinned = any(n.get(DRIVER_RESOURCE, 0) > 0 for n in nodes)
-    if direct:
-        resources = s.worker_resources()
-    else:
-        resources = {"CPU": 0}
-        if pinned:
-            resources[DRIVER_RESOURCE] = 0.001
-    return Plan(min(concurrent, space.num_samples), direct, resources, pinned)
-
-
-def local_nodes() -> list[dict]:
-    """This machine as Ray would see it, known before Ray starts (so a request that can't fit exits 2 early)."""
-    import torch
-
-    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count()), DRIVER_RESOURCE: 1000}]
-
-
-def cluster_nodes() -> list[dict]:
-    import ray
-
-    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-
+from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig
+from distributed.plan import Plan, cluster_nodes, local_nodes, plan_trials
+from distributed.run import absolute_storage, check_writable, make_trainer, passed_env, ray_session
+from distributed.search_space import SearchSpace, load_space
+from distributed.train import Run, load_state, train_loop
 
 # ------------------------------------------------------------------------------------------------ a trial
 
-def run_trial(config: dict, *, space: SearchSpace, pool_box: list, direct: bool, threads: int, runs_dir: str,
+class TuneTrialRun(Run):
+    """A one-worker trial that runs the loop in its own process: reports go straight to Tune."""
+
+    def __init__(self):
+        import ray
+        import torch
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def resume(self):
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return load_state(d)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+def run_trial(config: dict, *, space: SearchSpace, data_box: list, in_process: bool, threads: int, runs_dir: str,
               env: dict) -> None:
-    """Tune function trainable: one TrainConfig, trained by the one loop. pool_box holds the decoded data's
-    ObjectRef (boxed, because with_parameters would resolve a bare ref into a copy per trial)."""
+    """Tune function trainable: one TrainConfig, trained by the one loop. data_box holds the decoded data's
+    ObjectRef or None (boxed, because with_parameters would resolve a bare ref into a copy per trial)."""
+    import ray
     import torch
-    from ray import tune
 
-    from distributed.train import train_loop_per_worker
-
-    loop_config = {"train": space.trial_config(config), "pool": pool_box[0], "direct": direct, "env": env}
-    if direct:
+    cfg = space.trial_config(config)
+    if in_process:
+        os.environ.update(env)
         torch.set_num_threads(threads)
-        train_loop_per_worker(loop_config)
+        run = TuneTrialRun()
+        wanted = space.scaling.gpus_per_worker > 0
+        if wanted and run.device.type != "cuda":  # never train on the CPU in silence when a GPU was reserved
+            raise RuntimeError(f"trial reserved {space.scaling.gpus_per_worker:g} GPU but torch sees no CUDA device "
+                               f"on node {run.node}; install a CUDA build of torch there")
+        train_loop(cfg, ray.get(data_box[0]) if data_box[0] is not None else None, run)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    loop_config = {"train": cfg, "data": data_box[0], "env": env}
     # The run name is the trial id (no timestamp): a restarted trial finds its Train run and resumes it.
     trainer = make_trainer(loop_config, space.scaling, name=tune.get_context().get_trial_id(),
                            storage_path=runs_dir, callbacks=[TuneReportCallback()], max_failures=2)
@@ -116,11 +84,9 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
                address: str | None = None, verbose: int = 1, num_samples: int | None = None) -> str:
     """`emotune tune`: validate everything, then search; returns the experiment directory."""
     import ray
-    from ray import tune
 
-    from distributed import results
-    from distributed.data import load_pool, make_splits
-    from distributed.models import fetch_weights
+    from distributed.data import load_data, make_splits
+    from distributed.models import check_weights
 
     storage = absolute_storage(storage_path)
     local = "://" not in storage
@@ -142,14 +108,14 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
     for w in space.warnings():
         warnings.warn(w, stacklevel=1)
     for model in space.model_choices():  # weights a trial will load are fetched (or refused) before Ray starts
-        pretrained, weights_path = space.value_span("pretrained", model), space.value_span("weights_path", model)
-        fetch_weights(model, True in pretrained, weights_path[0] if len(weights_path) == 1 else "")
-    pool = None
-    if "data" not in space.params:  # decode once here: bad data fails before Ray starts, and workers share it
-        pool = load_pool(space.fixed.get("data", "synthetic"), in_channels=space.fixed.get("in_channels", 1),
-                         size=space.fixed.get("data_size", 48), seed=space.fixed.get("seed", 0))
-        make_splits(pool, space.fixed.get("classes", []), space.fixed.get("val_fraction", 0.15),
-                    space.fixed.get("seed", 0), space.fixed.get("train_limit", 0))
+        check_weights(TrainConfig.from_dict({**space.fixed, "model": model,
+                                             "pretrained": True in space.value_span("pretrained", model),
+                                             "weights_path": space.value_span("weights_path", model)[0]}))
+    fixed = TrainConfig.from_dict({k: v for k, v in space.fixed.items()})
+    data = None
+    if not space.searches(DECODE_FIELDS):  # decode once here: bad data fails before Ray starts, trials share it
+        data = load_data(fixed)
+        make_splits(data, fixed)
     if not (address or os.environ.get("RAY_ADDRESS")):
         plan_trials(space, local_nodes())  # refuse an impossible request before starting Ray
     if local:
@@ -160,14 +126,14 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
         if not resume and local:
             shutil.copyfile(space_file, Path(exp) / "space.yaml")
             write_meta(exp, space_file, overrides, space.num_samples)
-        pool_ref = ray.put(pool) if pool is not None else None
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, space=space, pool_box=[pool_ref], direct=plan.direct,
+            tune.with_parameters(run_trial, space=space, data_box=[ray.put(data) if data is not None else None],
+                                 in_process=plan.in_process,
                                  threads=max(1, int(space.scaling.cpus_per_worker)), runs_dir=f"{exp}/train_runs",
                                  env=passed_env()),
             plan.trial_resources)
         print(f"emotune: {space.num_samples} trials of {space.name}, {plan.concurrent} at a time, "
-              f"{'in-process' if plan.direct else f'{space.scaling.workers}-worker Ray Train'} trials; results in {exp}")
+              f"{'in-process' if plan.in_process else f'{space.scaling.workers}-worker Ray Train'} trials; results in {exp}")
         # Ray's classic table reporter: one concise live table, sorted by the metric, instead of a box per result.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         # One kept checkpoint per trial makes each checkpoint snapshot the (small) experiment state; that is the
@@ -215,7 +181,7 @@ def tune_config(space: SearchSpace, plan: Plan, exp: str, local: bool):
     # optimiser, RNGs and data views afresh inside train_loop_per_worker, so nothing carries over but the process.
     return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=space.num_samples,
                            max_concurrent_trials=plan.concurrent, trial_dirname_creator=trial_dirname,
-                           reuse_actors=plan.direct)
+                           reuse_actors=plan.in_process)
 
 
 class DivergenceAwareOptunaSearch(OptunaSearch):
@@ -234,7 +200,7 @@ def progress_table(space: SearchSpace):
     from ray.tune import CLIReporter
 
     metrics = {"epoch": "epoch", space.metric: space.metric}
-    metrics.update({m: m for m in ("val_acc", "val_macro_f1", "val_loss") if m not in metrics})
+    metrics.update({m: m for m in METRICS if m not in metrics})
     return CLIReporter(metric_columns=metrics, parameter_columns=list(space.params)[:6], max_progress_rows=12,
                        max_report_frequency=15, sort_by_metric=True, metric=space.metric, mode=space.mode)
 

@@ -50,7 +50,7 @@ def ray_local():
     """One in-process local Ray instance (2 CPUs, the driver resource) for the tests that run real trials."""
     import ray
 
-    from distributed.launch import DRIVER_RESOURCE, DRIVER_SLOTS
+    from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS
 
     if ray.is_initialized():
         ray.shutdown()

@@ -28,7 +28,7 @@ import yaml
 from conftest import free_port, remove
 from distributed import cli
 from distributed.cluster import JOB_EXCLUDES, REPO_ROOT
-from distributed.launch import DRIVER_RESOURCE
+from distributed.config import DRIVER_RESOURCE
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's bin: `ray`, and the `python` a job's entrypoint runs

@@ -23,9 +23,9 @@ import yaml
 
 from conftest import free_port, remove
 from distributed import cli
-from distributed.launch import DRIVER_RESOURCE, DRIVER_SLOTS
+from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS
 from distributed.search_space import SpaceError, load_space
-from distributed.tune import plan_trials
+from distributed.plan import plan_trials
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "search_spaces" / "quick.yaml"
@@ -63,12 +63,12 @@ def test_plan_counts_gpus_per_node(tmp_path, cpus, gpus, expected):
 def test_multi_node_trials_use_worker_groups_with_drivers_pinned_to_the_head(tmp_path):
     space = load_space(space_with(tmp_path))
     plan = plan_trials(space, [HEAD, CPU_NODE, GPU_NODE])
-    assert not plan.direct and plan.driver_pinned
+    assert not plan.in_process and plan.driver_pinned
     assert plan.trial_resources == {"CPU": 0, DRIVER_RESOURCE: 0.001}  # the driver holds no CPU a worker needs
     assert plan.concurrent == 2
     # One machine: a one-worker trial trains inside its own trial process.
     single = plan_trials(space, [{"CPU": 2.0, DRIVER_RESOURCE: float(DRIVER_SLOTS)}])
-    assert single.direct and single.trial_resources == {"CPU": 1.0}
+    assert single.in_process and single.trial_resources == {"CPU": 1.0}
 
 
 @pytest.mark.parametrize("scaling, message", [
@@ -159,7 +159,7 @@ def python(args: list[str], timeout: float = SEARCH_TIMEOUT) -> subprocess.Compl
 
 @pytest.mark.slow
 def test_logical_gpus_plan_like_real_ones(nodes, tmp_path):
-    code = ("import json, ray\nfrom distributed.tune import cluster_nodes\n"
+    code = ("import json, ray\nfrom distributed.plan import cluster_nodes\n"
             f"ray.init(address={nodes.address!r}, logging_level='ERROR')\nprint(json.dumps(cluster_nodes()))")
     r = python(["-c", code], timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -212,7 +212,7 @@ def test_search_spreads_trial_workers_over_nodes_and_keeps_drivers_on_the_head(n
 def test_a_local_run_starts_its_own_ray_even_beside_a_running_cluster(nodes):
     # Ray's ray.init() joins "the local cluster" (the address file Cluster() wrote) unless told address="local";
     # joining would then refuse the driver resource that a local emotune instance declares.
-    code = ("from distributed.launch import ray_session\n"
+    code = ("from distributed.run import ray_session\n"
             "with ray_session(num_cpus=1) as ray:\n    print(ray.get_runtime_context().gcs_address)")
     r = python(["-c", code], timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]

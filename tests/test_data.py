@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from distributed.data import (DATASETS, DataError, Pool, augment, class_weights, load_pool, make_splits,
+from distributed.config import TrainConfig
+from distributed.data import (DATASETS, DataError, Decoded, augment, class_weights, decode_data, make_splits,
                               mix_transform, read_images)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -23,9 +24,13 @@ def needs(name: str) -> Path:
     return path
 
 
+def split(val_fraction: float, seed: int, **more) -> TrainConfig:
+    return TrainConfig(val_fraction=val_fraction, seed=seed, **more)
+
+
 @pytest.fixture(scope="module")
-def synthetic() -> Pool:
-    return load_pool("synthetic", seed=0)
+def synthetic() -> Decoded:
+    return decode_data("synthetic", seed=0)
 
 
 # -- synthetic ----------------------------------------------------------------------------------------------
@@ -41,7 +46,7 @@ def test_synthetic_shapes_and_balance(synthetic):
 
 
 def test_synthetic_is_deterministic_per_seed(synthetic):
-    again, other = load_pool("synthetic", seed=0), load_pool("synthetic", seed=1)
+    again, other = decode_data("synthetic", seed=0), decode_data("synthetic", seed=1)
     assert np.array_equal(again.train_x, synthetic.train_x) and np.array_equal(again.test_x, synthetic.test_x)
     assert not np.array_equal(other.train_x, synthetic.train_x)
     # test comes from its own stream: no test image repeats a training image
@@ -49,7 +54,7 @@ def test_synthetic_is_deterministic_per_seed(synthetic):
 
 
 def test_synthetic_rgb_and_size():
-    p = load_pool("synthetic", in_channels=3, size=64)
+    p = decode_data("synthetic", in_channels=3, size=64)
     assert p.train_x.shape == (2100, 3, 64, 64) and p.test_x.shape == (700, 3, 64, 64)
     assert np.array_equal(p.train_x[:, 0], p.train_x[:, 2])  # grey replicated
 
@@ -59,7 +64,7 @@ def test_synthetic_is_learnable_but_not_trivial(synthetic):
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    s = make_splits(synthetic, [], val_fraction=0.2, seed=0)
+    s = make_splits(synthetic, split(0.2, 0))
 
     def features(x):  # 2x2-pooled raw pixels keep the fit to ~2 s
         return x.reshape(len(x), 24, 2, 24, 2).mean(axis=(2, 4)).reshape(len(x), -1) / 255.0
@@ -76,16 +81,16 @@ def test_synthetic_is_learnable_but_not_trivial(synthetic):
 # -- imagefolder ----------------------------------------------------------------------------------------------
 
 def test_imagefolder_ckplus48():
-    p = load_pool(f"imagefolder:{needs('ckplus48')}")
-    assert p.train_x.shape == (780, 1, 48, 48) and p.test_x.shape == (201, 1, 48, 48)
+    p = decode_data(f"imagefolder:{needs('ckplus48')}")
+    assert p.train_x.shape == (777, 1, 48, 48) and p.test_x.shape == (204, 1, 48, 48)
     assert p.train_x.dtype == np.uint8 and p.train_y.dtype == np.int64
     assert p.class_names == sorted(p.class_names) and len(p.class_names) == 7 and "contempt" in p.class_names
     assert set(np.unique(p.train_y)) == set(range(7))
 
 
 def test_imagefolder_rgb_and_resize():
-    p = load_pool(f"imagefolder:{needs('ckplus48')}", in_channels=3, size=64)
-    assert p.train_x.shape == (780, 3, 64, 64) and p.test_x.shape == (201, 3, 64, 64)
+    p = decode_data(f"imagefolder:{needs('ckplus48')}", in_channels=3, size=64)
+    assert p.train_x.shape == (777, 3, 64, 64) and p.test_x.shape == (204, 3, 64, 64)
 
 
 def write_image(path: Path, size=(48, 48), mode="L", seed=0) -> Path:
@@ -110,7 +115,7 @@ def folder(tmp_path) -> Path:
 def test_imagefolder_small_any_size_and_mode(folder):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about: the hidden file is not counted
-        p = load_pool(f"imagefolder:{folder}", size=32)
+        p = decode_data(f"imagefolder:{folder}", size=32)
     assert p.class_names == ["cat", "dog"]
     assert p.train_x.shape == (6, 1, 32, 32) and p.test_x.shape == (2, 1, 32, 32)
     assert p.train_y.tolist() == [0, 0, 0, 1, 1, 1] and p.test_y.tolist() == [0, 1]
@@ -121,7 +126,7 @@ def test_imagefolder_skips_unreadable_files_with_a_count(folder):
     good = (folder / "train" / "dog" / "0.png").read_bytes()
     (folder / "train" / "dog" / "broken.png").write_bytes(good[: len(good) // 2])  # truncated PNG
     with pytest.warns(UserWarning, match=r"skipped 2 unreadable files in .*train"):
-        p = load_pool(f"imagefolder:{folder}")
+        p = decode_data(f"imagefolder:{folder}")
     assert len(p.train_x) == 6 and np.bincount(p.train_y).tolist() == [3, 3]
 
 
@@ -129,42 +134,42 @@ def test_imagefolder_class_with_only_unreadable_files(folder):
     for f in (folder / "train" / "dog").iterdir():
         f.write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="skipped 3"), pytest.raises(DataError, match="'dog' has no readable"):
-        load_pool(f"imagefolder:{folder}")
+        decode_data(f"imagefolder:{folder}")
 
 
 def test_imagefolder_bad_layouts(folder, tmp_path):
     with pytest.raises(DataError, match="no such directory"):
-        load_pool(f"imagefolder:{tmp_path / 'nope'}")
+        decode_data(f"imagefolder:{tmp_path / 'nope'}")
     with pytest.raises(DataError, match=r"train: missing"):
-        load_pool(f"imagefolder:{folder / 'train'}")  # pointed one level too deep
+        decode_data(f"imagefolder:{folder / 'train'}")  # pointed one level too deep
 
     (folder / "train" / "bird").mkdir()
     with pytest.raises(DataError, match=r"bird: empty class folder"):
-        load_pool(f"imagefolder:{folder}")
+        decode_data(f"imagefolder:{folder}")
     (folder / "train" / "bird").rmdir()
 
     (folder / "test" / "fish").mkdir()
     write_image(folder / "test" / "fish" / "f.png")
     with pytest.raises(DataError, match="fish are not in train"):
-        load_pool(f"imagefolder:{folder}")
+        decode_data(f"imagefolder:{folder}")
 
 
 def test_imagefolder_needs_two_classes(tmp_path):
     write_image(tmp_path / "train" / "cat" / "a.png")
     write_image(tmp_path / "test" / "cat" / "a.png")
     with pytest.raises(DataError, match="only one class"):
-        load_pool(f"imagefolder:{tmp_path}")
+        decode_data(f"imagefolder:{tmp_path}")
     (tmp_path / "train" / "cat" / "a.png").unlink()
     (tmp_path / "train" / "cat").rmdir()
     with pytest.raises(DataError, match="no class folders"):
-        load_pool(f"imagefolder:{tmp_path}")
+        decode_data(f"imagefolder:{tmp_path}")
 
 
 def test_read_images_for_prediction(folder, tmp_path):
     files = [folder / "train" / "cat" / "0.png", folder / "test" / "dog" / "t.jpg"]
     x = read_images([str(f) for f in files], in_channels=3, size=40)
     assert x.shape == (2, 3, 40, 40) and x.dtype == np.uint8
-    pool = load_pool(f"imagefolder:{folder}", size=40)
+    pool = decode_data(f"imagefolder:{folder}", size=40)
     assert np.array_equal(read_images([str(files[0])], 1, 40)[0], pool.train_x[0])  # same decode as training
     (tmp_path / "x.png").write_text("nope")
     with pytest.raises(DataError, match="x.png: cannot read this image"):
@@ -188,7 +193,7 @@ def fer_dir(tmp_path_factory) -> Path:
 
 
 def test_parquet_directory_form(fer_dir):
-    p = load_pool(f"parquet:{fer_dir}")
+    p = decode_data(f"parquet:{fer_dir}")
     assert p.train_x.shape == (300, 1, 48, 48) and p.test_x.shape == (300, 1, 48, 48)
     assert p.class_names == sorted(FER_CLASSES)
     assert set(p.test_groups) == {"PublicTest", "PrivateTest"} and len(p.test_groups) == 300
@@ -204,13 +209,13 @@ def test_parquet_directory_form(fer_dir):
 def test_parquet_single_file_form_splits_by_usage(fer_dir, tmp_path):
     both = pa.concat_tables([pq.read_table(fer_dir / "train.parquet"), pq.read_table(fer_dir / "test.parquet")])
     pq.write_table(both, tmp_path / "all.parquet")
-    p = load_pool(f"parquet:{tmp_path / 'all.parquet'}", in_channels=3, size=64)
+    p = decode_data(f"parquet:{tmp_path / 'all.parquet'}", in_channels=3, size=64)
     assert p.train_x.shape == (300, 3, 64, 64) and p.test_x.shape == (300, 3, 64, 64)
     assert set(p.test_groups) == {"PublicTest", "PrivateTest"}
 
     pq.write_table(both.drop(["usage"]), tmp_path / "no_usage.parquet")
     with pytest.raises(DataError, match="no 'usage' column"):
-        load_pool(f"parquet:{tmp_path / 'no_usage.parquet'}")
+        decode_data(f"parquet:{tmp_path / 'no_usage.parquet'}")
 
 
 def test_parquet_skips_undecodable_rows(fer_dir, tmp_path):
@@ -221,7 +226,7 @@ def test_parquet_skips_undecodable_rows(fer_dir, tmp_path):
     pq.write_table(pq.read_table(fer_dir / "train.parquet"), tmp_path / "train.parquet")
     pq.write_table(table, tmp_path / "test.parquet")
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable files in .*test.parquet \(e.g. row 5:"):
-        p = load_pool(f"parquet:{tmp_path}")
+        p = decode_data(f"parquet:{tmp_path}")
     assert len(p.test_x) == len(p.test_y) == len(p.test_groups) == 299
 
 
@@ -230,17 +235,17 @@ def test_parquet_missing_column(fer_dir, tmp_path, column):
     pq.write_table(pq.read_table(fer_dir / "train.parquet").drop([column]), tmp_path / "train.parquet")
     pq.write_table(pq.read_table(fer_dir / "test.parquet"), tmp_path / "test.parquet")
     with pytest.raises(DataError, match=rf"no '{column}' column \(columns: .*source_file"):
-        load_pool(f"parquet:{tmp_path}")
+        decode_data(f"parquet:{tmp_path}")
 
 
 def test_parquet_bad_paths(tmp_path):
     with pytest.raises(DataError, match="no such file or directory"):
-        load_pool(f"parquet:{tmp_path / 'missing.parquet'}")
+        decode_data(f"parquet:{tmp_path / 'missing.parquet'}")
     with pytest.raises(DataError, match="no train.parquet"):
-        load_pool(f"parquet:{tmp_path}")
+        decode_data(f"parquet:{tmp_path}")
     (tmp_path / "x.parquet").write_text("not parquet")
     with pytest.raises(DataError, match="not a readable parquet file"):
-        load_pool(f"parquet:{tmp_path / 'x.parquet'}")
+        decode_data(f"parquet:{tmp_path / 'x.parquet'}")
 
 
 # -- fer2013.csv ----------------------------------------------------------------------------------------------
@@ -258,71 +263,72 @@ def write_fer_csv(path: Path, n: int = 50, short_row: int | None = None) -> Path
 
 def test_fer2013_csv(tmp_path):
     path = write_fer_csv(tmp_path / "fer2013.csv")
-    p = load_pool(f"fer2013_csv:{path}")
+    p = decode_data(f"fer2013_csv:{path}")
     assert p.train_x.shape == (30, 1, 48, 48) and p.test_x.shape == (20, 1, 48, 48)
     assert p.class_names == FER_CLASSES
     assert p.train_y.tolist() == [i % 7 for i in range(30)]
     assert p.test_groups.tolist() == ["PublicTest"] * 10 + ["PrivateTest"] * 10
     first = np.array(path.read_text().splitlines()[1].split(",")[1].split(), dtype=np.uint8)
     assert np.array_equal(p.train_x[0, 0].ravel(), first)
-    assert load_pool(f"fer2013_csv:{path}", in_channels=3, size=64).train_x.shape == (30, 3, 64, 64)
+    assert decode_data(f"fer2013_csv:{path}", in_channels=3, size=64).train_x.shape == (30, 3, 64, 64)
 
 
 def test_fer2013_csv_errors(tmp_path):
     path = write_fer_csv(tmp_path / "short.csv", short_row=7)
     with pytest.raises(DataError, match=r"row 8 \(line 9\) has 2303 pixel values, expected 2304"):
-        load_pool(f"fer2013_csv:{path}")
+        decode_data(f"fer2013_csv:{path}")
     (tmp_path / "cols.csv").write_text("label,pixels\n0,1 2 3\n")
     with pytest.raises(DataError, match="no 'emotion' column"):
-        load_pool(f"fer2013_csv:{tmp_path / 'cols.csv'}")
+        decode_data(f"fer2013_csv:{tmp_path / 'cols.csv'}")
     with pytest.raises(DataError, match="no such file"):
-        load_pool(f"fer2013_csv:{tmp_path / 'missing.csv'}")
+        decode_data(f"fer2013_csv:{tmp_path / 'missing.csv'}")
 
 
-# -- load_pool ------------------------------------------------------------------------------------------------
+# -- decode_data ------------------------------------------------------------------------------------------------
 
 def test_unknown_kind_lists_the_kinds():
     with pytest.raises(DataError, match="unknown data kind 'hdf5'.*synthetic, imagefolder:PATH"):
-        load_pool("hdf5:/data/x.h5")
+        decode_data("hdf5:/data/x.h5")
     with pytest.raises(DataError, match="needs a path"):
-        load_pool("imagefolder")
+        decode_data("imagefolder")
     assert set(DATASETS) == {"synthetic", "imagefolder", "parquet", "fer2013_csv"}
 
 
 def test_errors_are_one_line(tmp_path):
     for spec in ("nope", f"imagefolder:{tmp_path / 'x'}", f"parquet:{tmp_path}", f"fer2013_csv:{tmp_path}"):
         with pytest.raises(DataError) as err:
-            load_pool(spec)
+            decode_data(spec)
         assert "\n" not in str(err.value)
 
 
 # -- splits ---------------------------------------------------------------------------------------------------
 
 def test_make_splits_stratified_disjoint_seeded(synthetic):
-    s = make_splits(synthetic, [], val_fraction=0.2, seed=3)
+    s = make_splits(synthetic, split(0.2, 3))
     assert len(s.val_y) == 420 and len(s.train_y) == 1680
     assert np.bincount(s.val_y).tolist() == [60] * 7 and np.bincount(s.train_y).tolist() == [240] * 7
     train, val = {x.tobytes() for x in s.train_x}, {x.tobytes() for x in s.val_x}
     assert not train & val and len(train | val) == 2100
     assert s.test_x is synthetic.test_x and s.class_names == FER_CLASSES  # test untouched
+    assert s.x is synthetic.train_x  # train and validation are indices into the shared images, never a copy
 
-    again, other = make_splits(synthetic, [], 0.2, seed=3), make_splits(synthetic, [], 0.2, seed=4)
+    again, other = make_splits(synthetic, split(0.2, 3)), make_splits(synthetic, split(0.2, 4))
     assert np.array_equal(again.val_x, s.val_x) and not np.array_equal(other.val_x, s.val_x)
 
 
 def test_make_splits_stratified_on_imbalanced_data():
     y = np.repeat(np.arange(3), [600, 300, 100])
-    pool = Pool(np.zeros((1000, 1, 4, 4), np.uint8), y, np.zeros((3, 1, 4, 4), np.uint8), np.arange(3),
+    pool = Decoded(np.zeros((1000, 1, 4, 4), np.uint8), y, np.zeros((3, 1, 4, 4), np.uint8), np.arange(3),
                 ["a", "b", "c"])
-    s = make_splits(pool, [], val_fraction=0.1, seed=0)
+    s = make_splits(pool, split(0.1, 0))
     assert np.bincount(s.val_y).tolist() == [60, 30, 10]
-    limited = make_splits(pool, [], val_fraction=0.1, seed=0, train_limit=90)
+    limited = make_splits(pool, split(0.1, 0, train_limit=90))
     assert np.bincount(limited.train_y).tolist() == [54, 27, 9]
     assert np.array_equal(limited.val_y, s.val_y)  # the cap never changes the validation set
 
 
 def test_make_splits_class_subset(synthetic):
-    s = make_splits(synthetic, ["sad", "happy"], val_fraction=0.2, seed=0)
+    s = make_splits(synthetic, split(0.2, 0, classes=["sad", "happy"]))
     assert s.class_names == ["sad", "happy"]
     assert set(s.train_y) == set(s.val_y) == set(s.test_y) == {0, 1}
     assert len(s.train_y) + len(s.val_y) == 600 and len(s.test_y) == 200
@@ -332,21 +338,21 @@ def test_make_splits_class_subset(synthetic):
 
 def test_make_splits_keeps_test_groups_aligned():
     groups = np.array(["Pub", "Priv", "Pub", "Priv"])
-    pool = Pool(np.zeros((40, 1, 4, 4), np.uint8), np.arange(40) % 3, np.zeros((4, 1, 4, 4), np.uint8),
+    pool = Decoded(np.zeros((40, 1, 4, 4), np.uint8), np.arange(40) % 3, np.zeros((4, 1, 4, 4), np.uint8),
                 np.array([0, 1, 2, 1]), ["a", "b", "c"], test_groups=groups)
-    s = make_splits(pool, ["b", "c"], val_fraction=0.25, seed=0)
+    s = make_splits(pool, split(0.25, 0, classes=["b", "c"]))
     assert s.test_y.tolist() == [0, 1, 0] and s.test_groups.tolist() == ["Priv", "Pub", "Priv"]
 
 
 def test_make_splits_errors(synthetic):
     with pytest.raises(DataError, match="unknown class 'joy'; available: angry, disgust"):
-        make_splits(synthetic, ["happy", "joy"], 0.2, 0)
+        make_splits(synthetic, split(0.2, 0, classes=["happy", "joy"]))
     with pytest.raises(DataError, match="fewer than 2 classes"):
-        make_splits(synthetic, ["happy"], 0.2, 0)
+        make_splits(synthetic, split(0.2, 0, classes=["happy"]))
     with pytest.raises(DataError, match="twice"):
-        make_splits(synthetic, ["happy", "happy"], 0.2, 0)
+        make_splits(synthetic, split(0.2, 0, classes=["happy", "happy"]))
     with pytest.raises(DataError, match="cannot split"):
-        make_splits(synthetic, [], 0.2, 0, train_limit=3)  # fewer than one image per class
+        make_splits(synthetic, split(0.2, 0, train_limit=3))  # fewer than one image per class
 
 
 def test_class_weights():

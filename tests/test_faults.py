@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed.config import TrainConfig
-from distributed.launch import Scaling, fit
+from distributed.config import Scaling
+from distributed.run import train_run
 from distributed.train import STATE_FORMAT, load_file
 
 
@@ -31,7 +32,7 @@ def test_killed_train_worker_resumes_from_its_last_epoch(ray_local, tmp_path):
 
     def run():
         try:
-            result.update(fit(cfg, str(out), Scaling(workers=2), max_failures=2))
+            result.update(train_run(cfg, str(out), Scaling(workers=2), max_failures=2))
         except Exception as exc:  # surfaced by the assertion below
             errors.append(exc)
 

@@ -79,10 +79,10 @@ def test_asha_grace_period_before_first_unfreeze_warns(tmp_path):
 
 def test_multi_objective_space(tmp_path):
     path = tmp_path / "mo.yaml"
-    path.write_text("objectives: [{val_acc: max}, {params: min}]\nfixed: {epochs: 2}\n"
+    path.write_text("objectives: [{val_acc: max}, {num_params: min}]\nfixed: {epochs: 2}\n"
                     "space: {model: {choice: [small_cnn, baseline_cnn]}}\n")
     space = load_space(path)
-    assert space.multi_objective and space.objectives == [("val_acc", "max"), ("params", "min")]
+    assert space.multi_objective and space.objectives == [("val_acc", "max"), ("num_params", "min")]
     assert space.metric == "val_acc"
 
 

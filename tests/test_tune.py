@@ -17,9 +17,9 @@ import yaml
 from conftest import REPO, SPACES
 from distributed.cli import main
 from distributed.config import TrainConfig
-from distributed.launch import DRIVER_RESOURCE, Scaling
+from distributed.config import DRIVER_RESOURCE, Scaling
 from distributed.search_space import SpaceError, load_space
-from distributed.tune import plan_trials
+from distributed.plan import plan_trials
 
 
 def small_space(tmp_path: Path, name: str, **changes) -> Path:
@@ -150,10 +150,10 @@ def test_concurrency_is_planned_from_node_resources():
     space = load_space(SPACES / "quick.yaml")
     cpu_box = [{"CPU": 2.0, "GPU": 0.0, DRIVER_RESOURCE: 1000}]
     plan = plan_trials(space, cpu_box)
-    assert (plan.concurrent, plan.direct, plan.trial_resources) == (2, True, {"CPU": 1.0})
+    assert (plan.concurrent, plan.in_process, plan.trial_resources) == (2, True, {"CPU": 1.0})
     space.scaling = Scaling(workers=2, cpus_per_worker=1)
     plan = plan_trials(space, cpu_box)
-    assert (plan.concurrent, plan.direct, plan.trial_resources) == (1, False, {"CPU": 0, DRIVER_RESOURCE: 0.001})
+    assert (plan.concurrent, plan.in_process, plan.trial_resources) == (1, False, {"CPU": 0, DRIVER_RESOURCE: 0.001})
     # fractional GPUs: four 48x48 trials share each GPU; workers are placed per node
     space.scaling = Scaling(workers=1, cpus_per_worker=1, gpus_per_worker=0.25)
     gpu_nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 4.0}]
@@ -180,7 +180,7 @@ def test_impossible_request_refused_before_ray_starts(tmp_path, capsys):
 @pytest.mark.slow
 def test_multi_objective_pareto_front_and_best_by_architecture(ray_local, tmp_path):
     space = small_space(tmp_path, "pareto", num_samples=3, scheduler="none",
-                        objectives=[{"val_acc": "max"}, {"params": "min"}],
+                        objectives=[{"val_acc": "max"}, {"num_params": "min"}],
                         fixed={"epochs": 1, "train_limit": 300},
                         space={"model": {"choice": ["small_cnn", "emotion_cnn48"]},
                                "lr_head": {"loguniform": [1.0e-3, 1.0e-2]}},
@@ -192,7 +192,7 @@ def test_multi_objective_pareto_front_and_best_by_architecture(ray_local, tmp_pa
     assert front and {r["trial_id"] for r in front} <= {r["trial_id"] for r in rows}
     # nothing on the front is beaten on both objectives by another trial
     for f in front:
-        assert not any(r["best_val_acc"] >= f["best_val_acc"] and r["params"] <= f["params"] and
-                       (r["best_val_acc"], r["params"]) != (f["best_val_acc"], f["params"]) for r in rows)
+        assert not any(r["best_val_acc"] >= f["best_val_acc"] and r["num_params"] <= f["num_params"] and
+                       (r["best_val_acc"], r["num_params"]) != (f["best_val_acc"], f["num_params"]) for r in rows)
     for model in ("small_cnn", "emotion_cnn48"):
         assert TrainConfig.load(exp / "best_by_architecture" / f"{model}.yaml").model == model

@@ -1,30 +1,55 @@
-"""Starting or joining Ray, and building the TorchTrainer that runs train_loop_per_worker.
+"""`emotune train`: one run under Ray Train, then the single test evaluation. Also what every Ray Train run needs:
+starting or joining Ray, the TorchTrainer, and the Run that a Ray Train worker hands the loop.
 
-Shared by `emotune train` (one run) and `emotune tune` (one TorchTrainer per trial).
+Shared by `emotune train` (one run) and `emotune tune` (one TorchTrainer per worker-group trial).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from pathlib import Path
 
-DRIVER_RESOURCE = "emotune_driver"
-# Plenty of slots: the resource only says *where* trial drivers may run; concurrency is planned elsewhere.
-DRIVER_SLOTS = 1000
+from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, ConfigError, Scaling, TrainConfig
+from distributed.train import Run, load_state, train_loop
 
 
-@dataclass
-class Scaling:
-    """How one training run is spread: `workers` DDP processes, each with these CPUs/GPUs (fractions allowed)."""
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+class TrainWorkerRun(Run):
+    """A Ray Train worker: its DDP rank and device come from Ray Train, reports go to ray.train.report."""
 
-    def worker_resources(self) -> dict:
-        res = {"CPU": self.cpus_per_worker}
-        if self.gpus_per_worker:
-            res["GPU"] = self.gpus_per_worker
-        return res
+    def __init__(self):
+        import ray
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.node = ray.get_runtime_context().get_node_id()  # where rank 0 ran: placement is readable from results
+
+    def resume(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return load_state(d)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        # Every rank reports (it is a barrier); only rank 0 wrote files, so only it hands over a checkpoint.
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if self.rank == 0 and checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """What Ray Train runs on each worker. loop_config: {"train": TrainConfig dict, "data": ObjectRef of the decoded
+    data or None (decode here), "env": variables from the launcher}."""
+    import ray
+
+    os.environ.update(loop_config.get("env", {}))
+    ref = loop_config.get("data")
+    train_loop(loop_config["train"], ray.get(ref) if ref is not None else None, TrainWorkerRun())
 
 
 @contextlib.contextmanager
@@ -60,8 +85,6 @@ def make_trainer(loop_config: dict, scaling: Scaling, name: str, storage_path: s
     storage_path/name resumes from its latest checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from distributed.train import train_loop_per_worker
 
     return TorchTrainer(
         train_loop_per_worker,
@@ -102,45 +125,43 @@ def tensorboard_callback(logdir: str):
     return TensorBoard()
 
 
-def fit(cfg, output: str, scaling: Scaling, address: str | None = None, max_failures: int = 1) -> dict:
+def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | None = None,
+              max_failures: int = 1) -> dict:
     """`emotune train`: one run through Ray Train, then one evaluation on the test split and the reports.
 
-    Everything that can be wrong with the input (model name, data path, classes) is checked before Ray starts.
-    Running the same command again with the same --output resumes an interrupted run from its last epoch.
+    Everything that can be wrong with the input (model name, weights, data path, classes) is checked before Ray
+    starts. Running the same command again with the same --output resumes an interrupted run from its last epoch.
     """
-    from pathlib import Path
-
     import torch
 
     from distributed import results
-    from distributed.data import load_pool, make_splits
-    from distributed.models import fetch_weights, native_size
-    from distributed.train import MODEL_FORMAT, load_file, load_model, predict
+    from distributed.data import load_data, make_splits
+    from distributed.models import check_weights, native_size
+    from distributed.train import BEST_FILE, final_weights, load_model, predict
 
     out = Path(output).resolve()
-    fetch_weights(cfg.model, cfg.pretrained, cfg.weights_path)
-    pool = load_pool(cfg.data, in_channels=cfg.in_channels, size=cfg.data_size, seed=cfg.seed)
-    splits = make_splits(pool, cfg.classes, cfg.val_fraction, cfg.seed, cfg.train_limit)
+    check_weights(cfg)
+    data = load_data(cfg)
+    splits = make_splits(data, cfg)
     check_same_run(out, cfg)
     check_writable(out)
     cfg.save(out / "config.yaml", header="resolved TrainConfig of this run; re-run: emotune train --config config.yaml")
 
     with ray_session(address) as ray:
-        loop_config = {"train": cfg.to_dict(), "pool": ray.put(pool), "direct": False, "env": passed_env()}
+        loop_config = {"train": cfg.to_dict(), "data": ray.put(data), "env": passed_env()}
         trainer = make_trainer(loop_config, scaling, name="run", storage_path=str(out), max_failures=max_failures,
                                callbacks=[tensorboard_callback(str(out / "tensorboard"))])
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:
-            state = load_file(Path(d) / "state.pt", "emotune-state/1")
-            best = load_file(Path(d) / "best_model.pt", MODEL_FORMAT)
+            state, best = load_state(d)
 
-    torch.save(best, out / "best_model.pt")
+    torch.save(best, out / BEST_FILE)
     final = dict(best, state_dict=final_weights(state), metrics=state["history"][-1])
     torch.save(final, out / "final_model.pt")
     results.write_table(state["history"], out / "metrics")
     results.plot_curves(state["history"], out / "curves.png")
 
-    net, _, names, _ = load_model(out / "best_model.pt")
+    net, _, names, _ = load_model(out / BEST_FILE)
     logits = predict(net, torch.from_numpy(splits.test_x), cfg, cfg.image_size or native_size(cfg.model),
                      torch.device("cpu"))
     summary = results.write_test_report(out, splits.test_y, logits.argmax(1).numpy(), names, splits.test_groups)
@@ -154,18 +175,9 @@ def passed_env() -> dict:
     return {k: os.environ[k] for k in ("TORCH_HOME",) if k in os.environ}
 
 
-def final_weights(state: dict) -> dict:
-    """The last epoch's weights; its EMA weights when EMA was on (what evaluation used)."""
-    if state.get("ema") is None:
-        return state["model"]
-    return {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
-
-
 def check_same_run(out, cfg) -> None:
     """An existing run directory is resumed (or extended with more epochs) only by the same config: anything
     else would silently continue someone else's run."""
-    from distributed.config import ConfigError, TrainConfig
-
     saved = out / "config.yaml"
     if not (out / "run").exists() or not saved.exists():
         return
@@ -179,9 +191,6 @@ def check_same_run(out, cfg) -> None:
 def check_writable(path) -> None:
     """A clear error before any work starts, rather than a failure after the first epoch."""
     import tempfile
-    from pathlib import Path
-
-    from distributed.config import ConfigError
 
     path = Path(path)
     try:

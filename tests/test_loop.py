@@ -1,0 +1,117 @@
+"""The loop without Ray: one process, a LocalRun collecting reports. Fast checks of the pure pieces it relies on."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from distributed.config import TrainConfig
+from distributed.data import decode_data
+from distributed.train import (LocalRun, epoch_batches, load_model, load_state, make_schedule, steps_per_epoch,
+                               train_loop)
+
+TINY = dict(model="small_cnn", epochs=2, batch_size=64, train_limit=280, augment=False, lr_head=3e-3,
+            lr_backbone=3e-3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return decode_data("synthetic", seed=0)
+
+
+def test_loop_runs_without_ray_and_reports_every_epoch(synthetic, tmp_path):
+    run = LocalRun(device="cpu", checkpoint_dir=tmp_path)
+    train_loop(TrainConfig(**TINY), synthetic, run)
+    assert [r["epoch"] for r in run.reports] == [1, 2]
+    assert all(r["val_count"] == 315 for r in run.reports)  # 2100 synthetic x val_fraction 0.15
+    assert run.reports[0]["train_config"] == TrainConfig(**TINY).to_dict()  # the resolved config travels along
+    state, best = load_state(tmp_path)
+    assert state["epoch"] == 2 and best["class_names"] == synthetic.class_names
+
+
+def test_same_seed_reproduces_exactly(synthetic):
+    """Same config, same data, same process: every reported metric is identical, not merely close."""
+    first, second = LocalRun(device="cpu"), LocalRun(device="cpu")
+    cfg = TrainConfig(**{**TINY, "augment": True, "mixup_alpha": 0.2})
+    train_loop(cfg, synthetic, first)
+    train_loop(cfg, synthetic, second)
+    keys = ("train_loss", "val_loss", "val_acc", "val_macro_f1")
+    assert [[r[k] for k in keys] for r in first.reports] == [[r[k] for k in keys] for r in second.reports]
+
+
+def test_resume_continues_from_the_checkpoint(synthetic, tmp_path):
+    """Two epochs, then the same directory with four: epochs 3 and 4 run, starting from epoch 2's state."""
+    cfg = TrainConfig(**TINY)
+    assert LocalRun(device="cpu", checkpoint_dir=tmp_path).resume() is None
+    first = LocalRun(device="cpu", checkpoint_dir=tmp_path)
+    train_loop(cfg, synthetic, first)
+    again = LocalRun(device="cpu", checkpoint_dir=tmp_path)
+    train_loop(cfg.replace(epochs=4), synthetic, again)
+    assert [r["epoch"] for r in again.reports] == [3, 4]
+    assert again.reports[0]["run_start_epoch"] == 3
+
+
+def test_best_model_file_loads_and_scores_like_the_loop(synthetic, tmp_path):
+    from distributed.data import make_splits
+    from distributed.models import native_size
+    from distributed.train import BEST_FILE, predict
+
+    cfg = TrainConfig(**TINY)
+    run = LocalRun(device="cpu", checkpoint_dir=tmp_path)
+    train_loop(cfg, synthetic, run)
+    net, loaded, names, metrics = load_model(tmp_path / BEST_FILE)
+    splits = make_splits(synthetic, cfg)
+    pred = predict(net, torch.from_numpy(splits.val_x), loaded, native_size(cfg.model), torch.device("cpu")).argmax(1)
+    acc = float((pred.numpy() == splits.val_y).mean())
+    best = max(r["val_acc"] for r in run.reports)
+    assert acc == pytest.approx(best, abs=1e-9) and metrics["val_acc"] == pytest.approx(best, abs=1e-9)
+
+
+@pytest.mark.parametrize("class_balance", ["none", "sampler"])
+def test_epoch_batches_match_steps_per_epoch(class_balance):
+    """The schedule is sized by steps_per_epoch; OneCycle raises if the loop ever steps more often than that."""
+    for n, world, batch in itertools.product((2, 3, 63, 64, 65, 129, 700), (1, 2, 3), (1, 2, 32, 64)):
+        if batch < 2:
+            continue
+        y = np.arange(n) % 3
+        cfg = TrainConfig(batch_size=batch, class_balance=class_balance)
+        counts = []
+        for rank in range(world):
+            batches = list(epoch_batches(y, cfg, rank, world, epoch=1))
+            assert all(len(b) >= 2 for b in batches)
+            counts.append(len(batches))
+        assert len(set(counts)) == 1, (n, world, batch, counts)  # every rank joins every all-reduce
+        assert counts[0] <= steps_per_epoch(n, world, batch)
+        assert counts[0] == steps_per_epoch(n, world, batch) or n < 2 * world
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_schedule_resumes_where_it_stopped(schedule):
+    """Stop after 15 of 40 steps, save the optimizer, rebuild both as the loop does on resume: the learning rates
+    continue those of one uninterrupted schedule."""
+    cfg, peaks = TrainConfig(schedule=schedule), [1e-3, 1e-4]
+
+    def optimizer():
+        net = torch.nn.Linear(2, 2)
+        return torch.optim.AdamW([{"params": [net.weight], "lr": peaks[0]}, {"params": [net.bias], "lr": peaks[1]}])
+
+    def walk(opt, sched, steps):
+        out = []
+        for _ in range(steps):
+            out.append([g["lr"] for g in opt.param_groups])
+            opt.step()
+            sched.step()
+        return out
+
+    opt = optimizer()
+    whole = walk(opt, make_schedule(cfg, opt, peaks, total_steps=40), 40)
+    opt = optimizer()
+    walk(opt, make_schedule(cfg, opt, peaks, total_steps=40), 15)
+    resumed = optimizer()
+    resumed.load_state_dict(opt.state_dict())
+    rest = walk(resumed, make_schedule(cfg, resumed, peaks, total_steps=40, done_steps=15), 25)
+    assert np.allclose(rest, whole[15:], rtol=1e-9, atol=0)
+    if schedule == "onecycle":
+        assert max(r[0] for r in whole) == pytest.approx(peaks[0], rel=1e-3)
