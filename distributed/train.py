@@ -136,8 +136,7 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
         metrics.update(epoch=epoch, train_loss=run.mean(train_loss, seen), lr_head=optimizer.param_groups[0]["lr"],
                        images_per_s=run.sum(seen) / max(train_time, 1e-9), epoch_s=time.perf_counter() - tic,
                        trainable_stages=trainable, num_params=sum(p.numel() for p in net.parameters()),
-                       run_start_epoch=run_start, node=run.node,
-                       train_config=cfg.to_dict())  # the resolved config, recorded with every result
+                       run_start_epoch=run_start, node=run.node)
         value = metrics[cfg.monitor]
         improved = best is None or better(cfg.monitor, value, best["value"])
         if improved:
@@ -156,7 +155,7 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
                 save_state(tmp, {"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                                  "ema": ema.state_dict() if ema is not None else None, "best": best,
                                  "bad_epochs": bad_epochs, "history": history}, best_blob)
-            run.report(metrics, tmp)
+            run.report({**metrics, "train_config": cfg.to_dict()}, tmp)  # the resolved config, with every result
         if stop:
             break
 
