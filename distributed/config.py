@@ -178,20 +178,23 @@ def did_you_mean(word: str, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
 
 
+NUMBER_FIX = "write a plain number, e.g. 64, 0.5 or 3e-4"
+
+
 def as_number(raw: Any, kind: type, where: str):
     """Coerce YAML scalars to int/float. PyYAML reads `1e-4` as a string, so numeric strings are accepted."""
     if isinstance(raw, bool):
-        raise ConfigError(f"{where}: expected a number, got {raw!r}")
+        raise ConfigError(f"{where}: expected a number, got {raw!r}; {NUMBER_FIX}")
     if isinstance(raw, str):
         try:
             raw = float(raw.strip())
         except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {raw!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {raw!r}; {NUMBER_FIX}") from None
     if not isinstance(raw, (int, float)) or math.isnan(raw) or math.isinf(raw):
-        raise ConfigError(f"{where}: expected a finite number, got {raw!r}")
+        raise ConfigError(f"{where}: expected a finite number, got {raw!r}; {NUMBER_FIX}")
     if kind is int:
         if float(raw) != int(raw):
-            raise ConfigError(f"{where}: expected a whole number, got {raw!r}")
+            raise ConfigError(f"{where}: expected a whole number, got {raw!r}; write it without a fraction, e.g. 64")
         return int(raw)
     return float(raw)
 
@@ -233,7 +236,7 @@ def check_range(f: dataclasses.Field, value, where: str) -> None:
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
+        raise ConfigError(f"{path}: no such file; check the path")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -244,7 +247,7 @@ def read_yaml(path: str | Path) -> Any:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file; expected YAML") from None
     if data is None:
-        raise ConfigError(f"{path}: the file is empty; expected YAML")
+        raise ConfigError(f"{path}: the file is empty; write YAML into it (see the shipped search_spaces/*.yaml)")
     return data
 
 

@@ -200,13 +200,10 @@ def _decode_all(sources: list, names: list[str], in_channels: int, size: int, wh
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         decoded = [d for chunk in pool.map(lambda c: [_decode(s, mode, size) for s in c], chunks) for d in chunk]
     kept = np.array([not isinstance(d, str) for d in decoded], dtype=bool)
-    bad = [(name, d) for name, d in zip(names, decoded) if isinstance(d, str)]
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable files in {where} (e.g. {bad[0][0]}: {bad[0][1]})",
-                      stacklevel=3)
+    bad = [f"{name}: {d}" for name, d in zip(names, decoded) if isinstance(d, str)]
     images = [d for d in decoded if not isinstance(d, str)]
     out = np.stack(images) if images else np.zeros((0, in_channels, size, size), np.uint8)
-    return out, kept
+    return out, Kept(kept, bad)
 
 
 def read_images(paths: list[str], in_channels: int = 1, size: int = 48) -> np.ndarray:
@@ -236,12 +233,26 @@ def _labels_to_ids(labels: list[str], class_names: list[str]) -> np.ndarray:
     return np.array([index[name] for name in labels], dtype=np.int64)
 
 
-def _keep_readable(labels: list[str], kept: np.ndarray, where: str) -> list[str]:
-    """Labels of the decoded items; a class whose every image was unreadable is an error, not a silent gap."""
-    readable = [label for label, ok in zip(labels, kept) if ok]
+@dataclass
+class Kept:
+    """Which decoded items were readable, and why the others were not."""
+    mask: np.ndarray  # bool [n]
+    problems: list[str]
+
+    def __iter__(self):
+        return iter(self.mask)
+
+
+def _keep_readable(labels: list[str], kept: Kept, where: str) -> list[str]:
+    """Labels of the decoded items; a class whose every image was unreadable is an error, not a silent gap. A few
+    unreadable files among good ones are skipped with one warning (after the error check: an error says it all)."""
+    readable = [label for label, ok in zip(labels, kept.mask) if ok]
     lost = sorted(set(labels) - set(readable))
     if lost:
         raise DataError(f"{where}: class {lost[0]!r} has no readable images; replace its files or remove the class")
+    if kept.problems:
+        warnings.warn(f"skipped {len(kept.problems)} unreadable files in {where} (e.g. {kept.problems[0]})",
+                      stacklevel=3)
     return readable
 
 

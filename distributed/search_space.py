@@ -256,7 +256,7 @@ def parse_param(name: str, spec, where: str) -> Param:
     if len(args) == 3 and kind != "quniform":
         raise SpaceError(f"{where}.{kind}: expected [low, high]; use quniform for a step")
     if low >= high:
-        raise SpaceError(f"{where}: low ({low}) must be < high ({high})")
+        raise SpaceError(f"{where}: low ({low}) must be < high ({high}); swap them, or use a constant in fixed")
     if kind in ("loguniform", "logint") and low <= 0:
         raise SpaceError(f"{where}: {kind} needs low > 0, got {low}")
     for bound in (low, high):

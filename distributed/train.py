@@ -369,12 +369,14 @@ def load_file(path: str | Path, expected: str) -> dict:
     """weights_only=True: a file carrying pickled code is refused and nothing in it executes."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"{path}: no such file")
+        raise ModelFileError(f"{path}: no such file; pass the best_model.pt or final_model.pt of an `emotune train` run")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError for code, RuntimeError for non-torch files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"{path}: not an emotune file, refused by safe (weights_only) loading: {reason[:160]}") from None
+        what = "it holds pickled objects or code" if "Weights only load failed" in reason else reason[:120]
+        raise ModelFileError(f"{path}: not an emotune file, refused by safe (weights_only) loading ({what}); pass a "
+                             f"best_model.pt or final_model.pt written by `emotune train`") from None
     if not isinstance(obj, dict) or obj.get("format") != expected:
         raise ModelFileError(f"{path}: not an emotune file (expected format {expected}); pass a best_model.pt or "
                       f"final_model.pt written by `emotune train`")
