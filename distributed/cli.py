@@ -33,8 +33,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_scaling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=1, help="DDP workers (processes) for the run")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--workers", default="auto",
+                   help="DDP workers (processes): a number, or auto = one per GPU of this machine, else 1 (default)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs per worker (default: this machine's CPUs shared among the workers; with --address: 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per worker, fractions allowed (default: 1 when this machine has a GPU, else 0)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
@@ -152,16 +154,30 @@ def load_train_config(args):
 
 
 def scaling_from(args):
-    from distributed.config import ConfigError, Scaling
+    """A single-machine run uses the whole machine: one worker per GPU (or one on the CPUs), every CPU shared
+    among the workers. On a cluster (--address) the defaults stay small, since this machine is not the cluster."""
+    import torch
 
+    from distributed.config import ConfigError, Scaling
+    from distributed.plan import local_cpus
+
+    gpus_here = torch.cuda.device_count() if not args.address else 0
+    if args.workers == "auto":
+        workers = max(1, gpus_here)
+    else:
+        try:
+            workers = int(args.workers)
+        except ValueError:
+            raise ConfigError(f"--workers {args.workers!r}: expected a number or auto, e.g. --workers 2") from None
     gpus = args.gpus_per_worker
     if gpus is None:
-        import torch
-
-        gpus = 1.0 if torch.cuda.is_available() else 0.0
-    if args.workers < 1 or args.cpus_per_worker < 0 or gpus < 0:
-        raise ConfigError("--workers must be >= 1 and --cpus-per-worker/--gpus-per-worker >= 0")
-    return Scaling(workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus)
+        gpus = 1.0 if (torch.cuda.is_available() if args.address else gpus_here) else 0.0
+    cpus = args.cpus_per_worker
+    if cpus is None:
+        cpus = 1.0 if args.address else float(max(1, local_cpus() // workers))
+    if workers < 1 or cpus < 0 or gpus < 0:
+        raise ConfigError("--workers must be >= 1 and --cpus-per-worker/--gpus-per-worker >= 0; fix the flag")
+    return Scaling(workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus)
 
 
 def cmd_train(args) -> int:

@@ -57,7 +57,20 @@ def local_nodes() -> list[dict]:
     """This machine as Ray would see it, known before Ray starts (so a request that can't fit exits 2 early)."""
     import torch
 
-    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count()), DRIVER_RESOURCE: 1000}]
+    return [{"CPU": float(local_cpus()), "GPU": float(torch.cuda.device_count()), DRIVER_RESOURCE: 1000}]
+
+
+def local_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup (v2) quota as in containers. os.cpu_count()
+    counts the host's CPUs, which would plan more than a container may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def cluster_nodes() -> list[dict]:

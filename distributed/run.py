@@ -19,11 +19,15 @@ class TrainWorkerRun(Run):
     def __init__(self):
         import ray
         import ray.train.torch
+        import torch
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.node = ray.get_runtime_context().get_node_id()  # where rank 0 ran: placement is readable from results
+        context = ray.get_runtime_context()
+        self.node = context.get_node_id()  # where rank 0 ran: placement is readable from results
+        # torch's intra-op threads = the CPUs Ray reserved for this worker (a whole machine for a one-node run)
+        torch.set_num_threads(max(1, int(context.get_assigned_resources().get("CPU", 1))))
 
     def resume(self):
         import ray.train
