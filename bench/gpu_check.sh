@@ -65,7 +65,7 @@ if [ -n "$TINY" ]; then CURVES="--configs 2 --epochs 2 --workers 2 --models smal
 step env 30 python3 -m bench.gpu env --out "$OUT" $TINY
 step pipeline 75 python3 -m bench.gpu pipeline --out "$OUT" $TINY
 step loop 90 python3 -m bench.gpu loop --out "$OUT" $TINY
-step packing 100 python3 -m bench.gpu packing --out "$OUT" $TINY --limit-s $(( 90 * SCALE ))
+step packing 120 python3 -m bench.gpu packing --out "$OUT" $TINY --limit-s $(( 110 * SCALE ))
 step cuda_tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_data.py tests/test_loop.py -k cuda
 step ddp 45 python3 -m bench.gpu ddp --out "$OUT" $TINY --limit-s $(( 40 * SCALE ))
 # the curves take what is left (their own limit stops them 10 s early and keeps every finished config)
