@@ -30,7 +30,8 @@ from bench.common import Deadline, record
 
 DATASETS = {"fer2013_small": "fer2013_small", "ckplus48": "ckplus48"}
 MODELS = ("small_cnn", "baseline_cnn", "emotion_cnn48")
-METRICS = ("val_acc", "val_macro_f1", "val_loss", "train_loss", "epoch_s", "lr_head")
+METRICS = ("val_acc", "val_macro_f1", "val_loss", "train_loss", "epoch_s")  # per epoch (not the scheduled lr:
+# its report key, lr_head, would clash with the sampled peak lr_head)
 PARAMS = ("model", "lr_head", "weight_decay", "dropout", "mixup_alpha", "batch_size", "label_smoothing")
 
 
