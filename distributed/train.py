@@ -43,6 +43,8 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
     (a Ray Train worker, a Tune trial, or a LocalRun in one plain process)."""
     cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank; DDP also broadcasts rank 0's
+    # Every training batch has one shape, so cuDNN's per-shape algorithm search pays off from the second step on.
+    torch.backends.cudnn.benchmark = run.device.type == "cuda"
 
     splits = make_splits(data or load_data(cfg), cfg)
     num_classes = len(splits.class_names)
