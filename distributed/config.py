@@ -59,6 +59,13 @@ class Scaling:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
 
+    def __post_init__(self):
+        # Measured on an H200 (BENCHMARKS.md): NCCL refuses two DDP ranks on one device ("invalid usage").
+        if self.workers > 1 and 0 < self.gpus_per_worker < 1:
+            raise ConfigError(f"scaling: {self.workers} DDP workers with gpus_per_worker {self.gpus_per_worker:g} "
+                              f"would put two ranks on one GPU, which NCCL refuses; use gpus_per_worker: 1 (one "
+                              f"GPU per rank), or workers: 1 to pack several one-worker trials on a GPU")
+
     def worker_resources(self) -> dict:
         res = {"CPU": self.cpus_per_worker}
         if self.gpus_per_worker:
