@@ -302,9 +302,13 @@ def parse_scaling(s: SearchSpace, scaling: dict, where: str) -> None:
     for key in scaling:
         if key not in allowed:
             raise SpaceError(f"{where}.{key}: unknown key{did_you_mean(key, allowed)}")
-    s.scaling = Scaling(workers=int(bounded(scaling.get("workers", 1), int, 1, 4096, f"{where}.workers")),
-                        cpus_per_worker=bounded(scaling.get("cpus_per_worker", 1), float, 0, 1024, f"{where}.cpus_per_worker"),
-                        gpus_per_worker=bounded(scaling.get("gpus_per_worker", 0), float, 0, 64, f"{where}.gpus_per_worker"))
+    values = dict(workers=int(bounded(scaling.get("workers", 1), int, 1, 4096, f"{where}.workers")),
+                  cpus_per_worker=bounded(scaling.get("cpus_per_worker", 1), float, 0, 1024, f"{where}.cpus_per_worker"),
+                  gpus_per_worker=bounded(scaling.get("gpus_per_worker", 0), float, 0, 64, f"{where}.gpus_per_worker"))
+    try:
+        s.scaling = Scaling(**values)
+    except ConfigError as exc:
+        raise SpaceError(f"{where.rsplit(': ', 1)[0]}: {exc}") from None
     s.worker_group = scaling.get("worker_group", "auto")
     if s.worker_group not in ("auto", "always", "never"):
         raise SpaceError(f"{where}.worker_group: {s.worker_group!r} is not one of auto, always, never")
