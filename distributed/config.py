@@ -95,7 +95,7 @@ class TrainConfig:
     warmup_pct: float = knob(0.3, "OneCycle: fraction of steps spent warming up", low=0.01, high=0.9)
     grad_clip: float = knob(0.0, "clip the gradient norm to this (0 = off)", low=0)
     amp: bool = knob(True, "mixed precision on CUDA (ignored on CPU)")
-    channels_last: bool = knob(False, "channels_last memory format on CUDA (ignored on CPU)")
+    channels_last: bool = knob(True, "channels_last memory format on CUDA (ignored on CPU; 1.7x for ResNet-50)")
     ema_decay: float = knob(0.0, "EMA of weights used for evaluation (0 = off)", low=0, high=0.99999)
     early_stop_patience: int = knob(0, "stop after this many epochs without improvement (0 = off)", low=0)
     monitor: str = knob("val_acc", "metric that picks the best epoch and drives early stopping", choices=METRICS)
