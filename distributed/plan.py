@@ -151,10 +151,10 @@ class NodeWait:
     def waiting_for(self, nodes: list[dict], waited_s: float) -> str:
         fitting = [t for t in self.node_types if worker_slots(self.space, t.resources)]
         if not fitting:
-            return f"waiting for a node that holds one worker, {waited_s / 60:.0f} min"
+            return f"waiting for a node that holds one worker, {waited_s // 60:.0f} min"
         t = fitting[0]
         count = math.ceil(self.space.scaling.workers / worker_slots(self.space, t.resources))
         kind = "GPU" if t.resources.get("GPU") else "CPU"
         up = sum(is_of_type(n, t) for n in nodes)
         return (f"waiting for {count} {kind} node{'s' if count > 1 else ''} (type {t.name}): {up} of "
-                f"{t.max_workers} up, {waited_s / 60:.0f} min")
+                f"{t.max_workers} up, {waited_s // 60:.0f} min")

@@ -126,20 +126,6 @@ def test_a_gpu_search_scales_the_cluster_up_from_no_gpu_node(autoscaling_cluster
     assert len(board) == 3 and all(",completed," in row or ",diverged," in row for row in board[1:]), board
 
 
-def test_a_request_no_node_type_could_hold_exits_2_naming_the_largest(tmp_path, capsys):
-    from distributed.plan import NodeType, plan_trials
-    from distributed.search_space import SpaceError, load_space
-
-    doc = yaml.safe_load(QUICK.read_text())
-    doc["scaling"] = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 2}
-    space = tmp_path / "quick.yaml"
-    space.write_text(yaml.safe_dump(doc, sort_keys=False))
-    head = {"CPU": 2.0, DRIVER_RESOURCE: 1000.0}
-    with pytest.raises(SpaceError) as err:
-        plan_trials(load_space(space), [head], [NodeType("gpu_1x", GPU_TYPE["resources"], 2)])
-    assert "no node or node type has that much (largest node type: gpu_1x with 1 CPU, 1 GPU)" in str(err.value)
-
-
 def test_an_unreachable_cluster_address_is_one_line_exit_2_before_trials(tmp_path, capsys):
     storage = tmp_path / "results"
     assert cli.main(["tune", str(QUICK), "--address", f"127.0.0.1:{free_port()}", "--storage-path",
