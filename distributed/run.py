@@ -19,13 +19,14 @@ class TrainWorkerRun(Run):
     def __init__(self):
         import ray
         import ray.train.torch
+        import torch
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.node = ray.get_runtime_context().get_node_id()  # where rank 0 ran: placement is readable from results
         gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
-        if gpus and self.device.type != "cuda":
+        if gpus and not torch.cuda.is_available():  # Ray Train hands out cuda:N for any reserved GPU
             self.device = cpu_for_reserved_gpu(len(gpus), self.node)
 
     def resume(self):
