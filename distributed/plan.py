@@ -103,9 +103,9 @@ def cluster_nodes() -> list[dict]:
 
 
 def autoscaler_node_types() -> list[NodeType]:
-    """The node types the running cluster's autoscaler reported to the GCS (autoscaler v2 and KubeRay do; the v1
-    autoscaler of `ray up` and Ray's fake multi-node provider leave it empty: pass --cluster FILE there).
-    A private Ray API (ray._private.state): an empty answer plans from the nodes up now, as before."""
+    """The node types in the cluster config kept in the GCS (ray._private.state, a private API; Ray Data reads
+    it too). In Ray 2.60 only a reporter outside Ray's wheel fills it: `ray up`'s autoscaler and the fake
+    multi-node provider leave it empty, hence --cluster FILE. Empty: plan from the nodes up now."""
     from ray._private.state import state
 
     config = state.get_cluster_config()
