@@ -112,12 +112,13 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
         except ConnectionError as exc:  # "auto" with no cluster on this machine
             raise ConfigError(f"--address {address}: {str(exc).splitlines()[0]}") from None
     else:
-        # Token auth ON for the instance we start, whatever the shell says: with RAY_AUTH_MODE=token, ray.init()
-        # creates ~/.ray/auth_token if there is none, and every Ray process here then needs that token.
+        # Token auth ON for the instance we start: with RAY_AUTH_MODE unset, Ray 2.60's ray.init() turns it on
+        # itself for a new local cluster (and creates ~/.ray/auth_token if there is none); set to token, it is on.
+        # (Setting the variable here would not do: Ray reads it when imported, and its processes would then
+        # disagree with it about the token.) Anything else turns it off, which we refuse.
         if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
             raise ConfigError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: emotune starts its local Ray with token "
                               f"auth on; unset RAY_AUTH_MODE (or set it to token)")
-        os.environ["RAY_AUTH_MODE"] = "token"
         # "local": without it ray.init() joins any cluster that `ray start` left on this machine, and then
         # refuses the resources below ("When connecting to an existing cluster, resources must not be provided").
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources={DRIVER_RESOURCE: DRIVER_SLOTS},

@@ -8,9 +8,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from conftest import remove
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,13 +43,22 @@ def probe(env_mode: str | None, tmp_path: Path) -> subprocess.CompletedProcess:
                           timeout=300, check=False)
 
 
+@pytest.fixture
+def short_tmp():
+    """A short private directory: Ray's socket paths live under RAY_TMPDIR (a Unix socket path is limited to
+    107 bytes, which pytest's tmp_path can exceed)."""
+    root = Path(tempfile.mkdtemp(prefix="emotune-", dir="/tmp"))
+    yield root
+    remove(root)
+
+
 @pytest.mark.slow
-def test_the_local_ray_runs_with_token_auth_on(tmp_path):
-    r = probe(None, tmp_path)
+def test_the_local_ray_runs_with_token_auth_on(short_tmp):
+    r = probe(None, short_tmp)
     assert r.returncode == 0, r.stderr[-3000:]
     # Token mode, and the dashboard refuses a request that carries no token (401).
     assert r.stdout.strip().splitlines()[-1] == "mode True status 401", r.stdout
-    assert (tmp_path / ".ray" / "auth_token").is_file()  # the token Ray made for this user
+    assert (short_tmp / ".ray" / "auth_token").is_file()  # the token Ray made for this user
 
 
 def test_a_shell_that_disables_token_auth_is_refused_before_ray_starts(tmp_path):
