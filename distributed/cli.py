@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -16,14 +17,7 @@ def input_errors() -> tuple[type[Exception], ...]:
     from distributed.models import ModelError
     from distributed.train import ModelFileError
 
-    errors = [ConfigError, DataError, ModelError, ModelFileError]
-    try:
-        from distributed.cluster import ClusterFileError
-
-        errors.append(ClusterFileError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return ConfigError, DataError, ModelError, ModelFileError  # (ClusterFileError is a ConfigError)
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--num-samples", type=int, default=None, help="override the file's num_samples")
     p.add_argument("--top", type=int, default=5, help="trials shown in the closing summary")
+    add_autoscaling_args(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("check-space", help="validate search-space files without starting Ray")
@@ -84,10 +79,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.set_defaults(func=cmd_predict)
 
-    from distributed.cluster import add_cluster_commands
+    p = sub.add_parser("cluster", help="check Ray cluster files (launcher YAMLs, KubeRay manifests)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    v = actions.add_parser("validate", help="validate cluster files (a directory means its *.yaml) without "
+                           "launching anything")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=cmd_cluster_validate)
 
-    add_cluster_commands(sub)
+    p = sub.add_parser("submit", help="run `emotune tune` on a Ray cluster as a Ray job (list, logs, stop: "
+                       "`ray job list/logs/stop`)")
+    p.add_argument("space", help="search-space YAML inside this checkout (it is uploaded with the code)")
+    p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+                   help="the head's dashboard, http://HOST:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="pin a TrainConfig field for every trial; paths are paths on the cluster")
+    p.add_argument("--storage-path", help="where the cluster writes results: an absolute path that every node "
+                   "shares (NFS) or s3://, gs:// (required unless the --cluster file names one: the job's own "
+                   "directory is temporary)")
+    p.add_argument("--num-samples", type=int, default=None, help="override the file's num_samples")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted experiment of the same name")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following logs")
+    add_autoscaling_args(p)
+    p.set_defaults(func=cmd_submit)
     return parser
+
+
+def add_autoscaling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", default=None, metavar="FILE",
+                   help="the cluster file (cluster/*.yaml) of the cluster at --address: trials are planned against "
+                   "the node types its autoscaler may launch, not only the nodes up now")
+    p.add_argument("--wait-timeout", type=float, default=20, metavar="MINUTES",
+                   help="give up (exit 2) when no node could hold a trial's workers for this long (default: 20)")
 
 
 DEFAULT_SPACE = "search_spaces/quick.yaml"
@@ -98,7 +120,8 @@ def cmd_tune(args) -> int:
     from distributed.tune import run_search
 
     exp = run_search(args.space, args.overrides, storage_path=args.storage_path, resume=args.resume,
-                     address=args.address, num_samples=args.num_samples)
+                     address=args.address, num_samples=args.num_samples, cluster=args.cluster,
+                     wait_timeout_min=args.wait_timeout)
     print_summary(collect(exp, top=args.top))
     return 0
 
@@ -221,6 +244,34 @@ def cmd_predict(args) -> int:
             print(f"{path}: {ranked[0][0]} ({ranked[0][1]:.2f})  top3: "
                   + ", ".join(f"{c} {v:.2f}" for c, v in ranked))
     return 0
+
+
+def cmd_cluster_validate(args) -> int:
+    from distributed.cluster.files import (
+        ClusterFileError,
+        cluster_files,
+        validate_cluster_file,
+    )
+
+    files = cluster_files(args.files)
+    if not files:
+        raise ClusterFileError(f"{' '.join(args.files)}: no *.yaml files there")
+    failed = False
+    for file in files:
+        problems = validate_cluster_file(file)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if not problems:
+            print(f"{file}: ok")
+        failed = failed or bool(problems)
+    return 2 if failed else 0
+
+
+def cmd_submit(args) -> int:
+    from distributed.cluster.jobs import submit
+
+    return submit(args.space, args.address, args.storage_path, args.overrides, num_samples=args.num_samples,
+                  resume=args.resume, wait=not args.no_wait, cluster=args.cluster, wait_timeout=args.wait_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

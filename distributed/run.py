@@ -28,6 +28,9 @@ class TrainWorkerRun(Run):
         self.node = context.get_node_id()  # where rank 0 ran: placement is readable from results
         # torch's intra-op threads = the CPUs Ray reserved for this worker (a whole machine for a one-node run)
         torch.set_num_threads(max(1, int(context.get_assigned_resources().get("CPU", 1))))
+        gpus = context.get_accelerator_ids().get("GPU", [])
+        if gpus and not torch.cuda.is_available():  # Ray Train hands out cuda:N for any reserved GPU
+            self.device = cpu_for_reserved_gpu(len(gpus), self.node)
 
     def resume(self):
         import ray.train
@@ -56,6 +59,41 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_loop(loop_config["train"], ray.get(ref) if ref is not None else None, TrainWorkerRun())
 
 
+# Set to 1 where Ray's GPUs are logical (declared on CPU machines, as Ray's test clusters do): a worker that reserved
+# a GPU then trains on the CPU and says so. Anywhere else a reserved GPU that torch cannot see is an error.
+LOGICAL_GPUS = "EMOTUNE_LOGICAL_GPUS"
+
+
+def cpu_for_reserved_gpu(gpus: float, node: str):
+    """The device for a worker that reserved GPUs but sees no CUDA: the CPU where LOGICAL_GPUS=1, else an error,
+    never a silent fallback."""
+    import sys
+
+    import torch
+
+    if os.environ.get(LOGICAL_GPUS) != "1":
+        raise RuntimeError(f"worker reserved {gpus:g} GPU but torch sees no CUDA device on node {node}; install a "
+                           f"CUDA build of torch there (or set {LOGICAL_GPUS}=1 where the GPUs are logical)")
+    print(f"emotune: node {node}: reserved {gpus:g} logical GPU and trains on the CPU ({LOGICAL_GPUS}=1)",
+          file=sys.stderr, flush=True)
+    return torch.device("cpu")
+
+
+def check_reachable(address: str) -> None:
+    """ray.init() waits minutes on an address where no Ray listens; say so at once (HOST:PORT addresses only:
+    "auto" and ray:// fail fast or differently)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); start it, or "
+                          f"give the head's GCS address HOST:6379 (`ray status` on the head prints it)") from None
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None):
     """Join the cluster at `address` (or $RAY_ADDRESS, as inside a Ray job), or start a local instance that
@@ -71,8 +109,19 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(log_to_driver=True, configure_logging=True, logging_level="WARNING")
     if address:
-        ray.init(address=address, **kwargs)
+        check_reachable(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:  # "auto" with no cluster on this machine
+            raise ConfigError(f"--address {address}: {str(exc).splitlines()[0]}") from None
     else:
+        # Token auth ON for the instance we start: with RAY_AUTH_MODE unset, Ray 2.60's ray.init() turns it on
+        # itself for a new local cluster (and creates ~/.ray/auth_token if there is none); set to token, it is on.
+        # (Setting the variable here would not do: Ray reads it when imported, and its processes would then
+        # disagree with it about the token.) Anything else turns it off, which we refuse.
+        if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+            raise ConfigError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: emotune starts its local Ray with token "
+                              f"auth on; unset RAY_AUTH_MODE (or set it to token)")
         # "local": without it ray.init() joins any cluster that `ray start` left on this machine, and then
         # refuses the resources below ("When connecting to an existing cluster, resources must not be provided").
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources={DRIVER_RESOURCE: DRIVER_SLOTS},
@@ -95,7 +144,8 @@ def make_trainer(loop_config: dict, scaling: Scaling, name: str, storage_path: s
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.gpus_per_worker > 0,
                                      resources_per_worker=scaling.worker_resources()),
-        torch_config=TorchConfig(backend="nccl" if scaling.gpus_per_worker > 0 else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if scaling.gpus_per_worker > 0 and os.environ.get(LOGICAL_GPUS) != "1"
+                                 else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep)),
@@ -175,8 +225,8 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
 
 def passed_env() -> dict:
     """Environment the workers need from the launching shell (Ray's worker processes may predate it):
-    TORCH_HOME says where pretrained weights are cached."""
-    return {k: os.environ[k] for k in ("TORCH_HOME",) if k in os.environ}
+    TORCH_HOME says where pretrained weights are cached; LOGICAL_GPUS that GPUs are logical."""
+    return {k: os.environ[k] for k in ("TORCH_HOME", LOGICAL_GPUS) if k in os.environ}
 
 
 def check_same_run(out, cfg) -> None:

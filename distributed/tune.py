@@ -19,8 +19,16 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig
-from distributed.plan import Plan, cluster_nodes, local_nodes, plan_trials
-from distributed.run import absolute_storage, check_writable, make_trainer, passed_env, ray_session
+from distributed.plan import NodeWait, Plan, autoscaler_node_types, cluster_nodes, local_nodes, plan_trials
+from distributed.run import (
+    absolute_storage,
+    check_reachable,
+    check_writable,
+    cpu_for_reserved_gpu,
+    make_trainer,
+    passed_env,
+    ray_session,
+)
 from distributed.search_space import SearchSpace, load_space
 from distributed.train import Run, load_state, train_loop
 
@@ -61,8 +69,7 @@ def run_trial(config: dict, *, space: SearchSpace, data_box: list, in_process: b
         run = TuneTrialRun()
         wanted = space.scaling.gpus_per_worker > 0
         if wanted and run.device.type != "cuda":  # never train on the CPU in silence when a GPU was reserved
-            raise RuntimeError(f"trial reserved {space.scaling.gpus_per_worker:g} GPU but torch sees no CUDA device "
-                               f"on node {run.node}; install a CUDA build of torch there")
+            run.device = cpu_for_reserved_gpu(space.scaling.gpus_per_worker, run.node)
         train_loop(cfg, ray.get(data_box[0]) if data_box[0] is not None else None, run)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -81,8 +88,10 @@ def experiment_dir(storage_path: str, name: str) -> str:
 
 
 def run_search(space_file: str, overrides: list[str], storage_path: str = "results", resume: bool = False,
-               address: str | None = None, verbose: int = 1, num_samples: int | None = None) -> str:
-    """`emotune tune`: validate everything, then search; returns the experiment directory."""
+               address: str | None = None, verbose: int = 1, num_samples: int | None = None,
+               cluster: str | None = None, wait_timeout_min: float = 20) -> str:
+    """`emotune tune`: validate everything, then search; returns the experiment directory. cluster: the cluster
+    file of the cluster at `address`, whose node types the autoscaler may launch (planned against)."""
     import ray
 
     from distributed.data import load_data, make_splits
@@ -116,13 +125,17 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
     if not space.searches(DECODE_FIELDS):  # decode once here: bad data fails before Ray starts, trials share it
         data = load_data(fixed)
         make_splits(data, fixed)
+    # (autoscaling) an unreachable address or a broken cluster file exits 2 here, before Ray starts
+    node_types = cluster_node_types(cluster, address, wait_timeout_min)
     if not (address or os.environ.get("RAY_ADDRESS")):
         plan_trials(space, local_nodes())  # refuse an impossible request before starting Ray
     if local:
         check_writable(exp)  # last check: it creates the experiment directory
 
     with ray_session(address):
-        plan = plan_trials(space, cluster_nodes())
+        node_types = node_types or autoscaler_node_types()
+        plan = plan_trials(space, cluster_nodes(), node_types)
+        waiting = NodeWait(space, node_types, wait_timeout_min * 60)
         if not resume and local:
             shutil.copyfile(space_file, Path(exp) / "space.yaml")
             write_meta(exp, space_file, overrides, space.num_samples)
@@ -134,6 +147,9 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
             plan.trial_resources)
         print(f"emotune: {space.num_samples} trials of {space.name}, {plan.concurrent} at a time, "
               f"{'in-process' if plan.in_process else f'{space.scaling.workers}-worker Ray Train'} trials; results in {exp}")
+        if plan.launched:  # (autoscaling)
+            print("emotune: counting nodes the autoscaler may launch: "
+                  + ", ".join(f"{t.name} (up to {t.max_workers})" for t in plan.launched))
         # Ray's classic table reporter: one concise live table, sorted by the metric, instead of a box per result.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         # One kept checkpoint per trial makes each checkpoint snapshot the (small) experiment state; that is the
@@ -147,9 +163,43 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
                                                          failure_config=tune.FailureConfig(max_failures=2),
                                                          # resume needs only the latest; each carries the best weights
                                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                                         progress_reporter=progress_table(space)))
+                                                         progress_reporter=progress_table(space),
+                                                         stop=GiveUpWaiting(waiting)))  # (autoscaling)
         tuner.fit()
+    if waiting.gave_up:  # (autoscaling)
+        raise ConfigError(f"{exp}: {waiting.gave_up}")
     return exp
+
+
+# -------------------------------------------------------------------------------- autoscaling clusters
+
+def cluster_node_types(cluster: str | None, address: str | None, wait_timeout_min: float) -> list:
+    """The node types of --cluster FILE (validated), [] without one; checks that the address answers."""
+    if wait_timeout_min <= 0:
+        raise ConfigError("--wait-timeout must be > 0 minutes")
+    if address:
+        check_reachable(address)
+    if not cluster:
+        return []
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError(f"--cluster {cluster}: describes a running cluster; give its --address too")
+    from distributed.cluster.files import node_types
+
+    return node_types(cluster)
+
+
+class GiveUpWaiting(tune.Stopper):
+    """Ends the search once NodeWait has waited for nodes longer than --wait-timeout (Tune asks stop_all() at
+    every step of its loop)."""
+
+    def __init__(self, waiting: NodeWait):
+        self.waiting = waiting
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.waiting.check()
 
 
 def tune_config(space: SearchSpace, plan: Plan, exp: str, local: bool):

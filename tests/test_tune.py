@@ -17,9 +17,6 @@ import yaml
 from conftest import REPO, SPACES
 from distributed.cli import main
 from distributed.config import TrainConfig
-from distributed.config import DRIVER_RESOURCE, Scaling
-from distributed.search_space import SpaceError, load_space
-from distributed.plan import plan_trials
 
 
 def small_space(tmp_path: Path, name: str, **changes) -> Path:
@@ -144,26 +141,6 @@ def test_search_killed_then_resumed_runs_each_trial_once(tmp_path):
 
 def finished_trials(exp: Path) -> list[Path]:
     return [p for p in exp.glob("*/result.json") if '"epoch": 2' in p.read_text()]
-
-
-def test_concurrency_is_planned_from_node_resources():
-    space = load_space(SPACES / "quick.yaml")
-    cpu_box = [{"CPU": 2.0, "GPU": 0.0, DRIVER_RESOURCE: 1000}]
-    plan = plan_trials(space, cpu_box)
-    assert (plan.concurrent, plan.in_process, plan.trial_resources) == (2, True, {"CPU": 1.0})
-    space.scaling = Scaling(workers=2, cpus_per_worker=1)
-    plan = plan_trials(space, cpu_box)
-    assert (plan.concurrent, plan.in_process, plan.trial_resources) == (1, False, {"CPU": 0, DRIVER_RESOURCE: 0.001})
-    # fractional GPUs: four 48x48 trials share each GPU; workers are placed per node
-    space.scaling = Scaling(workers=1, cpus_per_worker=1, gpus_per_worker=0.25)
-    gpu_nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 4.0}]
-    assert plan_trials(space, gpu_nodes).concurrent == 4 + 2
-    space.scaling = Scaling(workers=1, cpus_per_worker=1, gpus_per_worker=8)
-    with pytest.raises(SpaceError, match="no node has that much"):
-        plan_trials(space, gpu_nodes)
-    space.scaling = Scaling(workers=3, cpus_per_worker=1)
-    with pytest.raises(SpaceError, match="needs 3 workers"):
-        plan_trials(space, cpu_box)
 
 
 def test_impossible_request_refused_before_ray_starts(tmp_path, capsys):
