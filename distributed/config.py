@@ -153,11 +153,16 @@ class TrainConfig:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if header:
             text = "".join(f"# {line}\n" for line in header.splitlines()) + text
-        atomic_write_text(path, text)
+        from distributed import storage
+
+        storage.write_text(path, text)
 
 
 def check_model_name(name: str, where: str) -> None:
-    from distributed.models import ModelError, builder  # the registry is the one list of architectures
+    from distributed.models import (  # the registry is the one list of architectures
+        ModelError,
+        builder,
+    )
 
     try:
         builder(name)
@@ -231,11 +236,14 @@ def check_range(f: dataclasses.Field, value, where: str) -> None:
 
 
 def read_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
+    """A YAML file from a local path or a URI (s3://, gs://), read through the storage layer."""
+    from distributed import storage
+
+    path = str(path)
+    if not storage.is_file(path):
+        raise ConfigError(storage.why_missing(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(storage.read_text(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -246,12 +254,3 @@ def read_yaml(path: str | Path) -> Any:
     if data is None:
         raise ConfigError(f"{path}: the file is empty; expected YAML")
     return data
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write through a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
