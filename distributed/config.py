@@ -159,10 +159,7 @@ class TrainConfig:
 
 
 def check_model_name(name: str, where: str) -> None:
-    from distributed.models import (  # the registry is the one list of architectures
-        ModelError,
-        builder,
-    )
+    from distributed.models import ModelError, builder  # the registry is the one list of architectures
 
     try:
         builder(name)

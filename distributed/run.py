@@ -12,13 +12,7 @@ import tempfile
 from pathlib import Path
 
 from distributed import storage
-from distributed.config import (
-    DRIVER_RESOURCE,
-    DRIVER_SLOTS,
-    ConfigError,
-    Scaling,
-    TrainConfig,
-)
+from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, ConfigError, Scaling, TrainConfig
 from distributed.train import Run, load_state, train_loop
 
 
