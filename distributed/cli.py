@@ -15,9 +15,10 @@ def input_errors() -> tuple[type[Exception], ...]:
     from distributed.config import ConfigError
     from distributed.data import DataError
     from distributed.models import ModelError
+    from distributed.storage import StorageError
     from distributed.train import ModelFileError
 
-    return ConfigError, DataError, ModelError, ModelFileError  # (ClusterFileError is a ConfigError)
+    return ConfigError, DataError, ModelError, ModelFileError, StorageError  # (ClusterFileError is a ConfigError)
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tune", help="search hyperparameters: Optuna TPE + ASHA over Ray Train trials")
-    p.add_argument("space", nargs="?", default=DEFAULT_SPACE, help=f"search-space YAML (default: {DEFAULT_SPACE})")
+    p.add_argument("space", nargs="?", default=DEFAULT_SPACE,
+                   help=f"search-space YAML (path or URI), or the name of a space shipped with emotune, e.g. quick, "
+                        f"fer2013, multi_arch (default: {DEFAULT_SPACE})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="pin a TrainConfig field for every trial (e.g. --set data=parquet:/data/fer2013)")
     p.add_argument("--storage-path", default="results",
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_space)
 
     p = sub.add_parser("best", help="(re)collect leaderboard and best configs from an experiment directory")
-    p.add_argument("experiment")
+    p.add_argument("experiment", help="experiment directory or URI (s3://, gs://)")
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--model", default=None, help="only trials of this architecture")
     p.set_defaults(func=cmd_best)
@@ -67,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one configuration with Ray Train, then evaluate it on the test split")
     add_config_args(p)
     add_scaling_args(p)
-    p.add_argument("--output", default="runs/train", help="run directory (default: runs/train)")
+    p.add_argument("--output", default="runs/train", help="run directory or URI (default: runs/train)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("list-models", help="architectures with parameter counts and native input")
@@ -112,7 +115,7 @@ def add_autoscaling_args(p: argparse.ArgumentParser) -> None:
                    help="give up (exit 2) when no node could hold a trial's workers for this long (default: 20)")
 
 
-DEFAULT_SPACE = "search_spaces/quick.yaml"
+DEFAULT_SPACE = "quick"  # a space shipped in the package (search_space.find_space)
 
 
 def cmd_tune(args) -> int:
@@ -127,10 +130,10 @@ def cmd_tune(args) -> int:
 
 
 def cmd_check_space(args) -> int:
-    from distributed.search_space import load_space
+    from distributed.search_space import find_space, load_space
 
     for path in args.files:
-        space = load_space(path)
+        space = load_space(find_space(path))
         for w in space.warnings():
             print(f"warning: {w}")
         searched = list(space.params) + [f"{m}/{k}" for m, own in space.by_model.items() for k in own]
@@ -162,7 +165,8 @@ def print_summary(out: dict) -> None:
         if key in out:
             print(f"{key:<22}{out[key]}")
     print(f"{'tensorboard':<22}tensorboard --logdir {out['experiment']}")
-    print(f"{'optuna-dashboard':<22}optuna-dashboard sqlite:///{out['experiment']}/optuna.db")
+    print(f"{'optuna-dashboard':<22}optuna-dashboard {out['experiment']}/optuna.journal"
+          + ("  (download it first)" if "://" in out["experiment"] else ""))
 
 
 def fmt(v) -> str:

@@ -160,7 +160,9 @@ class TrainConfig:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if header:
             text = "".join(f"# {line}\n" for line in header.splitlines()) + text
-        atomic_write_text(path, text)
+        from distributed import storage
+
+        storage.write_text(path, text)
 
 
 def check_model_name(name: str, where: str) -> None:
@@ -241,11 +243,14 @@ def check_range(f: dataclasses.Field, value, where: str) -> None:
 
 
 def read_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file; check the path")
+    """A YAML file from a local path or a URI (s3://, gs://), read through the storage layer."""
+    from distributed import storage
+
+    path = str(path)
+    if not storage.is_file(path):
+        raise ConfigError(storage.why_missing(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(storage.read_text(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -256,12 +261,3 @@ def read_yaml(path: str | Path) -> Any:
     if data is None:
         raise ConfigError(f"{path}: the file is empty; write YAML into it (see the shipped search_spaces/*.yaml)")
     return data
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write through a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

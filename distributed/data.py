@@ -27,6 +27,8 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torchvision.transforms import v2
 
+from distributed import storage
+
 FER2013_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
 
@@ -258,9 +260,50 @@ def _keep_readable(labels: list[str], kept: Kept, where: str) -> list[str]:
 
 def load_imagefolder(path: str, in_channels: int, size: int, seed: int) -> Decoded:
     """PATH/train/<class>/* and PATH/test/<class>/*, any image size or mode."""
-    root = Path(path)
+    if storage.is_uri(path):
+        root, splits = path.rstrip("/"), _listed_imagefolder(path.rstrip("/"))
+    else:
+        root, splits = Path(path), _local_imagefolder(Path(path))
+    _check_imagefolder_classes(root, splits)
+    arrays = []
+    for split in ("train", "test"):
+        _, files, labels = splits[split]
+        where = f"{root}/{split}"
+        sources = _read_all(files) if storage.is_uri(path) else [str(f) for f in files]
+        x, kept = _decode_all(sources, [str(f).rsplit("/", 1)[-1] for f in files], in_channels, size, where)
+        arrays += [x, _labels_to_ids(_keep_readable(labels, kept, where), class_names=splits["train"][0])]
+    return Decoded(*arrays, class_names=splits["train"][0])
+
+
+def _read_all(locations: list[str]) -> list[bytes]:
+    """Object-store files, fetched in threads (each read waits on the network, not the CPU)."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(storage.read_bytes, locations))
+
+
+def _listed_imagefolder(root: str) -> dict:
+    """An imagefolder on s3:// or gs://: one listing of every key under root."""
+    if not storage.is_dir(root):
+        raise DataError(f"imagefolder:{root}: nothing there; pass a location holding train/<class>/ and test/<class>/")
+    found: dict = {}
+    for rel in storage.list_files(root):
+        parts = rel.split("/")
+        if len(parts) == 3 and parts[0] in ("train", "test") and not parts[2].startswith("."):
+            found.setdefault(parts[0], {}).setdefault(parts[1], []).append(storage.join(root, rel))
+    splits = {}
+    for split in ("train", "test"):
+        if split not in found:
+            raise DataError(f"{root}/{split}: missing; an imagefolder needs {split}/<class>/<images> under {root}")
+        classes = sorted(found[split])
+        files = [f for c in classes for f in sorted(found[split][c])]
+        labels = [c for c in classes for _ in found[split][c]]
+        splits[split] = (classes, files, labels)
+    return splits
+
+
+def _local_imagefolder(root: Path) -> dict:
     if not root.is_dir():
-        raise DataError(f"imagefolder:{path}: no such directory; pass a folder holding train/<class>/ "
+        raise DataError(f"imagefolder:{root}: no such directory; pass a folder holding train/<class>/ "
                         "and test/<class>/")
     splits = {}
     for split in ("train", "test"):
@@ -278,7 +321,10 @@ def load_imagefolder(path: str, in_channels: int, size: int, seed: int) -> Decod
             files += found
             labels += [name] * len(found)
         splits[split] = (classes, files, labels)
+    return splits
 
+
+def _check_imagefolder_classes(root, splits: dict) -> None:
     class_names = splits["train"][0]
     extra = sorted(set(splits["test"][0]) - set(class_names))
     if extra:
@@ -288,21 +334,15 @@ def load_imagefolder(path: str, in_channels: int, size: int, seed: int) -> Decod
         raise DataError(f"{root}/train: only one class ({class_names[0]!r}); a classifier needs at least "
                         "2 class folders")
 
-    arrays = []
-    for split in ("train", "test"):
-        _, files, labels = splits[split]
-        where = str(root / split)
-        x, kept = _decode_all([str(f) for f in files], [f.name for f in files], in_channels, size, where)
-        arrays += [x, _labels_to_ids(_keep_readable(labels, kept, where), class_names)]
-    return Decoded(*arrays, class_names=class_names)
-
 
 # -- parquet ------------------------------------------------------------------------------------------------
 
-def _read_parquet(file: Path, need_usage: bool) -> dict:
-    """Read the image, label (and usage) columns with pyarrow; check the columns before reading any data."""
+def _read_parquet(file: str, need_usage: bool) -> dict:
+    """Read the image, label (and usage) columns with pyarrow (local or object store); check the columns before
+    reading any data."""
+    fs, inner = storage.filesystem(file)
     try:
-        columns = pq.read_schema(file).names
+        columns = pq.read_schema(inner, filesystem=fs).names
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{file}: not a readable parquet file ({str(exc).splitlines()[0]}); check the file") from None
     for name in ("image", "label") + (("usage",) if need_usage else ()):
@@ -311,7 +351,7 @@ def _read_parquet(file: Path, need_usage: bool) -> dict:
                 "image holds encoded image bytes, label the class name"
             raise DataError(f"{file}: no {name!r} column (columns: {', '.join(columns)}); {hint}")
     wanted = ["image", "label"] + (["usage"] if "usage" in columns else [])
-    table = pq.read_table(file, columns=wanted)
+    table = pq.read_table(inner, columns=wanted, filesystem=fs)
     out = {name: table.column(name).to_pylist() for name in wanted}
     if any(label is None for label in out["label"]):
         raise DataError(f"{file}: {out['label'].count(None)} rows have no label; fill in or drop those rows")
@@ -322,15 +362,16 @@ def _read_parquet(file: Path, need_usage: bool) -> dict:
 
 def load_parquet(path: str, in_channels: int, size: int, seed: int) -> Decoded:
     """A .parquet file with a usage column, or a directory with train.parquet and test.parquet."""
-    where = Path(path)
-    if where.is_dir():
-        files = where / "train.parquet", where / "test.parquet"
+    where = path.rstrip("/")
+    if storage.is_dir(where):
+        files = storage.join(where, "train.parquet"), storage.join(where, "test.parquet")
         for file in files:
-            if not file.is_file():
-                raise DataError(f"{where}: no {file.name}; a parquet directory needs train.parquet and test.parquet")
+            if not storage.is_file(file):
+                raise DataError(f"{where}: no {storage.name(file)}; a parquet directory needs train.parquet and "
+                                f"test.parquet")
         train, test = _read_parquet(files[0], need_usage=False), _read_parquet(files[1], need_usage=False)
         train_at, test_at = str(files[0]), str(files[1])
-    elif where.is_file():
+    elif storage.is_file(where):
         rows = _read_parquet(where, need_usage=True)
         is_train = [usage == "Training" for usage in rows["usage"]]
         train, test = ({k: [v for v, t in zip(col, is_train) if t == keep] for k, col in rows.items()}
@@ -430,7 +471,7 @@ def decode_data(data: str = "synthetic", in_channels: int = 1, size: int = 48, s
         raise DataError(f"data={data!r}: {kind} needs a path, e.g. {kind}:/data/fer2013")
     if in_channels not in (1, 3):
         raise DataError(f"in_channels={in_channels}: use 1 (grayscale) or 3 (RGB)")
-    return loader(os.path.expanduser(path), in_channels, size, seed)
+    return loader(path if storage.is_uri(path) else os.path.expanduser(path), in_channels, size, seed)
 
 
 # -- splits -------------------------------------------------------------------------------------------------

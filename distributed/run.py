@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+from distributed import storage
 from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, ConfigError, Scaling, TrainConfig
 from distributed.train import Run, load_state, train_loop
 
@@ -152,11 +155,6 @@ def make_trainer(loop_config: dict, scaling: Scaling, name: str, storage_path: s
     )
 
 
-def absolute_storage(path: str) -> str:
-    """Ray wants absolute local paths; URIs (s3://, gs://, ...) pass through unchanged."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
 def tensorboard_callback(logdir: str):
     """Ray Train callback writing each report as TensorBoard scalars. It runs in the Train controller, which
     Ray places on the driver's node, so logdir is a local path of the machine that launched the run."""
@@ -193,64 +191,62 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
     from distributed.models import check_weights, native_size
     from distributed.train import BEST_FILE, final_weights, load_model, predict
 
-    out = Path(output).resolve()
+    out = storage.resolve(output)
     check_weights(cfg)
     data = load_data(cfg)
     splits = make_splits(data, cfg)
     check_same_run(out, cfg)
-    check_writable(out)
-    cfg.save(out / "config.yaml", header="resolved TrainConfig of this run; re-run: emotune train --config config.yaml")
+    storage.check_writable(out, "--output")
+    # Ray Train checkpoints straight to `out` (a path or a URI); the final files are written here, then uploaded.
+    local = Path(out) if not storage.is_uri(out) else Path(tempfile.mkdtemp(prefix="emotune-train-"))
+    cfg.save(storage.join(out, "config.yaml"),
+             header="resolved TrainConfig of this run; re-run: emotune train --config config.yaml")
 
     with ray_session(address) as ray:
         loop_config = {"train": cfg.to_dict(), "data": ray.put(data), "env": passed_env()}
-        trainer = make_trainer(loop_config, scaling, name="run", storage_path=str(out), max_failures=max_failures,
-                               callbacks=[tensorboard_callback(str(out / "tensorboard"))])
+        trainer = make_trainer(loop_config, scaling, name="run", storage_path=out, max_failures=max_failures,
+                               callbacks=[tensorboard_callback(str(local / "tensorboard"))])
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:
             state, best = load_state(d)
 
-    torch.save(best, out / BEST_FILE)
+    torch.save(best, local / BEST_FILE)
     final = dict(best, state_dict=final_weights(state), metrics=state["history"][-1])
-    torch.save(final, out / "final_model.pt")
-    results.write_table(state["history"], out / "metrics")
-    results.plot_curves(state["history"], out / "curves.png")
+    torch.save(final, local / "final_model.pt")
+    results.write_table(state["history"], local / "metrics")
+    results.plot_curves(state["history"], local / "curves.png")
 
-    net, _, names, _ = load_model(out / BEST_FILE)
+    net, _, names, _ = load_model(local / BEST_FILE)
     logits = predict(net, torch.from_numpy(splits.test_x), cfg, cfg.image_size or native_size(cfg.model),
                      torch.device("cpu"))
-    summary = results.write_test_report(out, splits.test_y, logits.argmax(1).numpy(), names, splits.test_groups)
-    return {"output": str(out), "best_epoch": state["best"]["epoch"], "epochs_run": state["epoch"],
+    summary = results.write_test_report(local, splits.test_y, logits.argmax(1).numpy(), names, splits.test_groups)
+    if storage.is_uri(out):
+        storage.upload_dir(local, out)
+        shutil.rmtree(local, ignore_errors=True)
+    return {"output": out, "best_epoch": state["best"]["epoch"], "epochs_run": state["epoch"],
             f"best_{cfg.monitor}": state["best"]["value"], **summary["all"]}
 
 
+# TORCH_HOME: where pretrained weights are cached; the rest: how to reach object storage (pyarrow.fs reads them).
+PASSED_ENV = ("TORCH_HOME", LOGICAL_GPUS, "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
+              "AWS_EC2_METADATA_DISABLED", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
 def passed_env() -> dict:
-    """Environment the workers need from the launching shell (Ray's worker processes may predate it):
-    TORCH_HOME says where pretrained weights are cached; LOGICAL_GPUS that GPUs are logical."""
-    return {k: os.environ[k] for k in ("TORCH_HOME", LOGICAL_GPUS) if k in os.environ}
+    """Environment the workers need from the launching shell (Ray's worker processes may predate it): where
+    pretrained weights are cached, whether GPUs are logical, and where object storage is. Secrets are not passed:
+    they would travel inside Ray's run state; nodes take credentials from their own environment or role."""
+    return {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
 
 
-def check_same_run(out, cfg) -> None:
+def check_same_run(out: str, cfg) -> None:
     """An existing run directory is resumed (or extended with more epochs) only by the same config: anything
     else would silently continue someone else's run."""
-    saved = out / "config.yaml"
-    if not (out / "run").exists() or not saved.exists():
+    saved = storage.join(out, "config.yaml")
+    if not storage.is_file(saved) or not storage.exists(storage.join(out, "run")):
         return
     before = TrainConfig.load(saved).to_dict()
     changed = sorted(k for k, v in cfg.to_dict().items() if k != "epochs" and before.get(k) != v)
     if changed:
         raise ConfigError(f"{out}: holds a run of a different config ({', '.join(changed)} differ); "
                           f"choose another --output, or the same config to resume it")
-
-
-def check_writable(path) -> None:
-    """A clear error before any work starts, rather than a failure after the first epoch."""
-    import tempfile
-
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write results there ({exc.strerror or exc}); "
-                          f"choose a writable --output/--storage-path") from None

@@ -142,6 +142,25 @@ class SearchSpace:
 
 # ------------------------------------------------------------------------------------------------ loading
 
+def find_space(space: str) -> str:
+    """A search space by path or URI, or by the name of one shipped with emotune (`quick` = its quick.yaml)."""
+    if "://" in space or Path(space).expanduser().exists():
+        return space
+    shipped = spaces_dir() / (space if space.endswith((".yaml", ".yml")) else f"{space}.yaml")
+    if "/" not in space and shipped.is_file():
+        return str(shipped)
+    names = sorted(p.stem for p in spaces_dir().glob("*.yaml"))
+    raise ConfigError(f"{space}: no such file, nor a space shipped with emotune; pass a YAML path or one of: "
+                      f"{', '.join(names)}")
+
+
+def spaces_dir() -> Path:
+    """The shipped search spaces: inside the installed package, or the checkout's search_spaces/ folder."""
+    here = Path(__file__).resolve().parent
+    installed = here / "search_spaces"
+    return installed if installed.is_dir() else here.parent / "search_spaces"
+
+
 def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
     """Read and validate a search-space file. `overrides` ("key=value") pin TrainConfig fields: the value goes to
     `fixed` and the key leaves the searched space (e.g. `--set data=parquet:/data/fer2013`)."""
