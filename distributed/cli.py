@@ -80,7 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="best_model.pt or final_model.pt from `emotune train`")
     p.add_argument("images", nargs="+")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--tta", choices=TTA_CHOICES, default=None,
+                   help="test-time augmentation (default: the model's own tta setting)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("ensemble", help="average the top K trials' models; test it beside the best single model")
+    p.add_argument("experiment", help="experiment directory printed by `emotune tune`")
+    p.add_argument("--top", type=int, default=5, help="members: the K best trials (default: 5)")
+    p.add_argument("--retrain", action="store_true",
+                   help="first train each member's config to its full epoch budget (emotune train)")
+    p.add_argument("--tta", choices=TTA_CHOICES, default=None,
+                   help="test-time augmentation (default: the best trial's tta setting)")
+    p.add_argument("--output", default=None, help="default: EXPERIMENT/ensemble_topK")
+    p.add_argument("--address", default=None, help="with --retrain: join this Ray cluster")
+    p.set_defaults(func=cmd_ensemble)
 
     from distributed.cluster import add_cluster_commands
 
@@ -89,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEFAULT_SPACE = "search_spaces/quick.yaml"
+TTA_CHOICES = ("none", "flip", "tencrop")  # config.TTA_MODES, spelled here so --help needs no import of torch
 
 
 def cmd_tune(args) -> int:
@@ -189,12 +203,12 @@ def cmd_predict(args) -> int:
     import torch
 
     from distributed.data import read_images
-    from distributed.models import native_size
-    from distributed.train import load_model, predict
+    from distributed.ensemble import load_predictor
 
-    net, cfg, names, _ = load_model(args.model)
-    x = torch.from_numpy(read_images(args.images, cfg.in_channels, cfg.data_size))
-    probs = predict(net, x, cfg, cfg.image_size or native_size(cfg.model), torch.device("cpu")).softmax(1)
+    model = load_predictor(args.model)  # one model or an ensemble
+    names = model.class_names
+    x = torch.from_numpy(read_images(args.images, model.config.in_channels, model.config.data_size))
+    probs = model.probs(x, args.tta)
     for path, p in zip(args.images, probs):
         top = p.topk(min(3, len(names)))
         ranked = [(names[i], float(v)) for v, i in zip(top.values, top.indices)]
@@ -204,6 +218,19 @@ def cmd_predict(args) -> int:
         else:
             print(f"{path}: {ranked[0][0]} ({ranked[0][1]:.2f})  top3: "
                   + ", ".join(f"{c} {v:.2f}" for c, v in ranked))
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from distributed.ensemble import accuracy_gain, run_ensemble
+
+    out = run_ensemble(args.experiment, args.top, output=args.output, retrain=args.retrain, tta=args.tta,
+                       address=args.address)
+    ens, one = out["ensemble"]["all"], out["single_best"]["all"]
+    print(f"\ntest_acc: ensemble of {len(out['members'])} {ens['test_acc']:.4f}, best single {one['test_acc']:.4f} "
+          f"({accuracy_gain(out):+.1f} points; tta {out['tta']})")
+    print(f"results in {out['output']}: ensemble_model.pt ensemble.json classification_report.txt "
+          f"confusion_matrix.png single_best/")
     return 0
 
 

@@ -163,7 +163,7 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
 
     net, _, names, _ = load_model(out / BEST_FILE)
     logits = predict(net, torch.from_numpy(splits.test_x), cfg, cfg.image_size or native_size(cfg.model),
-                     torch.device("cpu"))
+                     torch.device("cpu"), tta=cfg.tta)
     summary = results.write_test_report(out, splits.test_y, logits.argmax(1).numpy(), names, splits.test_groups)
     return {"output": str(out), "best_epoch": state["best"]["epoch"], "epochs_run": state["epoch"],
             f"best_{cfg.monitor}": state["best"]["value"], **summary["all"]}
