@@ -104,8 +104,7 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
                        lr_head=members[0].optimizer.param_groups[0]["lr"],
                        images_per_s=run.sum(seen) / max(train_time, 1e-9), epoch_s=time.perf_counter() - tic,
                        trainable_stages=members[0].trainable, num_params=sum(p.numel() for p in members[0].net.parameters()),
-                       run_start_epoch=run_start, node=run.node,
-                       train_config=cfg.to_dict())  # the resolved config, recorded with every result
+                       run_start_epoch=run_start, node=run.node)
         value = metrics[cfg.monitor]
         improved = best is None or better(cfg.monitor, value, best["value"])
         if improved:
@@ -124,7 +123,7 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
                 first, *others = [m.state() for m in members]
                 save_state(tmp, {"epoch": epoch, **first, "other_folds": others, "best": best,
                                  "bad_epochs": bad_epochs, "history": history}, best_blob)
-            run.report(metrics, tmp)
+            run.report({**metrics, "train_config": cfg.to_dict()}, tmp)  # the resolved config, with every result
         if stop:
             break
 
