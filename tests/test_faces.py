@@ -186,3 +186,9 @@ def test_ensemble_of_a_real_search(ray_local, tmp_path, capsys):
     face = tmp_path / "face.png"
     Image.fromarray(np.full((48, 48), 120, np.uint8), "L").save(face)
     assert main(["predict", str(out / "ensemble_model.pt"), str(face)]) == 0
+    # --retrain: the best config trained again to its budget by `emotune train`, then scored the same way
+    assert main(["ensemble", str(exp), "--top", "1", "--retrain"]) == 0
+    best = yaml.safe_load((exp / "ensemble_top1_retrained" / "ensemble.json").read_text())
+    assert best["retrained"] and (exp / "ensemble_top1_retrained" / "retrain" / best["members"][0]["trial_id"] /
+                                  "best_model.pt").exists()
+    assert best["ensemble"] == best["single_best"]  # an ensemble of one is its member
