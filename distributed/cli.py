@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="best_model.pt or final_model.pt from `emotune train`")
     p.add_argument("images", nargs="+")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--tta", choices=TTA_CHOICES, default=None,
+                   help="test-time augmentation (default: the model's own tta setting)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("cluster", help="check Ray cluster files (launcher YAMLs, KubeRay manifests)")
@@ -88,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "launching anything")
     v.add_argument("files", nargs="+")
     v.set_defaults(func=cmd_cluster_validate)
+
+    p = sub.add_parser("ensemble", help="average the top K trials' models; test it beside the best single model")
+    p.add_argument("experiment", help="experiment directory printed by `emotune tune`")
+    p.add_argument("--top", type=int, default=5, help="members: the K best trials (default: 5)")
+    p.add_argument("--retrain", action="store_true",
+                   help="first train each member's config to its full epoch budget (emotune train)")
+    p.add_argument("--tta", choices=TTA_CHOICES, default=None,
+                   help="test-time augmentation (default: the best trial's tta setting)")
+    p.add_argument("--output", default=None, help="default: EXPERIMENT/ensemble_topK")
+    p.add_argument("--address", default=None, help="with --retrain: join this Ray cluster")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("submit", help="run `emotune tune` on a Ray cluster as a Ray job (list, logs, stop: "
                        "`ray job list/logs/stop`)")
@@ -116,6 +129,7 @@ def add_autoscaling_args(p: argparse.ArgumentParser) -> None:
 
 
 DEFAULT_SPACE = "quick"  # a space shipped in the package (search_space.find_space)
+TTA_CHOICES = ("none", "flip", "tencrop")  # config.TTA_MODES, spelled here so --help needs no import of torch
 
 
 def cmd_tune(args) -> int:
@@ -232,12 +246,12 @@ def cmd_predict(args) -> int:
     import torch
 
     from distributed.data import read_images
-    from distributed.models import native_size
-    from distributed.train import load_model, predict
+    from distributed.ensemble import load_predictor
 
-    net, cfg, names, _ = load_model(args.model)
-    x = torch.from_numpy(read_images(args.images, cfg.in_channels, cfg.data_size))
-    probs = predict(net, x, cfg, cfg.image_size or native_size(cfg.model), torch.device("cpu")).softmax(1)
+    model = load_predictor(args.model)  # one model or an ensemble
+    names = model.class_names
+    x = torch.from_numpy(read_images(args.images, model.config.in_channels, model.config.data_size))
+    probs = model.probs(x, args.tta)
     for path, p in zip(args.images, probs):
         top = p.topk(min(3, len(names)))
         ranked = [(names[i], float(v)) for v, i in zip(top.values, top.indices)]
@@ -276,6 +290,19 @@ def cmd_submit(args) -> int:
 
     return submit(args.space, args.address, args.storage_path, args.overrides, num_samples=args.num_samples,
                   resume=args.resume, wait=not args.no_wait, cluster=args.cluster, wait_timeout=args.wait_timeout)
+
+
+def cmd_ensemble(args) -> int:
+    from distributed.ensemble import accuracy_gain, run_ensemble
+
+    out = run_ensemble(args.experiment, args.top, output=args.output, retrain=args.retrain, tta=args.tta,
+                       address=args.address)
+    ens, one = out["ensemble"]["all"], out["single_best"]["all"]
+    print(f"\ntest_acc: ensemble of {len(out['members'])} {ens['test_acc']:.4f}, best single {one['test_acc']:.4f} "
+          f"({accuracy_gain(out):+.1f} points; tta {out['tta']})")
+    print(f"results in {out['output']}: ensemble_model.pt ensemble.json classification_report.txt "
+          f"confusion_matrix.png single_best/")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

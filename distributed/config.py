@@ -31,13 +31,14 @@ def knob(default, help: str, *, low=None, high=None, choices=None, low_open=Fals
 FREEZE_MODES = ("none", "frozen", "progressive")
 BALANCE_MODES = ("none", "loss", "sampler")
 SCHEDULES = ("onecycle", "cosine", "constant")
+TTA_MODES = ("none", "flip", "tencrop")
 # Every metric a run reports and which direction is better: the loop's best epoch, the search's mode, ASHA and the
 # leaderboard all read this one map.
 METRIC_MODES = {"val_acc": "max", "val_macro_f1": "max", "val_loss": "min"}
 METRICS = tuple(METRIC_MODES)
 # Fields that decide what the decoded data holds: the launcher decodes once and shares the result with every trial
 # only when none of these is searched.
-DECODE_FIELDS = ("data", "in_channels", "data_size", "seed")
+DECODE_FIELDS = ("data", "in_channels", "data_size", "seed", "group_by")
 
 # Trial drivers run only on nodes declaring this resource (the non-spot head of a cluster file), so losing a spot
 # worker never kills a driver. Plenty of slots: it says *where*, concurrency is planned elsewhere.
@@ -85,6 +86,13 @@ class TrainConfig:
                            low=0, high=512)
     val_fraction: float = knob(0.15, "stratified validation split carved from train", low=0.01, high=0.5)
     train_limit: int = knob(0, "use at most this many training images, stratified (0 = all)", low=0)
+    group_by: str = knob("", "keep each group (person) on one side of the validation split: a column of "
+                         "manifest.csv beside an imagefolder (e.g. subject), or re:REGEX on the file name whose "
+                         "first group names it (e.g. 're:^(S\\d+)_'); empty = images split one by one")
+    cv_folds: int = knob(0, "k-fold cross-validation (by group when group_by is set): k models train side by side "
+                         "and each epoch reports their mean (0 = one validation split)", low=0, high=20)
+    val_from: str = knob("", "validate on this test group instead of carving from train (FER2013: PublicTest, so "
+                         "the test report is PrivateTest); empty = carve val_fraction from train")
     # optimisation
     epochs: int = knob(10, "training epochs", low=1, high=10_000)
     batch_size: int = knob(64, "per-worker batch size", low=1, high=4096)
@@ -99,6 +107,8 @@ class TrainConfig:
     ema_decay: float = knob(0.0, "EMA of weights used for evaluation (0 = off)", low=0, high=0.99999)
     early_stop_patience: int = knob(0, "stop after this many epochs without improvement (0 = off)", low=0)
     monitor: str = knob("val_acc", "metric that picks the best epoch and drives early stopping", choices=METRICS)
+    tta: str = knob("none", "test-time augmentation of the final test evaluation and of predict: none, flip "
+                    "(mean with the mirror image) or tencrop (corners, centre and their mirrors)", choices=TTA_MODES)
     # regularisation
     dropout: float = knob(0.5, "dropout of the classifier head", low=0, high=0.95)
     mixup_alpha: float = knob(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0, high=10)

@@ -12,6 +12,7 @@ import csv
 import io
 import math
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from torchvision.transforms import v2
 
 from distributed import storage
@@ -46,12 +47,15 @@ class Decoded:
     test_y: np.ndarray  # int64 [M]
     class_names: list[str]
     test_groups: np.ndarray | None = None  # str [M], e.g. FER2013 PublicTest/PrivateTest, else None
+    train_names: list[str] | None = None  # imagefolder: each training image's path under the folder (manifest's path)
+    train_groups: np.ndarray | None = None  # str [N]: who each training image shows (cfg.group_by), else None
 
 
 @dataclass
 class Splits:
     """Train and validation as indices into the decoded training images `x` (shared, never copied); labels `y`
-    re-indexed to class_names. The test split is its own (small) arrays."""
+    re-indexed to class_names. The test split is its own (small) arrays. With cfg.val_from the validation images
+    are a group of the test split instead (`val_images`), and val_idx is empty."""
     x: np.ndarray
     y: np.ndarray
     train_idx: np.ndarray
@@ -60,6 +64,7 @@ class Splits:
     test_y: np.ndarray
     class_names: list[str]
     test_groups: np.ndarray | None = None
+    val_images: tuple[np.ndarray, np.ndarray] | None = None  # (x, y) taken from the test split (val_from)
 
     @property
     def train_y(self) -> np.ndarray:
@@ -71,11 +76,11 @@ class Splits:
 
     @property
     def val_x(self) -> np.ndarray:
-        return self.x[self.val_idx]
+        return self.val_images[0] if self.val_images is not None else self.x[self.val_idx]
 
     @property
     def val_y(self) -> np.ndarray:
-        return self.y[self.val_idx]
+        return self.val_images[1] if self.val_images is not None else self.y[self.val_idx]
 
 
 # -- synthetic faces --------------------------------------------------------------------------------------
@@ -265,14 +270,16 @@ def load_imagefolder(path: str, in_channels: int, size: int, seed: int) -> Decod
     else:
         root, splits = Path(path), _local_imagefolder(Path(path))
     _check_imagefolder_classes(root, splits)
-    arrays = []
+    arrays, names = [], []
     for split in ("train", "test"):
         _, files, labels = splits[split]
         where = f"{root}/{split}"
         sources = _read_all(files) if storage.is_uri(path) else [str(f) for f in files]
         x, kept = _decode_all(sources, [str(f).rsplit("/", 1)[-1] for f in files], in_channels, size, where)
         arrays += [x, _labels_to_ids(_keep_readable(labels, kept, where), class_names=splits["train"][0])]
-    return Decoded(*arrays, class_names=splits["train"][0])
+        # paths relative to the root, as a manifest.csv beside the folder names them (group_by)
+        names.append([str(f)[len(str(root)) + 1:] for f, ok in zip(files, kept) if ok])
+    return Decoded(*arrays, class_names=splits["train"][0], train_names=names[0])
 
 
 def _read_all(locations: list[str]) -> list[bytes]:
@@ -456,7 +463,10 @@ DATASETS: dict[str, Callable[[str, int, int, int], Decoded]] = {
 
 def load_data(cfg) -> Decoded:
     """The data a TrainConfig names, decoded (the one place that reads the fields in config.DECODE_FIELDS)."""
-    return decode_data(cfg.data, in_channels=cfg.in_channels, size=cfg.data_size, seed=cfg.seed)
+    decoded = decode_data(cfg.data, in_channels=cfg.in_channels, size=cfg.data_size, seed=cfg.seed)
+    if cfg.group_by:
+        decoded.train_groups = read_groups(decoded, cfg.group_by, cfg.data)
+    return decoded
 
 
 def decode_data(data: str = "synthetic", in_channels: int = 1, size: int = 48, seed: int = 0) -> Decoded:
@@ -474,15 +484,62 @@ def decode_data(data: str = "synthetic", in_channels: int = 1, size: int = 48, s
     return loader(path if storage.is_uri(path) else os.path.expanduser(path), in_channels, size, seed)
 
 
+# -- groups: who each training image shows --------------------------------------------------------------------
+
+def read_groups(decoded: Decoded, group_by: str, data: str) -> np.ndarray:
+    """cfg.group_by -> one group name per training image. `re:REGEX` is searched in the file name and its first
+    capture group (or the whole match) names the group; any other value is a column of the manifest.csv beside
+    the imagefolder, matched on the image's path under the folder (the manifest's `path` column)."""
+    kind, _, root = data.partition(":")
+    names = decoded.train_names
+    if names is None:
+        raise DataError(f"group_by={group_by!r}: groups come from file names or a manifest.csv, which only "
+                        f"imagefolder data has ({kind} given); remove group_by or use imagefolder:PATH")
+    if group_by.startswith("re:"):
+        try:
+            pattern = re.compile(group_by[3:])
+        except re.error as exc:
+            raise DataError(f"group_by={group_by!r}: not a regular expression ({exc}); fix the pattern") from None
+        found = [pattern.search(Path(n).name) for n in names]
+        groups = [(m.group(1) if pattern.groups else m.group(0)) if m else None for m in found]
+        missing = [n for n, g in zip(names, groups) if not g]
+        if missing:
+            what = "none" if len(missing) == len(names) else f"{len(missing)}"
+            raise DataError(f"group_by={group_by!r} matches {what} of the {len(names)} training file names "
+                            f"(e.g. not {Path(missing[0]).name!r}); every image needs a group: fix the pattern")
+    else:
+        manifest = storage.join(root if storage.is_uri(root) else os.path.expanduser(root), "manifest.csv")
+        if not storage.is_file(manifest):
+            raise DataError(f"group_by={group_by!r}: no {manifest} to read that column from; add one (columns path,"
+                            f"{group_by}) or group by file name with group_by: 're:REGEX'")
+        reader = csv.DictReader(io.StringIO(storage.read_text(manifest), newline=""))
+        columns = reader.fieldnames or []
+        for column in ("path", group_by):
+            if column not in columns:
+                raise DataError(f"{manifest}: no {column!r} column (columns: {', '.join(columns)}); "
+                                f"set group_by to one of them, or to 're:REGEX' on file names")
+        table = {row["path"]: row[group_by] for row in reader}
+        groups = [table.get(n) for n in names]
+        missing = [n for n, g in zip(names, groups) if not g]
+        if missing:
+            raise DataError(f"{manifest}: {len(missing)} training images have no {group_by!r} (e.g. {missing[0]}); "
+                            f"add their rows (path relative to the folder)")
+    return np.array(groups, dtype=str)
+
+
 # -- splits -------------------------------------------------------------------------------------------------
 
-def make_splits(decoded: Decoded, cfg) -> Splits:
-    """Keep cfg.classes (re-indexed in that order), carve a stratified validation set from train, cap train at
-    cfg.train_limit. The images are not copied: train and validation are index arrays.
+def make_splits(decoded: Decoded, cfg, fold: int = 0) -> Splits:
+    """Keep cfg.classes (re-indexed in that order), choose the validation set, cap train at cfg.train_limit. The
+    images are not copied: train and validation are index arrays.
 
-    The test set is never touched, so every trial of a search is scored on the same images.
+    Validation is, by precedence: the test group cfg.val_from (FER2013's PublicTest; the test split keeps the
+    rest), fold `fold` of cfg.cv_folds, or a stratified val_fraction of train. With cfg.group_by no group (person)
+    is on both sides (scikit-learn's StratifiedGroupKFold; for one split, its first of round(1/val_fraction)
+    folds). Every choice is seeded, so every worker and every trial computes the same split.
+    The test set is never touched otherwise, so every trial of a search is scored on the same images.
     """
-    y, test_x, test_y, groups = decoded.train_y, decoded.test_x, decoded.test_y, decoded.test_groups
+    y, test_x, test_y, test_groups = decoded.train_y, decoded.test_x, decoded.test_y, decoded.test_groups
     names, classes = list(decoded.class_names), list(cfg.classes)
     candidates = np.arange(len(y))
     if classes:
@@ -497,22 +554,68 @@ def make_splits(decoded: Decoded, cfg) -> Splits:
         y = remap[y]
         candidates = np.flatnonzero(y >= 0)
         test_x, test_y = test_x[keep_test], remap[test_y[keep_test]]
-        groups = groups[keep_test] if groups is not None else None
+        test_groups = test_groups[keep_test] if test_groups is not None else None
         names = classes
     if len(names) < 2:
         raise DataError(f"classes: {names} leaves fewer than 2 classes; keep at least 2")
 
+    val_images = None
     try:
-        train_idx, val_idx = train_test_split(candidates, test_size=cfg.val_fraction, stratify=y[candidates],
-                                              random_state=cfg.seed)
+        if cfg.val_from:
+            train_idx, val_idx = candidates, candidates[:0]
+            test_x, test_y, test_groups, val_images = split_test(test_x, test_y, test_groups, cfg)
+        else:
+            groups = decoded.train_groups if cfg.group_by else None
+            train_idx, val_idx = validation_split(candidates, y[candidates], groups, names, cfg, fold)
         if 0 < cfg.train_limit < len(train_idx):
             train_idx, _ = train_test_split(train_idx, train_size=cfg.train_limit, stratify=y[train_idx],
                                             random_state=cfg.seed)
     except ValueError as exc:  # sklearn: a class too small to stratify, or a split smaller than the class count
+        if isinstance(exc, DataError):
+            raise
         reason = str(exc).splitlines()[0]
         raise DataError(f"cannot split {len(candidates)} training images {np.bincount(y[candidates]).tolist()} "
-                        f"stratified (val_fraction={cfg.val_fraction}, train_limit={cfg.train_limit}): {reason}") from None
-    return Splits(decoded.train_x, y, train_idx, val_idx, test_x, test_y, names, groups)
+                        f"stratified (val_fraction={cfg.val_fraction}, cv_folds={cfg.cv_folds}, "
+                        f"train_limit={cfg.train_limit}): {reason}") from None
+    return Splits(decoded.train_x, y, train_idx, val_idx, test_x, test_y, names, test_groups, val_images)
+
+
+def validation_split(candidates: np.ndarray, y: np.ndarray, groups: np.ndarray | None, names: list[str], cfg,
+                     fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) positions in `candidates`: fold `fold` of cfg.cv_folds, or one val_fraction split;
+    grouped when `groups` is given (one entry per training image, indexed like the decoded arrays)."""
+    if groups is None:
+        if not cfg.cv_folds:
+            return tuple(train_test_split(candidates, test_size=cfg.val_fraction, stratify=y, random_state=cfg.seed))
+        folds = StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed).split(candidates, y)
+    else:
+        groups = groups[candidates]
+        lonely = [names[c] for c in range(len(names)) if len(set(groups[y == c])) < 2]
+        if lonely:
+            raise DataError(f"group_by={cfg.group_by!r} leaves class {lonely[0]!r} with fewer than 2 groups, so it "
+                            f"cannot be on both sides of the validation split; add people to it or drop it (classes)")
+        k = cfg.cv_folds or max(2, round(1 / cfg.val_fraction))
+        if len(set(groups)) < k:
+            raise DataError(f"group_by={cfg.group_by!r} finds {len(set(groups))} groups, too few for {k} folds; "
+                            f"lower cv_folds or raise val_fraction")
+        with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": a fold may lack it
+            warnings.simplefilter("ignore", UserWarning)
+            folds = list(StratifiedGroupKFold(k, shuffle=True, random_state=cfg.seed).split(candidates, y, groups))
+    train_pos, val_pos = list(folds)[fold]
+    return candidates[train_pos], candidates[val_pos]
+
+
+def split_test(test_x, test_y, test_groups, cfg):
+    """cfg.val_from: validation is that group of the test split (FER2013's PublicTest), the test report the rest."""
+    present = sorted(set(test_groups.tolist())) if test_groups is not None else []
+    if cfg.val_from not in present:
+        raise DataError(f"val_from={cfg.val_from!r}: the test split has groups {present or 'none (no usage column)'}; "
+                        f"use one of them, or leave val_from empty to carve validation from train")
+    if cfg.cv_folds or cfg.group_by:
+        raise DataError(f"val_from={cfg.val_from!r} fixes the validation set, so cv_folds and group_by have "
+                        f"nothing to split; set one or the other")
+    val = test_groups == cfg.val_from
+    return test_x[~val], test_y[~val], test_groups[~val], (test_x[val], test_y[val])
 
 
 def class_weights(y: np.ndarray, num_classes: int) -> np.ndarray:

@@ -218,7 +218,7 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
 
     net, _, names, _ = load_model(local / BEST_FILE)
     logits = predict(net, torch.from_numpy(splits.test_x), cfg, cfg.image_size or native_size(cfg.model),
-                     torch.device("cpu"))
+                     torch.device("cpu"), tta=cfg.tta)
     summary = results.write_test_report(local, splits.test_y, logits.argmax(1).numpy(), names, splits.test_groups)
     if storage.is_uri(out):
         storage.upload_dir(local, out)

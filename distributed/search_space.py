@@ -104,7 +104,8 @@ class SearchSpace:
         return bool(varying & set(keys))
 
     def warnings(self) -> list[str]:
-        """Legal but probably unintended: ASHA judging trials before their backbone ever trains."""
+        """Legal but probably unintended: ASHA judging trials while their learning rate is still warming up, or
+        before their backbone ever trains. Either way the first rung compares trials that have not yet learnt."""
         from distributed.models import BACKBONES
 
         if not self.asha:
@@ -112,6 +113,16 @@ class SearchSpace:
         out = []
         grace = self.asha["grace_period"]
         models = self.model_choices()
+        for model in models:
+            if "onecycle" not in self.value_span("schedule", model):
+                continue
+            # OneCycle peaks after warmup_pct of all steps; the latest peak the space allows is what matters
+            warmup_end = max(self.value_span("warmup_pct", model)) * max(self.value_span("epochs", model))
+            if grace < warmup_end:
+                out.append(f"{self.path}: scheduler.asha.grace_period ({grace}) ends inside the OneCycle warm-up "
+                           f"(warmup_pct x epochs up to {warmup_end:g} epochs) for {model}: ASHA would cut trials "
+                           f"before their learning rate peaks; raise grace_period or lower warmup_pct")
+                break  # one line per space: the fix is the same for every model
         for model in models:
             if model not in BACKBONES:
                 continue
