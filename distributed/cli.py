@@ -5,7 +5,6 @@ Bad input exits 2 with one line naming the problem and the fix, before any Ray p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -76,11 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list-models", help="architectures with parameter counts and native input")
     p.set_defaults(func=cmd_list_models)
 
-    p = sub.add_parser("predict", help="classify face images with a saved model")
+    p = sub.add_parser("predict", help="find the faces in photos and classify each with a saved model")
     p.add_argument("model", help="best_model.pt or final_model.pt from `emotune train`")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("images", nargs="+", help="photos, or folders of photos; a face crop at the training size is "
+                   "classified whole")
+    p.add_argument("--json", action="store_true", help="print one JSON object per face, with its box")
+    p.add_argument("--annotate", metavar="OUT.png", default=None,
+                   help="draw boxes and labels: into OUT.png for one photo, into the folder OUT for several")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a saved model as ONNX or TorchScript, preprocessing beside it")
+    p.add_argument("model", help="best_model.pt or final_model.pt from `emotune train`")
+    p.add_argument("--format", dest="fmt", default="onnx", help="onnx or torchscript (default: onnx)")
+    p.add_argument("--output", default=None, help="file to write (default: beside MODEL)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="(re)build report.html for an experiment directory, finished or not")
+    p.add_argument("experiment")
+    p.set_defaults(func=cmd_report)
 
     from distributed.cluster import add_cluster_commands
 
@@ -133,7 +145,7 @@ def print_summary(out: dict) -> None:
         shown = ", ".join(f"{k[6:]}={fmt(r[k])}" for k in params if r.get(k) is not None)
         print(f"{r['trial_id']:<14}{r['status']:<15}{r[metric_col]:>14.4f}{r['epochs_run']:>8}  {shown}")
     print()
-    for key in ("leaderboard", "best_config", "best_by_architecture", "pareto_front"):
+    for key in ("report", "leaderboard", "best_config", "best_by_architecture", "pareto_front"):
         if key in out:
             print(f"{key:<22}{out[key]}")
     print(f"{'tensorboard':<22}tensorboard --logdir {out['experiment']}")
@@ -186,24 +198,23 @@ def cmd_list_models(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import torch
+    from distributed.predict import run_predict
 
-    from distributed.data import read_images
-    from distributed.models import native_size
-    from distributed.train import load_model, predict
+    return run_predict(args.model, args.images, as_json=args.json, annotate_to=args.annotate)
 
-    net, cfg, names, _ = load_model(args.model)
-    x = torch.from_numpy(read_images(args.images, cfg.in_channels, cfg.data_size))
-    probs = predict(net, x, cfg, cfg.image_size or native_size(cfg.model), torch.device("cpu")).softmax(1)
-    for path, p in zip(args.images, probs):
-        top = p.topk(min(3, len(names)))
-        ranked = [(names[i], float(v)) for v, i in zip(top.values, top.indices)]
-        if args.json:
-            print(json.dumps({"image": path, "class": ranked[0][0], "confidence": ranked[0][1],
-                              "top3": [{"class": c, "p": v} for c, v in ranked]}))
-        else:
-            print(f"{path}: {ranked[0][0]} ({ranked[0][1]:.2f})  top3: "
-                  + ", ".join(f"{c} {v:.2f}" for c, v in ranked))
+
+def cmd_export(args) -> int:
+    from distributed.predict import export
+
+    out, meta = export(args.model, args.fmt, args.output)
+    print(f"wrote {out} and {meta} (class names and preprocessing)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from distributed.results import collect
+
+    print(f"wrote {collect(args.experiment)['report']}")
     return 0
 
 

@@ -254,6 +254,9 @@ def collect(exp: str | Path, space=None, top: int = 5, model: str | None = None)
         front = pareto_front(ranked, space.objectives, metric)
         write_table(front, exp / "pareto_front")
         out["pareto_front"] = str(exp / "pareto_front.csv")
+    from distributed.report import write_report  # the page people open: report.html
+
+    out["report"] = str(write_report(exp, space, rows))
     # --model only narrows what is shown: the files above always hold every trial
     out["top"] = [r for r in ranked if model is None or r["model"] == model][:top]
     return out
