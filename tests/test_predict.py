@@ -62,7 +62,7 @@ def test_faces_in_a_photo_are_found_classified_and_drawn(model_file, tmp_path, c
 
     drawn = np.asarray(Image.open(tmp_path / "drawn.png").convert("RGB"))
     assert drawn.shape == photo.shape
-    x, y, w, h = records[0]["box"]
+    x, y, _, h = records[0]["box"]
     edge = drawn[y + h // 2, x - 1:x + 2].astype(int)  # the box's left edge is drawn in green
     assert (edge[:, 1] - edge[:, 0] > 100).any(), edge
 
@@ -70,7 +70,7 @@ def test_faces_in_a_photo_are_found_classified_and_drawn(model_file, tmp_path, c
 def test_face_crops_photos_without_faces_and_folders(model_file, tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
-    crop = Image.open(sorted((DATA / "ckplus48" / "test" / "happy").glob("*.png"))[0])  # 48x48: a crop already
+    crop = Image.open(min((DATA / "ckplus48" / "test" / "happy").glob("*.png")))  # 48x48: a crop already
     crop.save(folder / "a_crop.png")
     Image.fromarray(background(300, 400)).save(folder / "b_wall.png")
     assert main(["predict", str(model_file), str(folder)]) == 0

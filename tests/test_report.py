@@ -32,8 +32,8 @@ def open_page(page, tmp_path) -> tuple[str, list[str], np.ndarray]:
             "--hide-scrollbars", "--window-size=1400,4000", "--virtual-time-budget=10000",
             f"--user-data-dir={tmp_path / 'chromium-profile'}"]
     url = page.resolve().as_uri()
-    dom = subprocess.run([*args, "--enable-logging=stderr", "--v=0", "--dump-dom", url], capture_output=True,
-                         text=True, timeout=300)
+    dom = subprocess.run([*args, "--enable-logging=stderr", "--v=0", "--dump-dom", url], check=False,
+                         capture_output=True, text=True, timeout=300)
     # Console lines: `...:CONSOLE:LINE] "message", source: URL`. Chromium's own WebGL driver notes (software
     # rendering, no GPU) come through the same channel, prefixed with "[.WebGL-" or "[]".
     console = [m for m in re.findall(r':CONSOLE[^\]]*\] "(.*)", source:', dom.stderr) if not m.startswith("[")]
