@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     add_scaling_args(p)
     p.add_argument("--output", default="runs/train", help="run directory (default: runs/train)")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own log lines")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("list-models", help="architectures with parameter counts and native input")
@@ -180,8 +181,8 @@ def cmd_train(args) -> int:
     from distributed.run import train_run
 
     cfg = load_train_config(args)
-    summary = train_run(cfg, args.output, scaling_from(args), address=args.address)
-    print(f"\ntest_acc {summary['test_acc']:.4f}  test_macro_f1 {summary['test_macro_f1']:.4f}  "
+    summary = train_run(cfg, args.output, scaling_from(args), address=args.address, verbose=args.verbose)
+    print(f"\nbest val {cfg.monitor} {summary[f'best_{cfg.monitor}']:.4f}  test_acc {summary['test_acc']:.4f}  test_macro_f1 {summary['test_macro_f1']:.4f}  "
           f"(best epoch {summary['best_epoch']} of {summary['epochs_run']})")
     print(f"results in {summary['output']}: best_model.pt final_model.pt metrics.csv curves.png "
           f"classification_report.txt confusion_matrix.png tensorboard/")
