@@ -44,10 +44,17 @@ class TrainWorkerRun(Run):
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """What Ray Train runs on each worker. loop_config: {"train": TrainConfig dict, "data": ObjectRef of the decoded
-    data or None (decode here), "env": variables from the launcher}."""
+    data or None (decode here), "env": variables from the launcher, "verbose": Ray's INFO lines too}."""
+    import logging
+
     import ray
+    import ray.train.v2._internal.execution.context as train_context
 
     os.environ.update(loop_config.get("env", {}))
+    if not loop_config.get("verbose"):
+        # Ray Train logs each report ("Reporting training result N: TrainingReport(...)") at INFO on a logger named
+        # after its file path, which RunConfig's LoggingConfig (it filters "ray.train.*") does not reach.
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ref = loop_config.get("data")
     train_loop(loop_config["train"], ray.get(ref) if ref is not None else None, TrainWorkerRun())
 
@@ -224,7 +231,7 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
 
     progress = out / "progress.log"
     with ray_session(address, verbose=verbose) as ray, follow(progress):
-        loop_config = {"train": cfg.to_dict(), "data": ray.put(data), "env": passed_env()}
+        loop_config = {"train": cfg.to_dict(), "data": ray.put(data), "env": passed_env(), "verbose": verbose}
         trainer = make_trainer(loop_config, scaling, name="run", storage_path=str(out), max_failures=max_failures,
                                verbose=verbose, callbacks=[tensorboard_callback(str(out / "tensorboard")),
                                                            progress_callback(str(progress), cfg.epochs)])

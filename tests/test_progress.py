@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 from distributed.run import epoch_line
 
-RAY_INTERNALS = ("TrainController", "Requesting resources", "Attempting to start training worker group",
+RAY_INTERNALS = ("Requesting resources", "Attempting to start training worker group",
                  "PreemptionWatcher", "TrainingReport(", "Token authentication")
 
 
