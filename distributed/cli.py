@@ -5,7 +5,6 @@ Bad input exits 2 with one line naming the problem and the fix, before any Ray p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -71,18 +70,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     add_scaling_args(p)
     p.add_argument("--output", default="runs/train", help="run directory or URI (default: runs/train)")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own log lines")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("list-models", help="architectures with parameter counts and native input")
     p.set_defaults(func=cmd_list_models)
 
-    p = sub.add_parser("predict", help="classify face images with a saved model")
+    p = sub.add_parser("predict", help="find the faces in photos and classify each with a saved model")
     p.add_argument("model", help="best_model.pt or final_model.pt from `emotune train`")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("images", nargs="+", help="photos, or folders of photos; a face crop at the training size is "
+                   "classified whole")
+    p.add_argument("--json", action="store_true", help="print one JSON object per face, with its box")
+    p.add_argument("--annotate", metavar="OUT.png", default=None,
+                   help="draw boxes and labels: into OUT.png for one photo, into the folder OUT for several")
     p.add_argument("--tta", choices=TTA_CHOICES, default=None,
                    help="test-time augmentation (default: the model's own tta setting)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a saved model as ONNX or TorchScript, preprocessing beside it")
+    p.add_argument("model", help="best_model.pt or final_model.pt from `emotune train`")
+    p.add_argument("--format", dest="fmt", default="onnx", help="onnx or torchscript (default: onnx)")
+    p.add_argument("--output", default=None, help="file to write (default: beside MODEL)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="(re)build report.html for an experiment directory, finished or not")
+    p.add_argument("experiment")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("cluster", help="check Ray cluster files (launcher YAMLs, KubeRay manifests)")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -175,7 +188,7 @@ def print_summary(out: dict) -> None:
         shown = ", ".join(f"{k[6:]}={fmt(r[k])}" for k in params if r.get(k) is not None)
         print(f"{r['trial_id']:<14}{r['status']:<15}{r[metric_col]:>14.4f}{r['epochs_run']:>8}  {shown}")
     print()
-    for key in ("leaderboard", "best_config", "best_by_architecture", "pareto_front"):
+    for key in ("report", "leaderboard", "best_config", "best_by_architecture", "pareto_front"):
         if key in out:
             print(f"{key:<22}{out[key]}")
     print(f"{'tensorboard':<22}tensorboard --logdir {out['experiment']}")
@@ -225,8 +238,8 @@ def cmd_train(args) -> int:
     from distributed.run import train_run
 
     cfg = load_train_config(args)
-    summary = train_run(cfg, args.output, scaling_from(args), address=args.address)
-    print(f"\ntest_acc {summary['test_acc']:.4f}  test_macro_f1 {summary['test_macro_f1']:.4f}  "
+    summary = train_run(cfg, args.output, scaling_from(args), address=args.address, verbose=args.verbose)
+    print(f"\nbest val {cfg.monitor} {summary[f'best_{cfg.monitor}']:.4f}  test_acc {summary['test_acc']:.4f}  test_macro_f1 {summary['test_macro_f1']:.4f}  "
           f"(best epoch {summary['best_epoch']} of {summary['epochs_run']})")
     print(f"results in {summary['output']}: best_model.pt final_model.pt metrics.csv curves.png "
           f"classification_report.txt confusion_matrix.png tensorboard/")
@@ -243,24 +256,23 @@ def cmd_list_models(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import torch
+    from distributed.predict import run_predict
 
-    from distributed.data import read_images
-    from distributed.ensemble import load_predictor
+    return run_predict(args.model, args.images, as_json=args.json, annotate_to=args.annotate, tta=args.tta)
 
-    model = load_predictor(args.model)  # one model or an ensemble
-    names = model.class_names
-    x = torch.from_numpy(read_images(args.images, model.config.in_channels, model.config.data_size))
-    probs = model.probs(x, args.tta)
-    for path, p in zip(args.images, probs):
-        top = p.topk(min(3, len(names)))
-        ranked = [(names[i], float(v)) for v, i in zip(top.values, top.indices)]
-        if args.json:
-            print(json.dumps({"image": path, "class": ranked[0][0], "confidence": ranked[0][1],
-                              "top3": [{"class": c, "p": v} for c, v in ranked]}))
-        else:
-            print(f"{path}: {ranked[0][0]} ({ranked[0][1]:.2f})  top3: "
-                  + ", ".join(f"{c} {v:.2f}" for c, v in ranked))
+
+def cmd_export(args) -> int:
+    from distributed.predict import export
+
+    out, meta = export(args.model, args.fmt, args.output)
+    print(f"wrote {out} and {meta} (class names and preprocessing)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from distributed.results import collect
+
+    print(f"wrote {collect(args.experiment)['report']}")
     return 0
 
 

@@ -13,6 +13,7 @@ import io
 import math
 import os
 import re
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from torchvision.transforms import v2
 
 from distributed import storage
 
+PROGRESS_FROM = 5000  # decodes of at least this many images report their progress
 FER2013_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
 
@@ -204,8 +206,14 @@ def _decode_all(sources: list, names: list[str], in_channels: int, size: int, wh
     """
     mode = "L" if in_channels == 1 else "RGB"
     chunks = [sources[i:i + 256] for i in range(0, len(sources), 256)]
+    decoded = []
+    # A long decode (FER2013: 35,887 images, a minute on 2 cores) says how far it is, on stderr, every ~10%.
+    step = math.ceil(len(chunks) / 10) if len(sources) >= PROGRESS_FROM else 0
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        decoded = [d for chunk in pool.map(lambda c: [_decode(s, mode, size) for s in c], chunks) for d in chunk]
+        for i, chunk in enumerate(pool.map(lambda c: [_decode(s, mode, size) for s in c], chunks), 1):
+            decoded += chunk
+            if step and (i % step == 0 or i == len(chunks)):
+                print(f"decoding {where}: {len(decoded):,}/{len(sources):,} images", file=sys.stderr, flush=True)
     kept = np.array([not isinstance(d, str) for d in decoded], dtype=bool)
     bad = [f"{name}: {d}" for name, d in zip(names, decoded) if isinstance(d, str)]
     images = [d for d in decoded if not isinstance(d, str)]

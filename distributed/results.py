@@ -255,6 +255,9 @@ def collect(exp: str, top: int = 5, model: str | None = None) -> dict:
         front = pareto_front(ranked, objectives, metric)
         write_table(front, storage.join(exp, "pareto_front"))
         out["pareto_front"] = storage.join(exp, "pareto_front.csv")
+    from distributed.report import write_report  # the page people open: report.html
+
+    out["report"] = write_report(exp, meta, rows)
     # --model only narrows what is shown: the files above always hold every trial
     out["top"] = [r for r in ranked if model is None or r["model"] == model][:top]
     return out

@@ -54,10 +54,17 @@ class TrainWorkerRun(Run):
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """What Ray Train runs on each worker. loop_config: {"train": TrainConfig dict, "data": ObjectRef of the decoded
-    data or None (decode here), "env": variables from the launcher}."""
+    data or None (decode here), "env": variables from the launcher, "verbose": Ray's INFO lines too}."""
+    import logging
+
     import ray
+    import ray.train.v2._internal.execution.context as train_context
 
     os.environ.update(loop_config.get("env", {}))
+    if not loop_config.get("verbose"):
+        # Ray Train logs each report ("Reporting training result N: TrainingReport(...)") at INFO on a logger named
+        # after its file path, which RunConfig's LoggingConfig (it filters "ray.train.*") does not reach.
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ref = loop_config.get("data")
     train_loop(loop_config["train"], ray.get(ref) if ref is not None else None, TrainWorkerRun())
 
@@ -98,19 +105,25 @@ def check_reachable(address: str) -> None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None):
+def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+                verbose: bool = False):
     """Join the cluster at `address` (or $RAY_ADDRESS, as inside a Ray job), or start a local instance that
     declares the driver resource. Only a Ray instance started here is shut down here.
 
     A local instance starts its dashboard (bound to 127.0.0.1): Ray Train V2 asks the State API it serves
-    whether a run's controller is alive, to release the run's placement group when it is not."""
+    whether a run's controller is alive, to release the run's placement group when it is not.
+
+    Quiet unless `verbose`: Ray's INFO lines stay in the log files Ray keeps (/tmp/ray/session_latest/logs);
+    warnings from the workers still reach the terminal."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         yield ray
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    kwargs = {"log_to_driver": True, "configure_logging": True, "logging_level": "INFO" if verbose else "WARNING"}
     if address:
         check_reachable(address)
         try:
@@ -125,6 +138,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
         if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
             raise ConfigError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: emotune starts its local Ray with token "
                               f"auth on; unset RAY_AUTH_MODE (or set it to token)")
+        if not verbose:
+            # A local instance is this user's own: its token notice and the preemption watcher (it polls for
+            # draining cloud nodes, and on a laptop logs a failed poll with a traceback) say nothing to act on.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # "local": without it ray.init() joins any cluster that `ray start` left on this machine, and then
         # refuses the resources below ("When connecting to an existing cluster, resources must not be provided").
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources={DRIVER_RESOURCE: DRIVER_SLOTS},
@@ -136,10 +154,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
 
 
 def make_trainer(loop_config: dict, scaling: Scaling, name: str, storage_path: str, *, callbacks=(),
-                 max_failures: int = 0, num_to_keep: int = 1):
+                 max_failures: int = 0, num_to_keep: int = 1, verbose: bool = False):
     """A TorchTrainer for one run. `name` must be stable (no timestamp): a run started again under the same
-    storage_path/name resumes from its latest checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    storage_path/name resumes from its latest checkpoint. Ray Train's own INFO lines (requesting resources,
+    starting the worker group, each report) go to its log files only, unless `verbose`."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
@@ -151,7 +170,8 @@ def make_trainer(loop_config: dict, scaling: Scaling, name: str, storage_path: s
                                  else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
     )
 
 
@@ -177,8 +197,70 @@ def tensorboard_callback(logdir: str):
     return TensorBoard()
 
 
+def progress_callback(path: str, epochs: int):
+    """Ray Train callback writing one plain line per epoch to `path` (the controller's prints would reach the
+    terminal prefixed with its actor name; the driver prints this file's new lines instead: follow())."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class Progress(UserCallback):
+        def __init__(self):
+            self.epoch_times = []
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(epoch_line(metrics[0], epochs, self.epoch_times) + "\n")
+
+    return Progress()
+
+
+def epoch_line(row: dict, epochs: int, epoch_times: list[float]) -> str:
+    """`epoch 3/10  train_loss 1.2345  val_loss ...  412 img/s  ETA 1m05s`; epoch_times collects epoch_s."""
+    head = f"epoch {row.get('epoch', '?')}/{epochs}"
+    if row.get("diverged"):
+        return f"{head}  diverged: the loss is not finite (NaN/inf); the run stops (try a lower lr_head/lr_backbone)"
+    epoch_times.append(float(row.get("epoch_s", 0.0)))
+    left = max(0, epochs - int(row["epoch"])) * sum(epoch_times) / len(epoch_times)
+    line = (f"{head}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}"
+            f"  val_macro_f1 {row['val_macro_f1']:.4f}  {row.get('images_per_s', 0):.0f} img/s"
+            f"  ETA {int(left) // 60}m{int(left) % 60:02d}s")
+    return line + ("  early stop: no improvement for early_stop_patience epochs" if row.get("early_stopped") else "")
+
+
+@contextlib.contextmanager
+def follow(path: Path):
+    """Print the lines appended to `path` while the block runs (from where the file ends now: a resumed run
+    does not repeat earlier epochs), and any left when it ends."""
+    import threading
+
+    start = path.stat().st_size if path.exists() else 0
+    done = threading.Event()
+
+    def pump():
+        nonlocal start
+        while True:
+            stop = done.wait(0.5)
+            if path.exists():
+                with open(path) as f:
+                    f.seek(start)
+                    text = f.read()
+                complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next look
+                start += len(complete.encode())
+                if complete:
+                    print(complete, end="", flush=True)
+            if stop:
+                return
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | None = None,
-              max_failures: int = 1) -> dict:
+              max_failures: int = 1, verbose: bool = False) -> dict:
     """`emotune train`: one run through Ray Train, then one evaluation on the test split and the reports.
 
     Everything that can be wrong with the input (model name, weights, data path, classes) is checked before Ray
@@ -202,10 +284,12 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
     cfg.save(storage.join(out, "config.yaml"),
              header="resolved TrainConfig of this run; re-run: emotune train --config config.yaml")
 
-    with ray_session(address) as ray:
-        loop_config = {"train": cfg.to_dict(), "data": ray.put(data), "env": passed_env()}
+    progress = local / "progress.log"
+    with ray_session(address, verbose=verbose) as ray, follow(progress):
+        loop_config = {"train": cfg.to_dict(), "data": ray.put(data), "env": passed_env(), "verbose": verbose}
         trainer = make_trainer(loop_config, scaling, name="run", storage_path=out, max_failures=max_failures,
-                               callbacks=[tensorboard_callback(str(local / "tensorboard"))])
+                               verbose=verbose, callbacks=[tensorboard_callback(str(local / "tensorboard")),
+                                                           progress_callback(str(progress), cfg.epochs)])
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:
             state, best = load_state(d)

@@ -12,8 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distributed.config import (METRIC_MODES, METRICS, ConfigError, Scaling, TrainConfig, as_number, check_model_name,
-                                check_range, check_value, did_you_mean, field_names, field_spec, read_yaml)
+from distributed.config import (
+    METRIC_MODES,
+    METRICS,
+    ConfigError,
+    Scaling,
+    TrainConfig,
+    as_number,
+    check_model_name,
+    check_range,
+    check_value,
+    did_you_mean,
+    field_names,
+    field_spec,
+    read_yaml,
+)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "quniform")
 TOP_KEYS = ("name", "description", "metric", "mode", "num_samples", "scaling", "scheduler", "search", "fixed",

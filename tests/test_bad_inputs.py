@@ -19,9 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from PIL import Image
-
 from conftest import REPO
+from PIL import Image
 
 CASES = sorted((Path(__file__).parent / "bad_inputs").glob("*.yaml"))
 

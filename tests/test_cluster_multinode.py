@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port, remove
+
 from distributed import cli
 from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS
-from distributed.search_space import load_space
 from distributed.plan import plan_trials
+from distributed.search_space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "search_spaces" / "quick.yaml"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import DATA, SPACES, need
 from PIL import Image
 
-from conftest import DATA, SPACES, need
 from distributed.cli import main
 from distributed.config import TrainConfig
 from distributed.data import DataError, Decoded, decode_data, load_data, make_splits

@@ -9,8 +9,15 @@ import torch
 
 from distributed.config import TrainConfig
 from distributed.data import decode_data
-from distributed.train import (LocalRun, epoch_batches, load_model, load_state, make_schedule, steps_per_epoch,
-                               train_loop)
+from distributed.train import (
+    LocalRun,
+    epoch_batches,
+    load_model,
+    load_state,
+    make_schedule,
+    steps_per_epoch,
+    train_loop,
+)
 
 TINY = dict(model="small_cnn", epochs=2, batch_size=64, train_limit=280, augment=False, lr_head=3e-3,
             lr_backbone=3e-3, seed=0)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from conftest import SPACES
 from ray.tune.utils.util import unflatten_dict
 
-from conftest import SPACES
 from distributed.cli import main
 from distributed.config import ConfigError, TrainConfig
 from distributed.search_space import load_space

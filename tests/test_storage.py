@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import REPO, SPACES, free_port
 from PIL import Image
 
-from conftest import REPO, SPACES, free_port
 from distributed import storage
 from distributed.data import decode_data
 
@@ -197,7 +197,7 @@ def test_search_on_s3_with_data_from_s3_then_best_and_train(s3, tmp_path):
 
     best = emotune("best", exp, "--top", "2")
     assert best.returncode == 0, best.stderr[-2000:]
-    assert f"top 2 of 2 trials by val_acc" in best.stdout and rows[0]["trial_id"] in best.stdout
+    assert "top 2 of 2 trials by val_acc" in best.stdout and rows[0]["trial_id"] in best.stdout
 
     # The best config re-runs from the bucket, with its data from the bucket, and leaves its files there.
     run = f"s3://{BUCKET}/x/rerun"

@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import remove
 
 REPO = Path(__file__).resolve().parents[1]

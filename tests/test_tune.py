@@ -14,8 +14,8 @@ import optuna
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import REPO, SPACES
+
 from distributed.cli import main
 from distributed.config import TrainConfig
 
