@@ -103,7 +103,8 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     from distributed import results
     from distributed.config import TTA_MODES
     from distributed.data import load_data, make_splits
-    from distributed.run import check_writable, train_run
+    from distributed import storage
+    from distributed.run import train_run
     from distributed.search_space import load_space
 
     exp = Path(exp).resolve()
@@ -113,7 +114,7 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     out = Path(output).resolve() if output else exp / f"ensemble_top{top}{'_retrained' if retrain else ''}"
     first = TrainConfig.from_dict(chosen[0][1])
     splits = make_splits(load_data(first), first)  # the test split every member is scored on (bad data fails here)
-    check_writable(out)
+    storage.check_writable(out, "--output")
 
     paths = [path for _, _, path in chosen]
     if retrain:

@@ -151,7 +151,7 @@ def test_ensemble_of_copies_equals_the_model_and_its_file_loads_safely(tiny, tmp
     face = tmp_path / "face.png"
     Image.fromarray(x[0, 0].numpy(), "L").save(face)
     assert main(["predict", str(tmp_path / "ensemble_model.pt"), str(face), "--tta", "tencrop"]) == 0
-    assert capsys.readouterr().out.startswith(f"{face}: ")
+    assert capsys.readouterr().out.startswith(f"{face} face 0 at x=0 y=0 w=48 h=48: ")  # a crop: one face
 
 
 # -- rungs after the warm-up ---------------------------------------------------------------------------------

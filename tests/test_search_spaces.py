@@ -109,3 +109,19 @@ def test_bad_spaces_are_refused_with_the_key(tmp_path, capsys, text, message):
     assert main(["check-space", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err
+
+
+@pytest.mark.parametrize("section, shared", [
+    ("space: {lr_head: {loguniform: [1.0e-4, 1.0e-2]}}", True),
+    ("space: {in_channels: {choice: [1, 3]}}", False),
+    ("space: {data_size: {choice: [48, 64]}}", False),
+    ("space: {seed: {int: [0, 3]}}", False),
+    ("space: {model: {choice: [small_cnn, baseline_cnn]}}\nby_model: {small_cnn: {data_size: 64}}", False),
+])
+def test_decoded_data_is_shared_only_when_nothing_that_shapes_it_is_searched(tmp_path, section, shared):
+    """The launcher decodes once and hands every trial the same images only when no trial could want others."""
+    from distributed.config import DECODE_FIELDS
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"fixed: {{epochs: 2}}\n{section}\n")
+    assert load_space(path).searches(DECODE_FIELDS) is not shared
