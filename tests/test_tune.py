@@ -115,6 +115,34 @@ def test_diverging_trial_is_marked_and_the_search_goes_on(ray_local, tmp_path):
     assert states == {10: optuna.trial.TrialState.FAIL, 3e-3: optuna.trial.TrialState.COMPLETE}
 
 
+def test_searcher_tells_stopped_trials_pruned_finished_complete_diverged_failed():
+    # Tune's calls in order, as its controller makes them: each result but the one the scheduler stopped on goes
+    # to on_trial_result; on_trial_complete gets the last result, flattened.
+    from distributed.tune import DivergenceAwareOptunaSearch
+
+    searcher = DivergenceAwareOptunaSearch(space={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)},
+                                           metric="val_acc", mode="max")
+
+    def result(epoch, acc, **extra):
+        return {"epoch": epoch, "training_iteration": epoch, "val_acc": acc, "train_config/epochs": 4,
+                "early_stopped": False, "diverged": False, **extra}
+
+    cases = {"full": [0.3, 0.4, 0.5, 0.6], "stopped": [0.2, 0.25], "early": [0.3, 0.2], "nan": [0.3, float("nan")]}
+    for name, accs in cases.items():
+        searcher.suggest(name)
+        for e, acc in enumerate(accs[:-1], start=1):
+            searcher.on_trial_result(name, result(e, acc))
+        searcher.on_trial_complete(name, result(len(accs), accs[-1], early_stopped=name == "early",
+                                                diverged=name == "nan"))
+    trials = {name: t for name, t in zip(cases, searcher._ot_study.trials)}
+    state = optuna.trial.TrialState
+    assert {n: t.state for n, t in trials.items()} == {"full": state.COMPLETE, "stopped": state.PRUNED,
+                                                       "early": state.COMPLETE, "nan": state.FAIL}
+    for name in ("full", "stopped", "early"):
+        assert list(trials[name].intermediate_values.values()) == cases[name]
+        assert trials[name].value == cases[name][-1]
+
+
 @pytest.mark.slow
 def test_asha_stopped_trials_are_pruned_in_the_study_with_their_epoch_values(ray_local, tmp_path):
     # One trial at a time, so Ray's ASHA (grace 1, rf 2) stops a later trial whose epoch-1 accuracy is below the
