@@ -196,8 +196,8 @@ def search(table: Table, strategy: str, seed: int, budget: int | None = None, tr
         n += 1
         state, value = TrialState.COMPLETE, None
         for epoch, acc in enumerate(table.val_acc[cid], start=1):
-            if not math.isfinite(acc):  # the recorded run diverged or ended here
-                state = TrialState.FAIL if value is None else state
+            if not math.isfinite(acc):  # the recorded run diverged here: the service tells FAIL
+                state = TrialState.FAIL
                 break
             if acc > best:
                 best, pick = float(acc), cid
