@@ -43,7 +43,7 @@ BUDGETS = (0.25, 0.5, 1.0)
 
 @dataclass
 class Table:
-    """One data set's recorded curves: params per config, val_acc [config, epoch] (NaN past a curve's end)."""
+    """One data set's recorded curves: params per config, val_acc [config, epoch] (NaN where a run diverged)."""
     dataset: str
     params: list[dict]
     val_acc: np.ndarray
