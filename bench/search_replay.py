@@ -169,6 +169,7 @@ STRATEGIES = {
     "asha g5 rf3": (random, sh(5, 3), "pruned"),
     "asha g3 rf3 bootstrap 2": (random, sh(3, 3, 2), "pruned"),
     "ray-asha g1 rf4": (random, ray_asha(1, 4), "pruned"),
+    "ray-asha g2 rf3": (random, ray_asha(2, 3), "pruned"),
     "ray-asha g3 rf3": (random, ray_asha(3, 3), "pruned"),
     "hyperband g1 rf3": (random, hyperband, "pruned"),
     "bohb (tpe + hyperband g1 rf3)": (tpe, hyperband, "pruned"),
