@@ -2,7 +2,7 @@
 (train.train_loop with a LocalRun, no Ray), one Parquet row per (config, epoch), plus the test accuracy of each
 config's best-epoch weights (scored once on the held-out test split, which no search reads).
 
-CPU sample (the committed bench/curves/sample_cpu.parquet, ~15 min on one shared core):
+CPU sample (the committed bench/curves/sample_cpu.parquet: 36 min on one thread at load 18-28):
     python -m bench.record_curves fer2013_small --configs 12 --epochs 8 --set train_limit=300 \
         --out bench/curves/sample_cpu.parquet
 """
