@@ -5,7 +5,7 @@ Bad input exits 2 with one line naming the problem and the fix, before any Ray p
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 
 
@@ -14,16 +14,10 @@ def input_errors() -> tuple[type[Exception], ...]:
     from distributed.config import ConfigError
     from distributed.data import DataError
     from distributed.models import ModelError
+    from distributed.storage import StorageError
     from distributed.train import ModelFileError
 
-    errors = [ConfigError, DataError, ModelError, ModelFileError]
-    try:
-        from distributed.cluster import ClusterFileError
-
-        errors.append(ClusterFileError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return ConfigError, DataError, ModelError, ModelFileError, StorageError  # (ClusterFileError is a ConfigError)
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -33,8 +27,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_scaling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=1, help="DDP workers (processes) for the run")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--workers", default="auto",
+                   help="DDP workers (processes): a number, or auto = one per GPU of this machine, else 1 (default)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs per worker (default: this machine's CPUs shared among the workers; with --address: 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per worker, fractions allowed (default: 1 when this machine has a GPU, else 0)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
@@ -46,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tune", help="search hyperparameters: Optuna TPE + ASHA over Ray Train trials")
-    p.add_argument("space", nargs="?", default=DEFAULT_SPACE, help=f"search-space YAML (default: {DEFAULT_SPACE})")
+    p.add_argument("space", nargs="?", default=DEFAULT_SPACE,
+                   help=f"search-space YAML (path or URI), or the name of a space shipped with emotune, e.g. quick, "
+                        f"fer2013, multi_arch (default: {DEFAULT_SPACE})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="pin a TrainConfig field for every trial (e.g. --set data=parquet:/data/fer2013)")
     p.add_argument("--storage-path", default="results",
@@ -55,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--num-samples", type=int, default=None, help="override the file's num_samples")
     p.add_argument("--top", type=int, default=5, help="trials shown in the closing summary")
+    add_autoscaling_args(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("check-space", help="validate search-space files without starting Ray")
@@ -62,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_space)
 
     p = sub.add_parser("best", help="(re)collect leaderboard and best configs from an experiment directory")
-    p.add_argument("experiment")
+    p.add_argument("experiment", help="experiment directory or URI (s3://, gs://)")
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--model", default=None, help="only trials of this architecture")
     p.set_defaults(func=cmd_best)
@@ -70,25 +69,80 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one configuration with Ray Train, then evaluate it on the test split")
     add_config_args(p)
     add_scaling_args(p)
-    p.add_argument("--output", default="runs/train", help="run directory (default: runs/train)")
+    p.add_argument("--output", default="runs/train", help="run directory or URI (default: runs/train)")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own log lines")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("list-models", help="architectures with parameter counts and native input")
     p.set_defaults(func=cmd_list_models)
 
-    p = sub.add_parser("predict", help="classify face images with a saved model")
+    p = sub.add_parser("predict", help="find the faces in photos and classify each with a saved model")
     p.add_argument("model", help="best_model.pt or final_model.pt from `emotune train`")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("images", nargs="+", help="photos, or folders of photos; a face crop at the training size is "
+                   "classified whole")
+    p.add_argument("--json", action="store_true", help="print one JSON object per face, with its box")
+    p.add_argument("--annotate", metavar="OUT.png", default=None,
+                   help="draw boxes and labels: into OUT.png for one photo, into the folder OUT for several")
+    p.add_argument("--tta", choices=TTA_CHOICES, default=None,
+                   help="test-time augmentation (default: the model's own tta setting)")
     p.set_defaults(func=cmd_predict)
 
-    from distributed.cluster import add_cluster_commands
+    p = sub.add_parser("export", help="write a saved model as ONNX or TorchScript, preprocessing beside it")
+    p.add_argument("model", help="best_model.pt or final_model.pt from `emotune train`")
+    p.add_argument("--format", dest="fmt", default="onnx", help="onnx or torchscript (default: onnx)")
+    p.add_argument("--output", default=None, help="file to write (default: beside MODEL)")
+    p.set_defaults(func=cmd_export)
 
-    add_cluster_commands(sub)
+    p = sub.add_parser("report", help="(re)build report.html for an experiment directory, finished or not")
+    p.add_argument("experiment")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("cluster", help="check Ray cluster files (launcher YAMLs, KubeRay manifests)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    v = actions.add_parser("validate", help="validate cluster files (a directory means its *.yaml) without "
+                           "launching anything")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=cmd_cluster_validate)
+
+    p = sub.add_parser("ensemble", help="average the top K trials' models; test it beside the best single model")
+    p.add_argument("experiment", help="experiment directory printed by `emotune tune`")
+    p.add_argument("--top", type=int, default=5, help="members: the K best trials (default: 5)")
+    p.add_argument("--retrain", action="store_true",
+                   help="first train each member's config to its full epoch budget (emotune train)")
+    p.add_argument("--tta", choices=TTA_CHOICES, default=None,
+                   help="test-time augmentation (default: the best trial's tta setting)")
+    p.add_argument("--output", default=None, help="default: EXPERIMENT/ensemble_topK")
+    p.add_argument("--address", default=None, help="with --retrain: join this Ray cluster")
+    p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("submit", help="run `emotune tune` on a Ray cluster as a Ray job (list, logs, stop: "
+                       "`ray job list/logs/stop`)")
+    p.add_argument("space", help="search-space YAML inside this checkout (it is uploaded with the code)")
+    p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+                   help="the head's dashboard, http://HOST:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="pin a TrainConfig field for every trial; paths are paths on the cluster")
+    p.add_argument("--storage-path", help="where the cluster writes results: an absolute path that every node "
+                   "shares (NFS) or s3://, gs:// (required unless the --cluster file names one: the job's own "
+                   "directory is temporary)")
+    p.add_argument("--num-samples", type=int, default=None, help="override the file's num_samples")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted experiment of the same name")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following logs")
+    add_autoscaling_args(p)
+    p.set_defaults(func=cmd_submit)
     return parser
 
 
-DEFAULT_SPACE = "search_spaces/quick.yaml"
+def add_autoscaling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", default=None, metavar="FILE",
+                   help="the cluster file (cluster/*.yaml) of the cluster at --address: trials are planned against "
+                   "the node types its autoscaler may launch, not only the nodes up now")
+    p.add_argument("--wait-timeout", type=float, default=20, metavar="MINUTES",
+                   help="give up (exit 2) when no node could hold a trial's workers for this long (default: 20)")
+
+
+DEFAULT_SPACE = "quick"  # a space shipped in the package (search_space.find_space)
+TTA_CHOICES = ("none", "flip", "tencrop")  # config.TTA_MODES, spelled here so --help needs no import of torch
 
 
 def cmd_tune(args) -> int:
@@ -96,16 +150,17 @@ def cmd_tune(args) -> int:
     from distributed.tune import run_search
 
     exp = run_search(args.space, args.overrides, storage_path=args.storage_path, resume=args.resume,
-                     address=args.address, num_samples=args.num_samples)
+                     address=args.address, num_samples=args.num_samples, cluster=args.cluster,
+                     wait_timeout_min=args.wait_timeout)
     print_summary(collect(exp, top=args.top))
     return 0
 
 
 def cmd_check_space(args) -> int:
-    from distributed.search_space import load_space
+    from distributed.search_space import find_space, load_space
 
     for path in args.files:
-        space = load_space(path)
+        space = load_space(find_space(path))
         for w in space.warnings():
             print(f"warning: {w}")
         searched = list(space.params) + [f"{m}/{k}" for m, own in space.by_model.items() for k in own]
@@ -133,11 +188,12 @@ def print_summary(out: dict) -> None:
         shown = ", ".join(f"{k[6:]}={fmt(r[k])}" for k in params if r.get(k) is not None)
         print(f"{r['trial_id']:<14}{r['status']:<15}{r[metric_col]:>14.4f}{r['epochs_run']:>8}  {shown}")
     print()
-    for key in ("leaderboard", "best_config", "best_by_architecture", "pareto_front"):
+    for key in ("report", "leaderboard", "best_config", "best_by_architecture", "pareto_front"):
         if key in out:
             print(f"{key:<22}{out[key]}")
     print(f"{'tensorboard':<22}tensorboard --logdir {out['experiment']}")
-    print(f"{'optuna-dashboard':<22}optuna-dashboard sqlite:///{out['experiment']}/optuna.db")
+    print(f"{'optuna-dashboard':<22}optuna-dashboard {out['experiment']}/optuna.journal"
+          + ("  (download it first)" if "://" in out["experiment"] else ""))
 
 
 def fmt(v) -> str:
@@ -152,24 +208,38 @@ def load_train_config(args):
 
 
 def scaling_from(args):
-    from distributed.config import ConfigError, Scaling
+    """A single-machine run uses the whole machine: one worker per GPU (or one on the CPUs), every CPU shared
+    among the workers. On a cluster (--address) the defaults stay small, since this machine is not the cluster."""
+    import torch
 
+    from distributed.config import ConfigError, Scaling
+    from distributed.plan import local_cpus
+
+    gpus_here = torch.cuda.device_count() if not args.address else 0
+    if args.workers == "auto":
+        workers = max(1, gpus_here)
+    else:
+        try:
+            workers = int(args.workers)
+        except ValueError:
+            raise ConfigError(f"--workers {args.workers!r}: expected a number or auto, e.g. --workers 2") from None
     gpus = args.gpus_per_worker
     if gpus is None:
-        import torch
-
-        gpus = 1.0 if torch.cuda.is_available() else 0.0
-    if args.workers < 1 or args.cpus_per_worker < 0 or gpus < 0:
-        raise ConfigError("--workers must be >= 1 and --cpus-per-worker/--gpus-per-worker >= 0")
-    return Scaling(workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus)
+        gpus = 1.0 if (torch.cuda.is_available() if args.address else gpus_here) else 0.0
+    cpus = args.cpus_per_worker
+    if cpus is None:
+        cpus = 1.0 if args.address else float(max(1, local_cpus() // workers))
+    if workers < 1 or cpus < 0 or gpus < 0:
+        raise ConfigError("--workers must be >= 1 and --cpus-per-worker/--gpus-per-worker >= 0; fix the flag")
+    return Scaling(workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus)
 
 
 def cmd_train(args) -> int:
     from distributed.run import train_run
 
     cfg = load_train_config(args)
-    summary = train_run(cfg, args.output, scaling_from(args), address=args.address)
-    print(f"\ntest_acc {summary['test_acc']:.4f}  test_macro_f1 {summary['test_macro_f1']:.4f}  "
+    summary = train_run(cfg, args.output, scaling_from(args), address=args.address, verbose=args.verbose)
+    print(f"\nbest val {cfg.monitor} {summary[f'best_{cfg.monitor}']:.4f}  test_acc {summary['test_acc']:.4f}  test_macro_f1 {summary['test_macro_f1']:.4f}  "
           f"(best epoch {summary['best_epoch']} of {summary['epochs_run']})")
     print(f"results in {summary['output']}: best_model.pt final_model.pt metrics.csv curves.png "
           f"classification_report.txt confusion_matrix.png tensorboard/")
@@ -186,24 +256,64 @@ def cmd_list_models(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import torch
+    from distributed.predict import run_predict
 
-    from distributed.data import read_images
-    from distributed.models import native_size
-    from distributed.train import load_model, predict
+    return run_predict(args.model, args.images, as_json=args.json, annotate_to=args.annotate, tta=args.tta)
 
-    net, cfg, names, _ = load_model(args.model)
-    x = torch.from_numpy(read_images(args.images, cfg.in_channels, cfg.data_size))
-    probs = predict(net, x, cfg, cfg.image_size or native_size(cfg.model), torch.device("cpu")).softmax(1)
-    for path, p in zip(args.images, probs):
-        top = p.topk(min(3, len(names)))
-        ranked = [(names[i], float(v)) for v, i in zip(top.values, top.indices)]
-        if args.json:
-            print(json.dumps({"image": path, "class": ranked[0][0], "confidence": ranked[0][1],
-                              "top3": [{"class": c, "p": v} for c, v in ranked]}))
-        else:
-            print(f"{path}: {ranked[0][0]} ({ranked[0][1]:.2f})  top3: "
-                  + ", ".join(f"{c} {v:.2f}" for c, v in ranked))
+
+def cmd_export(args) -> int:
+    from distributed.predict import export
+
+    out, meta = export(args.model, args.fmt, args.output)
+    print(f"wrote {out} and {meta} (class names and preprocessing)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from distributed.results import collect
+
+    print(f"wrote {collect(args.experiment)['report']}")
+    return 0
+
+
+def cmd_cluster_validate(args) -> int:
+    from distributed.cluster.files import (
+        ClusterFileError,
+        cluster_files,
+        validate_cluster_file,
+    )
+
+    files = cluster_files(args.files)
+    if not files:
+        raise ClusterFileError(f"{' '.join(args.files)}: no *.yaml files there")
+    failed = False
+    for file in files:
+        problems = validate_cluster_file(file)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if not problems:
+            print(f"{file}: ok")
+        failed = failed or bool(problems)
+    return 2 if failed else 0
+
+
+def cmd_submit(args) -> int:
+    from distributed.cluster.jobs import submit
+
+    return submit(args.space, args.address, args.storage_path, args.overrides, num_samples=args.num_samples,
+                  resume=args.resume, wait=not args.no_wait, cluster=args.cluster, wait_timeout=args.wait_timeout)
+
+
+def cmd_ensemble(args) -> int:
+    from distributed.ensemble import accuracy_gain, run_ensemble
+
+    out = run_ensemble(args.experiment, args.top, output=args.output, retrain=args.retrain, tta=args.tta,
+                       address=args.address)
+    ens, one = out["ensemble"]["all"], out["single_best"]["all"]
+    print(f"\ntest_acc: ensemble of {len(out['members'])} {ens['test_acc']:.4f}, best single {one['test_acc']:.4f} "
+          f"({accuracy_gain(out):+.1f} points; tta {out['tta']})")
+    print(f"results in {out['output']}: ensemble_model.pt ensemble.json classification_report.txt "
+          f"confusion_matrix.png single_best/")
     return 0
 
 

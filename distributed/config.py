@@ -31,13 +31,14 @@ def knob(default, help: str, *, low=None, high=None, choices=None, low_open=Fals
 FREEZE_MODES = ("none", "frozen", "progressive")
 BALANCE_MODES = ("none", "loss", "sampler")
 SCHEDULES = ("onecycle", "cosine", "constant")
+TTA_MODES = ("none", "flip", "tencrop")
 # Every metric a run reports and which direction is better: the loop's best epoch, the search's mode, ASHA and the
 # leaderboard all read this one map.
 METRIC_MODES = {"val_acc": "max", "val_macro_f1": "max", "val_loss": "min"}
 METRICS = tuple(METRIC_MODES)
 # Fields that decide what the decoded data holds: the launcher decodes once and shares the result with every trial
 # only when none of these is searched.
-DECODE_FIELDS = ("data", "in_channels", "data_size", "seed")
+DECODE_FIELDS = ("data", "in_channels", "data_size", "seed", "group_by")
 
 # Trial drivers run only on nodes declaring this resource (the non-spot head of a cluster file), so losing a spot
 # worker never kills a driver. Plenty of slots: it says *where*, concurrency is planned elsewhere.
@@ -59,6 +60,13 @@ class Scaling:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
 
+    def __post_init__(self):
+        # Measured on an H200 (BENCHMARKS.md): NCCL refuses two DDP ranks on one device ("invalid usage").
+        if self.workers > 1 and 0 < self.gpus_per_worker < 1:
+            raise ConfigError(f"scaling: {self.workers} DDP workers with gpus_per_worker {self.gpus_per_worker:g} "
+                              f"would put two ranks on one GPU, which NCCL refuses; use gpus_per_worker: 1 (one "
+                              f"GPU per rank), or workers: 1 to pack several one-worker trials on a GPU")
+
     def worker_resources(self) -> dict:
         res = {"CPU": self.cpus_per_worker}
         if self.gpus_per_worker:
@@ -78,6 +86,13 @@ class TrainConfig:
                            low=0, high=512)
     val_fraction: float = knob(0.15, "stratified validation split carved from train", low=0.01, high=0.5)
     train_limit: int = knob(0, "use at most this many training images, stratified (0 = all)", low=0)
+    group_by: str = knob("", "keep each group (person) on one side of the validation split: a column of "
+                         "manifest.csv beside an imagefolder (e.g. subject), or re:REGEX on the file name whose "
+                         "first group names it (e.g. 're:^(S\\d+)_'); empty = images split one by one")
+    cv_folds: int = knob(0, "k-fold cross-validation (by group when group_by is set): k models train side by side "
+                         "and each epoch reports their mean (0 = one validation split)", low=0, high=20)
+    val_from: str = knob("", "validate on this test group instead of carving from train (FER2013: PublicTest, so "
+                         "the test report is PrivateTest); empty = carve val_fraction from train")
     # optimisation
     epochs: int = knob(10, "training epochs", low=1, high=10_000)
     batch_size: int = knob(64, "per-worker batch size", low=1, high=4096)
@@ -88,10 +103,12 @@ class TrainConfig:
     warmup_pct: float = knob(0.3, "OneCycle: fraction of steps spent warming up", low=0.01, high=0.9)
     grad_clip: float = knob(0.0, "clip the gradient norm to this (0 = off)", low=0)
     amp: bool = knob(True, "mixed precision on CUDA (ignored on CPU)")
-    channels_last: bool = knob(False, "channels_last memory format on CUDA (ignored on CPU)")
+    channels_last: bool = knob(True, "channels_last memory format on CUDA (ignored on CPU; 1.7x for ResNet-50)")
     ema_decay: float = knob(0.0, "EMA of weights used for evaluation (0 = off)", low=0, high=0.99999)
     early_stop_patience: int = knob(0, "stop after this many epochs without improvement (0 = off)", low=0)
     monitor: str = knob("val_acc", "metric that picks the best epoch and drives early stopping", choices=METRICS)
+    tta: str = knob("none", "test-time augmentation of the final test evaluation and of predict: none, flip "
+                    "(mean with the mirror image) or tencrop (corners, centre and their mirrors)", choices=TTA_MODES)
     # regularisation
     dropout: float = knob(0.5, "dropout of the classifier head", low=0, high=0.95)
     mixup_alpha: float = knob(0.0, "MixUp Beta(alpha, alpha) (0 = off)", low=0, high=10)
@@ -153,7 +170,9 @@ class TrainConfig:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if header:
             text = "".join(f"# {line}\n" for line in header.splitlines()) + text
-        atomic_write_text(path, text)
+        from distributed import storage
+
+        storage.write_text(path, text)
 
 
 def check_model_name(name: str, where: str) -> None:
@@ -178,20 +197,23 @@ def did_you_mean(word: str, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
 
 
+NUMBER_FIX = "write a plain number, e.g. 64, 0.5 or 3e-4"
+
+
 def as_number(raw: Any, kind: type, where: str):
     """Coerce YAML scalars to int/float. PyYAML reads `1e-4` as a string, so numeric strings are accepted."""
     if isinstance(raw, bool):
-        raise ConfigError(f"{where}: expected a number, got {raw!r}")
+        raise ConfigError(f"{where}: expected a number, got {raw!r}; {NUMBER_FIX}")
     if isinstance(raw, str):
         try:
             raw = float(raw.strip())
         except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {raw!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {raw!r}; {NUMBER_FIX}") from None
     if not isinstance(raw, (int, float)) or math.isnan(raw) or math.isinf(raw):
-        raise ConfigError(f"{where}: expected a finite number, got {raw!r}")
+        raise ConfigError(f"{where}: expected a finite number, got {raw!r}; {NUMBER_FIX}")
     if kind is int:
         if float(raw) != int(raw):
-            raise ConfigError(f"{where}: expected a whole number, got {raw!r}")
+            raise ConfigError(f"{where}: expected a whole number, got {raw!r}; write it without a fraction, e.g. 64")
         return int(raw)
     return float(raw)
 
@@ -231,11 +253,14 @@ def check_range(f: dataclasses.Field, value, where: str) -> None:
 
 
 def read_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
+    """A YAML file from a local path or a URI (s3://, gs://), read through the storage layer."""
+    from distributed import storage
+
+    path = str(path)
+    if not storage.is_file(path):
+        raise ConfigError(storage.why_missing(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(storage.read_text(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -244,14 +269,5 @@ def read_yaml(path: str | Path) -> Any:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file; expected YAML") from None
     if data is None:
-        raise ConfigError(f"{path}: the file is empty; expected YAML")
+        raise ConfigError(f"{path}: the file is empty; write YAML into it (see the shipped search_spaces/*.yaml)")
     return data
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write through a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -12,6 +12,8 @@ import csv
 import io
 import math
 import os
+import re
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,9 +26,12 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from torchvision.transforms import v2
 
+from distributed import storage
+
+PROGRESS_FROM = 5000  # decodes of at least this many images report their progress
 FER2013_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
 
@@ -44,12 +49,15 @@ class Decoded:
     test_y: np.ndarray  # int64 [M]
     class_names: list[str]
     test_groups: np.ndarray | None = None  # str [M], e.g. FER2013 PublicTest/PrivateTest, else None
+    train_names: list[str] | None = None  # imagefolder: each training image's path under the folder (manifest's path)
+    train_groups: np.ndarray | None = None  # str [N]: who each training image shows (cfg.group_by), else None
 
 
 @dataclass
 class Splits:
     """Train and validation as indices into the decoded training images `x` (shared, never copied); labels `y`
-    re-indexed to class_names. The test split is its own (small) arrays."""
+    re-indexed to class_names. The test split is its own (small) arrays. With cfg.val_from the validation images
+    are a group of the test split instead (`val_images`), and val_idx is empty."""
     x: np.ndarray
     y: np.ndarray
     train_idx: np.ndarray
@@ -58,6 +66,7 @@ class Splits:
     test_y: np.ndarray
     class_names: list[str]
     test_groups: np.ndarray | None = None
+    val_images: tuple[np.ndarray, np.ndarray] | None = None  # (x, y) taken from the test split (val_from)
 
     @property
     def train_y(self) -> np.ndarray:
@@ -69,11 +78,11 @@ class Splits:
 
     @property
     def val_x(self) -> np.ndarray:
-        return self.x[self.val_idx]
+        return self.val_images[0] if self.val_images is not None else self.x[self.val_idx]
 
     @property
     def val_y(self) -> np.ndarray:
-        return self.y[self.val_idx]
+        return self.val_images[1] if self.val_images is not None else self.y[self.val_idx]
 
 
 # -- synthetic faces --------------------------------------------------------------------------------------
@@ -197,16 +206,19 @@ def _decode_all(sources: list, names: list[str], in_channels: int, size: int, wh
     """
     mode = "L" if in_channels == 1 else "RGB"
     chunks = [sources[i:i + 256] for i in range(0, len(sources), 256)]
+    decoded = []
+    # A long decode (FER2013: 35,887 images, a minute on 2 cores) says how far it is, on stderr, every ~10%.
+    step = math.ceil(len(chunks) / 10) if len(sources) >= PROGRESS_FROM else 0
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        decoded = [d for chunk in pool.map(lambda c: [_decode(s, mode, size) for s in c], chunks) for d in chunk]
+        for i, chunk in enumerate(pool.map(lambda c: [_decode(s, mode, size) for s in c], chunks), 1):
+            decoded += chunk
+            if step and (i % step == 0 or i == len(chunks)):
+                print(f"decoding {where}: {len(decoded):,}/{len(sources):,} images", file=sys.stderr, flush=True)
     kept = np.array([not isinstance(d, str) for d in decoded], dtype=bool)
-    bad = [(name, d) for name, d in zip(names, decoded) if isinstance(d, str)]
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable files in {where} (e.g. {bad[0][0]}: {bad[0][1]})",
-                      stacklevel=3)
+    bad = [f"{name}: {d}" for name, d in zip(names, decoded) if isinstance(d, str)]
     images = [d for d in decoded if not isinstance(d, str)]
     out = np.stack(images) if images else np.zeros((0, in_channels, size, size), np.uint8)
-    return out, kept
+    return out, Kept(kept, bad)
 
 
 def read_images(paths: list[str], in_channels: int = 1, size: int = 48) -> np.ndarray:
@@ -236,20 +248,77 @@ def _labels_to_ids(labels: list[str], class_names: list[str]) -> np.ndarray:
     return np.array([index[name] for name in labels], dtype=np.int64)
 
 
-def _keep_readable(labels: list[str], kept: np.ndarray, where: str) -> list[str]:
-    """Labels of the decoded items; a class whose every image was unreadable is an error, not a silent gap."""
-    readable = [label for label, ok in zip(labels, kept) if ok]
+@dataclass
+class Kept:
+    """Which decoded items were readable, and why the others were not."""
+    mask: np.ndarray  # bool [n]
+    problems: list[str]
+
+    def __iter__(self):
+        return iter(self.mask)
+
+
+def _keep_readable(labels: list[str], kept: Kept, where: str) -> list[str]:
+    """Labels of the decoded items; a class whose every image was unreadable is an error, not a silent gap. A few
+    unreadable files among good ones are skipped with one warning (after the error check: an error says it all)."""
+    readable = [label for label, ok in zip(labels, kept.mask) if ok]
     lost = sorted(set(labels) - set(readable))
     if lost:
         raise DataError(f"{where}: class {lost[0]!r} has no readable images; replace its files or remove the class")
+    if kept.problems:
+        warnings.warn(f"skipped {len(kept.problems)} unreadable files in {where} (e.g. {kept.problems[0]})",
+                      stacklevel=3)
     return readable
 
 
 def load_imagefolder(path: str, in_channels: int, size: int, seed: int) -> Decoded:
     """PATH/train/<class>/* and PATH/test/<class>/*, any image size or mode."""
-    root = Path(path)
+    if storage.is_uri(path):
+        root, splits = path.rstrip("/"), _listed_imagefolder(path.rstrip("/"))
+    else:
+        root, splits = Path(path), _local_imagefolder(Path(path))
+    _check_imagefolder_classes(root, splits)
+    arrays, names = [], []
+    for split in ("train", "test"):
+        _, files, labels = splits[split]
+        where = f"{root}/{split}"
+        sources = _read_all(files) if storage.is_uri(path) else [str(f) for f in files]
+        x, kept = _decode_all(sources, [str(f).rsplit("/", 1)[-1] for f in files], in_channels, size, where)
+        arrays += [x, _labels_to_ids(_keep_readable(labels, kept, where), class_names=splits["train"][0])]
+        # paths relative to the root, as a manifest.csv beside the folder names them (group_by)
+        names.append([str(f)[len(str(root)) + 1:] for f, ok in zip(files, kept) if ok])
+    return Decoded(*arrays, class_names=splits["train"][0], train_names=names[0])
+
+
+def _read_all(locations: list[str]) -> list[bytes]:
+    """Object-store files, fetched in threads (each read waits on the network, not the CPU)."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(storage.read_bytes, locations))
+
+
+def _listed_imagefolder(root: str) -> dict:
+    """An imagefolder on s3:// or gs://: one listing of every key under root."""
+    if not storage.is_dir(root):
+        raise DataError(f"imagefolder:{root}: nothing there; pass a location holding train/<class>/ and test/<class>/")
+    found: dict = {}
+    for rel in storage.list_files(root):
+        parts = rel.split("/")
+        if len(parts) == 3 and parts[0] in ("train", "test") and not parts[2].startswith("."):
+            found.setdefault(parts[0], {}).setdefault(parts[1], []).append(storage.join(root, rel))
+    splits = {}
+    for split in ("train", "test"):
+        if split not in found:
+            raise DataError(f"{root}/{split}: missing; an imagefolder needs {split}/<class>/<images> under {root}")
+        classes = sorted(found[split])
+        files = [f for c in classes for f in sorted(found[split][c])]
+        labels = [c for c in classes for _ in found[split][c]]
+        splits[split] = (classes, files, labels)
+    return splits
+
+
+def _local_imagefolder(root: Path) -> dict:
     if not root.is_dir():
-        raise DataError(f"imagefolder:{path}: no such directory; pass a folder holding train/<class>/ "
+        raise DataError(f"imagefolder:{root}: no such directory; pass a folder holding train/<class>/ "
                         "and test/<class>/")
     splits = {}
     for split in ("train", "test"):
@@ -267,7 +336,10 @@ def load_imagefolder(path: str, in_channels: int, size: int, seed: int) -> Decod
             files += found
             labels += [name] * len(found)
         splits[split] = (classes, files, labels)
+    return splits
 
+
+def _check_imagefolder_classes(root, splits: dict) -> None:
     class_names = splits["train"][0]
     extra = sorted(set(splits["test"][0]) - set(class_names))
     if extra:
@@ -277,21 +349,15 @@ def load_imagefolder(path: str, in_channels: int, size: int, seed: int) -> Decod
         raise DataError(f"{root}/train: only one class ({class_names[0]!r}); a classifier needs at least "
                         "2 class folders")
 
-    arrays = []
-    for split in ("train", "test"):
-        _, files, labels = splits[split]
-        where = str(root / split)
-        x, kept = _decode_all([str(f) for f in files], [f.name for f in files], in_channels, size, where)
-        arrays += [x, _labels_to_ids(_keep_readable(labels, kept, where), class_names)]
-    return Decoded(*arrays, class_names=class_names)
-
 
 # -- parquet ------------------------------------------------------------------------------------------------
 
-def _read_parquet(file: Path, need_usage: bool) -> dict:
-    """Read the image, label (and usage) columns with pyarrow; check the columns before reading any data."""
+def _read_parquet(file: str, need_usage: bool) -> dict:
+    """Read the image, label (and usage) columns with pyarrow (local or object store); check the columns before
+    reading any data."""
+    fs, inner = storage.filesystem(file)
     try:
-        columns = pq.read_schema(file).names
+        columns = pq.read_schema(inner, filesystem=fs).names
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{file}: not a readable parquet file ({str(exc).splitlines()[0]}); check the file") from None
     for name in ("image", "label") + (("usage",) if need_usage else ()):
@@ -300,7 +366,7 @@ def _read_parquet(file: Path, need_usage: bool) -> dict:
                 "image holds encoded image bytes, label the class name"
             raise DataError(f"{file}: no {name!r} column (columns: {', '.join(columns)}); {hint}")
     wanted = ["image", "label"] + (["usage"] if "usage" in columns else [])
-    table = pq.read_table(file, columns=wanted)
+    table = pq.read_table(inner, columns=wanted, filesystem=fs)
     out = {name: table.column(name).to_pylist() for name in wanted}
     if any(label is None for label in out["label"]):
         raise DataError(f"{file}: {out['label'].count(None)} rows have no label; fill in or drop those rows")
@@ -311,15 +377,16 @@ def _read_parquet(file: Path, need_usage: bool) -> dict:
 
 def load_parquet(path: str, in_channels: int, size: int, seed: int) -> Decoded:
     """A .parquet file with a usage column, or a directory with train.parquet and test.parquet."""
-    where = Path(path)
-    if where.is_dir():
-        files = where / "train.parquet", where / "test.parquet"
+    where = path.rstrip("/")
+    if storage.is_dir(where):
+        files = storage.join(where, "train.parquet"), storage.join(where, "test.parquet")
         for file in files:
-            if not file.is_file():
-                raise DataError(f"{where}: no {file.name}; a parquet directory needs train.parquet and test.parquet")
+            if not storage.is_file(file):
+                raise DataError(f"{where}: no {storage.name(file)}; a parquet directory needs train.parquet and "
+                                f"test.parquet")
         train, test = _read_parquet(files[0], need_usage=False), _read_parquet(files[1], need_usage=False)
         train_at, test_at = str(files[0]), str(files[1])
-    elif where.is_file():
+    elif storage.is_file(where):
         rows = _read_parquet(where, need_usage=True)
         is_train = [usage == "Training" for usage in rows["usage"]]
         train, test = ({k: [v for v, t in zip(col, is_train) if t == keep] for k, col in rows.items()}
@@ -404,7 +471,10 @@ DATASETS: dict[str, Callable[[str, int, int, int], Decoded]] = {
 
 def load_data(cfg) -> Decoded:
     """The data a TrainConfig names, decoded (the one place that reads the fields in config.DECODE_FIELDS)."""
-    return decode_data(cfg.data, in_channels=cfg.in_channels, size=cfg.data_size, seed=cfg.seed)
+    decoded = decode_data(cfg.data, in_channels=cfg.in_channels, size=cfg.data_size, seed=cfg.seed)
+    if cfg.group_by:
+        decoded.train_groups = read_groups(decoded, cfg.group_by, cfg.data)
+    return decoded
 
 
 def decode_data(data: str = "synthetic", in_channels: int = 1, size: int = 48, seed: int = 0) -> Decoded:
@@ -419,18 +489,65 @@ def decode_data(data: str = "synthetic", in_channels: int = 1, size: int = 48, s
         raise DataError(f"data={data!r}: {kind} needs a path, e.g. {kind}:/data/fer2013")
     if in_channels not in (1, 3):
         raise DataError(f"in_channels={in_channels}: use 1 (grayscale) or 3 (RGB)")
-    return loader(os.path.expanduser(path), in_channels, size, seed)
+    return loader(path if storage.is_uri(path) else os.path.expanduser(path), in_channels, size, seed)
+
+
+# -- groups: who each training image shows --------------------------------------------------------------------
+
+def read_groups(decoded: Decoded, group_by: str, data: str) -> np.ndarray:
+    """cfg.group_by -> one group name per training image. `re:REGEX` is searched in the file name and its first
+    capture group (or the whole match) names the group; any other value is a column of the manifest.csv beside
+    the imagefolder, matched on the image's path under the folder (the manifest's `path` column)."""
+    kind, _, root = data.partition(":")
+    names = decoded.train_names
+    if names is None:
+        raise DataError(f"group_by={group_by!r}: groups come from file names or a manifest.csv, which only "
+                        f"imagefolder data has ({kind} given); remove group_by or use imagefolder:PATH")
+    if group_by.startswith("re:"):
+        try:
+            pattern = re.compile(group_by[3:])
+        except re.error as exc:
+            raise DataError(f"group_by={group_by!r}: not a regular expression ({exc}); fix the pattern") from None
+        found = [pattern.search(Path(n).name) for n in names]
+        groups = [(m.group(1) if pattern.groups else m.group(0)) if m else None for m in found]
+        missing = [n for n, g in zip(names, groups) if not g]
+        if missing:
+            what = "none" if len(missing) == len(names) else f"{len(missing)}"
+            raise DataError(f"group_by={group_by!r} matches {what} of the {len(names)} training file names "
+                            f"(e.g. not {Path(missing[0]).name!r}); every image needs a group: fix the pattern")
+    else:
+        manifest = storage.join(root if storage.is_uri(root) else os.path.expanduser(root), "manifest.csv")
+        if not storage.is_file(manifest):
+            raise DataError(f"group_by={group_by!r}: no {manifest} to read that column from; add one (columns path,"
+                            f"{group_by}) or group by file name with group_by: 're:REGEX'")
+        reader = csv.DictReader(io.StringIO(storage.read_text(manifest), newline=""))
+        columns = reader.fieldnames or []
+        for column in ("path", group_by):
+            if column not in columns:
+                raise DataError(f"{manifest}: no {column!r} column (columns: {', '.join(columns)}); "
+                                f"set group_by to one of them, or to 're:REGEX' on file names")
+        table = {row["path"]: row[group_by] for row in reader}
+        groups = [table.get(n) for n in names]
+        missing = [n for n, g in zip(names, groups) if not g]
+        if missing:
+            raise DataError(f"{manifest}: {len(missing)} training images have no {group_by!r} (e.g. {missing[0]}); "
+                            f"add their rows (path relative to the folder)")
+    return np.array(groups, dtype=str)
 
 
 # -- splits -------------------------------------------------------------------------------------------------
 
-def make_splits(decoded: Decoded, cfg) -> Splits:
-    """Keep cfg.classes (re-indexed in that order), carve a stratified validation set from train, cap train at
-    cfg.train_limit. The images are not copied: train and validation are index arrays.
+def make_splits(decoded: Decoded, cfg, fold: int = 0) -> Splits:
+    """Keep cfg.classes (re-indexed in that order), choose the validation set, cap train at cfg.train_limit. The
+    images are not copied: train and validation are index arrays.
 
-    The test set is never touched, so every trial of a search is scored on the same images.
+    Validation is, by precedence: the test group cfg.val_from (FER2013's PublicTest; the test split keeps the
+    rest), fold `fold` of cfg.cv_folds, or a stratified val_fraction of train. With cfg.group_by no group (person)
+    is on both sides (scikit-learn's StratifiedGroupKFold; for one split, its first of round(1/val_fraction)
+    folds). Every choice is seeded, so every worker and every trial computes the same split.
+    The test set is never touched otherwise, so every trial of a search is scored on the same images.
     """
-    y, test_x, test_y, groups = decoded.train_y, decoded.test_x, decoded.test_y, decoded.test_groups
+    y, test_x, test_y, test_groups = decoded.train_y, decoded.test_x, decoded.test_y, decoded.test_groups
     names, classes = list(decoded.class_names), list(cfg.classes)
     candidates = np.arange(len(y))
     if classes:
@@ -445,22 +562,68 @@ def make_splits(decoded: Decoded, cfg) -> Splits:
         y = remap[y]
         candidates = np.flatnonzero(y >= 0)
         test_x, test_y = test_x[keep_test], remap[test_y[keep_test]]
-        groups = groups[keep_test] if groups is not None else None
+        test_groups = test_groups[keep_test] if test_groups is not None else None
         names = classes
     if len(names) < 2:
         raise DataError(f"classes: {names} leaves fewer than 2 classes; keep at least 2")
 
+    val_images = None
     try:
-        train_idx, val_idx = train_test_split(candidates, test_size=cfg.val_fraction, stratify=y[candidates],
-                                              random_state=cfg.seed)
+        if cfg.val_from:
+            train_idx, val_idx = candidates, candidates[:0]
+            test_x, test_y, test_groups, val_images = split_test(test_x, test_y, test_groups, cfg)
+        else:
+            groups = decoded.train_groups if cfg.group_by else None
+            train_idx, val_idx = validation_split(candidates, y[candidates], groups, names, cfg, fold)
         if 0 < cfg.train_limit < len(train_idx):
             train_idx, _ = train_test_split(train_idx, train_size=cfg.train_limit, stratify=y[train_idx],
                                             random_state=cfg.seed)
     except ValueError as exc:  # sklearn: a class too small to stratify, or a split smaller than the class count
+        if isinstance(exc, DataError):
+            raise
         reason = str(exc).splitlines()[0]
         raise DataError(f"cannot split {len(candidates)} training images {np.bincount(y[candidates]).tolist()} "
-                        f"stratified (val_fraction={cfg.val_fraction}, train_limit={cfg.train_limit}): {reason}") from None
-    return Splits(decoded.train_x, y, train_idx, val_idx, test_x, test_y, names, groups)
+                        f"stratified (val_fraction={cfg.val_fraction}, cv_folds={cfg.cv_folds}, "
+                        f"train_limit={cfg.train_limit}): {reason}") from None
+    return Splits(decoded.train_x, y, train_idx, val_idx, test_x, test_y, names, test_groups, val_images)
+
+
+def validation_split(candidates: np.ndarray, y: np.ndarray, groups: np.ndarray | None, names: list[str], cfg,
+                     fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) positions in `candidates`: fold `fold` of cfg.cv_folds, or one val_fraction split;
+    grouped when `groups` is given (one entry per training image, indexed like the decoded arrays)."""
+    if groups is None:
+        if not cfg.cv_folds:
+            return tuple(train_test_split(candidates, test_size=cfg.val_fraction, stratify=y, random_state=cfg.seed))
+        folds = StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed).split(candidates, y)
+    else:
+        groups = groups[candidates]
+        lonely = [names[c] for c in range(len(names)) if len(set(groups[y == c])) < 2]
+        if lonely:
+            raise DataError(f"group_by={cfg.group_by!r} leaves class {lonely[0]!r} with fewer than 2 groups, so it "
+                            f"cannot be on both sides of the validation split; add people to it or drop it (classes)")
+        k = cfg.cv_folds or max(2, round(1 / cfg.val_fraction))
+        if len(set(groups)) < k:
+            raise DataError(f"group_by={cfg.group_by!r} finds {len(set(groups))} groups, too few for {k} folds; "
+                            f"lower cv_folds or raise val_fraction")
+        with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": a fold may lack it
+            warnings.simplefilter("ignore", UserWarning)
+            folds = list(StratifiedGroupKFold(k, shuffle=True, random_state=cfg.seed).split(candidates, y, groups))
+    train_pos, val_pos = list(folds)[fold]
+    return candidates[train_pos], candidates[val_pos]
+
+
+def split_test(test_x, test_y, test_groups, cfg):
+    """cfg.val_from: validation is that group of the test split (FER2013's PublicTest), the test report the rest."""
+    present = sorted(set(test_groups.tolist())) if test_groups is not None else []
+    if cfg.val_from not in present:
+        raise DataError(f"val_from={cfg.val_from!r}: the test split has groups {present or 'none (no usage column)'}; "
+                        f"use one of them, or leave val_from empty to carve validation from train")
+    if cfg.cv_folds or cfg.group_by:
+        raise DataError(f"val_from={cfg.val_from!r} fixes the validation set, so cv_folds and group_by have "
+                        f"nothing to split; set one or the other")
+    val = test_groups == cfg.val_from
+    return test_x[~val], test_y[~val], test_groups[~val], (test_x[val], test_y[val])
 
 
 def class_weights(y: np.ndarray, num_classes: int) -> np.ndarray:

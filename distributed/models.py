@@ -248,7 +248,7 @@ def to_grayscale(model: nn.Module) -> None:
 
 def read_state_dict(path: str) -> dict:
     if not Path(path).is_file():
-        raise ModelError(f"weights_path {path}: no such file")
+        raise ModelError(f"weights_path {path}: no such file; check the path, or remove weights_path")
     try:
         # weights_only: a .pth from the internet is a pickle; this refuses anything but tensors and containers
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,14 +1,26 @@
-"""How many trials of a search run at once, from what the cluster holds (pure logic: no Ray needed to test it)."""
+"""How many trials of a search run at once, from what the cluster holds and what its autoscaler may launch (pure
+logic: no Ray needed to test it), and the watch that says so while a search waits for nodes."""
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field
 
 from distributed.config import DRIVER_RESOURCE
 from distributed.search_space import SearchSpace, SpaceError
 
 EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A kind of worker node an autoscaler may launch (a launcher file's available_node_types entry, a KubeRay
+    worker group)."""
+    name: str
+    resources: dict      # what one node of it offers, as Ray counts it: {"CPU": 4, "GPU": 1, ...}
+    max_workers: int     # how many of it may run at once
 
 
 @dataclass
@@ -17,32 +29,56 @@ class Plan:
     in_process: bool         # one-worker trials run the loop in the trial process, without a worker group
     trial_resources: dict    # what the trial's own process holds
     driver_pinned: bool      # trial drivers only run where the driver resource is
+    launched: list = field(default_factory=list)  # node types counted in `concurrent` beyond the nodes up now
 
 
-def plan_trials(space: SearchSpace, nodes: list[dict]) -> Plan:
-    """How many trials fit at once, from each node's resources and one trial's needs (its driver plus its worker
-    group), so no trial waits forever for a worker group. Workers are placed bundle by bundle, so count how many
-    worker bundles each node holds; logical GPUs (declared on CPU nodes) count exactly like real ones."""
+def worker_slots(space: SearchSpace, resources: dict) -> int:
+    """How many of one trial's worker bundles a node of these resources holds. Logical GPUs (declared on CPU
+    nodes) count exactly like real ones."""
+    s = space.scaling
+    limits = [math.floor(resources.get("CPU", 0) / s.cpus_per_worker + EPS) if s.cpus_per_worker else 10**6]
+    if s.gpus_per_worker:
+        limits.append(math.floor(resources.get("GPU", 0) / s.gpus_per_worker + EPS))
+    return min(limits)
+
+
+def is_of_type(node: dict, node_type: NodeType) -> bool:
+    """A node that is up counts as one of this type when it offers the type's CPUs and GPUs (Ray's node list does
+    not name the type for every provider) and is not the head (the only node with the driver resource)."""
+    return not node.get(DRIVER_RESOURCE) and all(
+        abs(node.get(k, 0) - node_type.resources.get(k, 0)) < EPS for k in ("CPU", "GPU"))
+
+
+def launchable(nodes: list[dict], node_types: list[NodeType]) -> list[tuple[NodeType, int]]:
+    """(node type, how many more of it the autoscaler may launch), given the nodes up now."""
+    return [(t, max(0, t.max_workers - sum(is_of_type(n, t) for n in nodes))) for t in node_types]
+
+
+def plan_trials(space: SearchSpace, nodes: list[dict], node_types: list[NodeType] = ()) -> Plan:
+    """How many trials fit at once on the nodes up now plus the nodes the autoscaler may still launch, from one
+    trial's needs (its driver plus its worker group), so no trial waits forever for a worker group. Workers are
+    placed bundle by bundle, so count how many worker bundles each node holds."""
     s = space.scaling
     need = f"{s.cpus_per_worker:g} CPU" + (f" and {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else "")
-
-    def slots(node: dict) -> int:
-        limits = [math.floor(node.get("CPU", 0) / s.cpus_per_worker + EPS) if s.cpus_per_worker else 10**6]
-        if s.gpus_per_worker:
-            limits.append(math.floor(node.get("GPU", 0) / s.gpus_per_worker + EPS))
-        return min(limits)
-
-    per_node = [slots(n) for n in nodes]
+    more = [(t, count) for t, count in launchable(nodes, node_types) if count and worker_slots(space, t.resources)]
+    per_node = [worker_slots(space, n) for n in nodes] + [worker_slots(space, t.resources)
+                                                          for t, count in more for _ in range(count)]
     if not any(per_node):
         biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-        raise SpaceError(f"{space.path}: scaling: one worker needs {need}, but no node has that much (largest: "
-                         f"{biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU); lower cpus_per_worker/"
+        largest = f"largest: {biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU"
+        if node_types:
+            top = max(node_types, key=lambda t: (t.resources.get("GPU", 0), t.resources.get("CPU", 0)))
+            largest = (f"largest node type: {top.name} with {top.resources.get('CPU', 0):g} CPU, "
+                       f"{top.resources.get('GPU', 0):g} GPU")
+        raise SpaceError(f"{space.path}: scaling: one worker needs {need}, but no node "
+                         f"{'or node type ' if node_types else ''}has that much ({largest}); lower cpus_per_worker/"
                          f"gpus_per_worker or add bigger nodes")
     concurrent = sum(per_node) // s.workers
     if concurrent < 1:
         raise SpaceError(f"{space.path}: scaling: a trial needs {s.workers} workers of {need}, but the cluster holds "
                          f"only {sum(per_node)}; lower workers or add nodes")
-    in_process = space.worker_group == "never" or (space.worker_group == "auto" and s.workers == 1 and len(nodes) == 1)
+    one_machine = len(nodes) == 1 and not more
+    in_process = space.worker_group == "never" or (space.worker_group == "auto" and s.workers == 1 and one_machine)
     pinned = any(n.get(DRIVER_RESOURCE, 0) > 0 for n in nodes)
     if in_process:
         resources = s.worker_resources()
@@ -50,14 +86,27 @@ def plan_trials(space: SearchSpace, nodes: list[dict]) -> Plan:
         resources = {"CPU": 0}
         if pinned:
             resources[DRIVER_RESOURCE] = 0.001
-    return Plan(min(concurrent, space.num_samples), in_process, resources, pinned)
+    return Plan(min(concurrent, space.num_samples), in_process, resources, pinned, [t for t, _ in more])
 
 
 def local_nodes() -> list[dict]:
     """This machine as Ray would see it, known before Ray starts (so a request that can't fit exits 2 early)."""
     import torch
 
-    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count()), DRIVER_RESOURCE: 1000}]
+    return [{"CPU": float(local_cpus()), "GPU": float(torch.cuda.device_count()), DRIVER_RESOURCE: 1000}]
+
+
+def local_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup (v2) quota as in containers. os.cpu_count()
+    counts the host's CPUs, which would plan more than a container may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def cluster_nodes() -> list[dict]:
@@ -66,3 +115,59 @@ def cluster_nodes() -> list[dict]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
+def autoscaler_node_types() -> list[NodeType]:
+    """The node types in the cluster config kept in the GCS (ray._private.state, a private API; Ray Data reads
+    it too). In Ray 2.60 only a reporter outside Ray's wheel fills it: `ray up`'s autoscaler and the fake
+    multi-node provider leave it empty, hence --cluster FILE. Empty: plan from the nodes up now."""
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    if config is None:
+        return []
+    return [NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, g.max_count if g.max_count >= 0 else 10**6)
+            for g in config.node_group_configs if g.max_count and not g.resources.get(DRIVER_RESOURCE)]
+
+
+class NodeWait:
+    """While no node that is up could hold one trial's worker group, the search waits for the autoscaler: say so
+    about every `every_s` seconds ("waiting for 1 GPU node (type gpu_1x): 0 of 2 up, 3 min") and give up after
+    `timeout_s`. check() is called often (each step of Tune's loop); it looks at the cluster every few seconds."""
+
+    def __init__(self, space: SearchSpace, node_types: list[NodeType], timeout_s: float, nodes=cluster_nodes,
+                 clock=time.monotonic, every_s: float = 30, look_s: float = 3):
+        self.space, self.node_types, self.timeout_s = space, node_types, timeout_s
+        # (Tune pickles its stopper with the experiment: everything here is plain data or a module-level function.)
+        self.nodes, self.clock, self.every_s, self.look_s = nodes, clock, every_s, look_s
+        self.since = self.said = self.looked = None
+        self.gave_up: str | None = None  # the message, once it has given up
+
+    def check(self) -> bool:
+        """True once it has waited longer than the timeout (the search should stop)."""
+        now = self.clock()
+        if self.gave_up or (self.looked is not None and now - self.looked < self.look_s):
+            return bool(self.gave_up)
+        self.looked = now
+        nodes = self.nodes()
+        if sum(worker_slots(self.space, n) for n in nodes) >= self.space.scaling.workers:
+            self.since = self.said = None  # one trial fits on the nodes up: nothing to wait for
+            return False
+        self.since = now if self.since is None else self.since
+        line = self.waiting_for(nodes, now - self.since)
+        if self.said is None or now - self.said >= self.every_s:
+            print(f"emotune: {line}", file=sys.stdout, flush=True)
+            self.said = now
+        if now - self.since > self.timeout_s:
+            self.gave_up = (f"gave up {line}: the autoscaler launched none in time; see `ray status` and the "
+                            f"autoscaler's log (monitor.log) on the head, or wait longer with --wait-timeout MINUTES")
+        return bool(self.gave_up)
+
+    def waiting_for(self, nodes: list[dict], waited_s: float) -> str:
+        fitting = [t for t in self.node_types if worker_slots(self.space, t.resources)]
+        if not fitting:
+            return f"waiting for a node that holds one worker, {waited_s // 60:.0f} min"
+        t = fitting[0]
+        count = math.ceil(self.space.scaling.workers / worker_slots(self.space, t.resources))
+        kind = "GPU" if t.resources.get("GPU") else "CPU"
+        up = sum(is_of_type(n, t) for n in nodes)
+        return (f"waiting for {count} {kind} node{'s' if count > 1 else ''} (type {t.name}): {up} of "
+                f"{t.max_workers} up, {waited_s // 60:.0f} min")

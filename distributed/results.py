@@ -1,9 +1,11 @@
 """What runs and searches leave behind: metric tables, test reports, plots, leaderboards, best configs.
 
-Every file is written through a temporary file and a rename, so a crash never leaves half a report.
+Every file is written through distributed.storage (local: a temporary file and a rename; object stores: one PUT),
+so a crash never leaves half a report, and an experiment may live on s3:// or gs:// as well as on a local path.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -14,36 +16,32 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from distributed.config import METRICS, atomic_write_text
+from distributed import storage
+from distributed.config import METRICS
 
 
-def _tmp(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp")  # the same name atomic_write_text uses
-
-
-def write_table(rows: list[dict], stem: Path) -> None:
-    """rows -> STEM.csv and STEM.parquet (columns are the union of keys; missing values are null)."""
+def write_table(rows: list[dict], stem, parquet: bool = True) -> None:
+    """rows -> STEM.csv (and STEM.parquet); columns are the union of keys, missing values are null. STEM is a local
+    path or a URI."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     table = pa.table({c: [row.get(c) for row in rows] for c in columns}) if rows else pa.table({})
-    for suffix, write in ((".parquet", pq.write_table), (".csv", pacsv.write_csv)):
-        path = stem.with_suffix(suffix)
-        tmp = _tmp(path)
-        write(table, tmp)
-        tmp.replace(path)
+    for suffix, write in ((".parquet", pq.write_table), (".csv", pacsv.write_csv))[0 if parquet else 1:]:
+        buf = pa.BufferOutputStream()
+        write(table, buf)
+        storage.write_bytes(f"{stem}{suffix}", buf.getvalue().to_pybytes())
 
 
-def write_json(obj, path: Path) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+def write_json(obj, path) -> None:
+    storage.write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig, path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = _tmp(path)
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
+    storage.write_bytes(path, buf.getvalue())
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -103,14 +101,13 @@ def write_test_report(out: Path, y_true: np.ndarray, y_pred: np.ndarray, class_n
         yt, yp = y_true[mask], y_pred[mask]
         summary[part] = classification_summary(yt, yp, class_names)
         report = classification_report(yt, yp, labels=labels, target_names=class_names, zero_division=0, digits=4)
-        atomic_write_text(out / f"classification_report{suffix}.txt", report)
+        storage.write_text(out / f"classification_report{suffix}.txt", report)
         write_json(classification_report(yt, yp, labels=labels, target_names=class_names, zero_division=0,
                                          output_dict=True), out / f"classification_report{suffix}.json")
         cm = confusion_matrix(yt, yp, labels=labels)
         rows = [{"true": name, **{pred: int(cm[i, j]) for j, pred in enumerate(class_names)}}
                 for i, name in enumerate(class_names)]
-        write_table(rows, out / f"confusion_matrix{suffix}")
-        out.joinpath(f"confusion_matrix{suffix}.parquet").unlink()  # a K x K matrix needs no Parquet copy
+        write_table(rows, out / f"confusion_matrix{suffix}", parquet=False)  # a K x K matrix needs no Parquet copy
         plot_confusion(cm, class_names, out / f"confusion_matrix{suffix}.png",
                        f"test {part}: acc {summary[part]['test_acc']:.3f}, macro-F1 {summary[part]['test_macro_f1']:.3f}")
     write_json(summary, out / "test_metrics.json")
@@ -119,34 +116,35 @@ def write_test_report(out: Path, y_true: np.ndarray, y_pred: np.ndarray, class_n
 
 # ------------------------------------------------------------------------------- collecting a search's results
 
-def read_trials(exp: Path) -> list[dict]:
-    """Every trial of an experiment directory, finished or not, from the files Tune writes (so this also works on
-    an interrupted search, and on a copy synced from S3/GCS)."""
+def read_trials(exp: str) -> list[dict]:
+    """Every trial of an experiment (a local path or a URI), finished or not, from the files Tune writes (so this
+    also works on an interrupted search)."""
     status = trial_statuses(exp)
+    files = set(storage.list_files(exp))
     trials = []
-    for params_file in sorted(exp.glob("*/params.json")):
-        tdir = params_file.parent
+    for params_file in sorted(f for f in files if f.count("/") == 1 and f.endswith("/params.json")):
+        tdir = params_file.split("/")[0]
         rows = []
-        result_file = tdir / "result.json"
-        if result_file.exists():
-            for line in result_file.read_text().splitlines():
+        if f"{tdir}/result.json" in files:
+            for line in storage.read_text(storage.join(exp, tdir, "result.json")).splitlines():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:  # a line cut short by a crash
                     pass
         rows = [r for r in rows if "epoch" in r]
-        trial_id = rows[-1]["trial_id"] if rows else tdir.name
-        trials.append({"trial_id": trial_id, "dir": tdir, "params": json.loads(params_file.read_text()),
-                       "rows": rows, "error": (tdir / "error.txt").exists(), "status": status.get(trial_id)})
+        trial_id = rows[-1]["trial_id"] if rows else tdir
+        trials.append({"trial_id": trial_id, "dir": storage.join(exp, tdir),
+                       "params": json.loads(storage.read_text(storage.join(exp, params_file))),
+                       "rows": rows, "error": f"{tdir}/error.txt" in files, "status": status.get(trial_id)})
     return trials
 
 
-def trial_statuses(exp: Path) -> dict:
-    states = sorted(exp.glob("experiment_state-*.json"))
+def trial_statuses(exp: str) -> dict:
+    states = storage.glob(exp, "experiment_state-*.json")
     if not states:
         return {}
     out = {}
-    for entry in json.loads(states[-1].read_text()).get("trial_data", []):
+    for entry in json.loads(storage.read_text(states[-1])).get("trial_data", []):
         try:
             info = json.loads(entry[0])
             out[info["trial_id"]] = info.get("status")
@@ -166,15 +164,18 @@ def flatten_params(params: dict) -> dict:
     return out
 
 
-def leaderboard_rows(trials: list[dict], space, metric: str, mode: str) -> tuple[list[dict], dict]:
+def leaderboard_rows(trials: list[dict], meta: dict) -> tuple[list[dict], dict]:
     """-> (rows best first, {trial_id: the trial's complete TrainConfig dict}). Each trial's config is the one it
-    recorded with its results; only a trial that never reported is rebuilt from its sampled parameters."""
+    recorded with its results; a trial that never reported has no config (and no metric), only its parameters."""
+    metric, mode = meta["metric"], meta["mode"]
     sign = 1 if mode == "max" else -1
     rows, configs = [], {}
     for t in trials:
         hist = t["rows"]
         recorded = next((h["train_config"] for h in reversed(hist) if isinstance(h.get("train_config"), dict)), None)
-        cfg = configs[t["trial_id"]] = recorded or space.trial_config(t["params"])
+        if recorded:
+            configs[t["trial_id"]] = recorded
+        cfg = recorded or {"model": t["params"].get("model", meta["model"]), "epochs": meta["epochs"]}
         values = [v for v in (h.get(metric) for h in hist) if isinstance(v, (int, float)) and math.isfinite(v)]
         best = max(values, key=lambda v: sign * v) if values else None
         last = hist[-1] if hist else {}
@@ -221,45 +222,48 @@ def pareto_front(rows: list[dict], objectives: list[tuple[str, str]], metric: st
                                          any(key(o, m) != key(r, m) for m, _ in objectives) for o in scored)]
 
 
-def collect(exp: str | Path, space=None, top: int = 5, model: str | None = None) -> dict:
-    """Leaderboard, best_config.yaml, best_by_architecture/, Pareto front; from any experiment directory."""
-    from distributed.search_space import load_space
+def collect(exp: str, top: int = 5, model: str | None = None) -> dict:
+    """Leaderboard, best_config.yaml, best_by_architecture/, Pareto front; from any experiment directory or URI.
+    Everything it needs about the search (metric, mode, objectives, models) is in emotune.json."""
+    from distributed.config import ConfigError
 
-    exp = Path(exp)
-    meta_file = exp / "emotune.json"
-    if not meta_file.is_file():
-        from distributed.config import ConfigError
-
+    exp = storage.resolve(exp).rstrip("/")
+    meta_file = storage.join(exp, "emotune.json")
+    if not storage.is_file(meta_file):
         raise ConfigError(f"{exp}: not an emotune experiment directory (no emotune.json); pass the directory "
                           f"printed by `emotune tune`")
-    meta = json.loads(meta_file.read_text())
-    space = space or load_space(exp / "space.yaml", meta.get("overrides", []))
-    metric, mode = space.metric, space.mode
-    rows, configs = leaderboard_rows(read_trials(exp), space, metric, mode)
-    write_table(rows, exp / "leaderboard")
-    out = {"experiment": str(exp), "leaderboard": str(exp / "leaderboard.csv"), "rows": rows}
+    meta = json.loads(storage.read_text(meta_file))
+    if "metric" not in meta:
+        raise ConfigError(f"{meta_file}: written by an older emotune (no metric); re-run the search with this one")
+    metric = meta["metric"]
+    objectives = [tuple(o) for o in meta["objectives"]]
+    rows, configs = leaderboard_rows(read_trials(exp), meta)
+    write_table(rows, storage.join(exp, "leaderboard"))
+    out = {"experiment": exp, "leaderboard": storage.join(exp, "leaderboard.csv"), "rows": rows}
     ranked = [r for r in rows if r[f"best_{metric}"] is not None]
     if ranked:
         best = ranked[0]
-        write_best_config(exp / "best_config.yaml", best, configs[best["trial_id"]], meta, metric)
-        out["best_config"] = str(exp / "best_config.yaml")
-        models = sorted({r["model"] for r in ranked})
-        if len(space.model_choices()) > 1:
-            for m in models:
+        out["best_config"] = storage.join(exp, "best_config.yaml")
+        write_best_config(out["best_config"], best, configs[best["trial_id"]], meta, metric)
+        if len(meta["models"]) > 1:
+            out["best_by_architecture"] = storage.join(exp, "best_by_architecture")
+            for m in sorted({r["model"] for r in ranked}):
                 first = next(r for r in ranked if r["model"] == m)
-                write_best_config(exp / "best_by_architecture" / f"{m}.yaml", first, configs[first["trial_id"]],
-                                  meta, metric)
-            out["best_by_architecture"] = str(exp / "best_by_architecture")
-    if space.multi_objective:
-        front = pareto_front(ranked, space.objectives, metric)
-        write_table(front, exp / "pareto_front")
-        out["pareto_front"] = str(exp / "pareto_front.csv")
+                write_best_config(storage.join(out["best_by_architecture"], f"{m}.yaml"), first,
+                                  configs[first["trial_id"]], meta, metric)
+    if len(objectives) > 1:
+        front = pareto_front(ranked, objectives, metric)
+        write_table(front, storage.join(exp, "pareto_front"))
+        out["pareto_front"] = storage.join(exp, "pareto_front.csv")
+    from distributed.report import write_report  # the page people open: report.html
+
+    out["report"] = write_report(exp, meta, rows)
     # --model only narrows what is shown: the files above always hold every trial
     out["top"] = [r for r in ranked if model is None or r["model"] == model][:top]
     return out
 
 
-def write_best_config(path: Path, row: dict, config: dict, meta: dict, metric: str) -> None:
+def write_best_config(path: str, row: dict, config: dict, meta: dict, metric: str) -> None:
     """A complete TrainConfig that `emotune train --config` re-runs as is, with where it came from."""
     from datetime import datetime, timezone
 
@@ -271,5 +275,5 @@ def write_best_config(path: Path, row: dict, config: dict, meta: dict, metric: s
               f"search space: {meta.get('space_file')}  overrides: {' '.join(meta.get('overrides', [])) or 'none'}\n"
               f"git commit: {meta.get('git_commit', 'unknown')}  collected: "
               f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n"
-              f"re-run: emotune train --config {path.name}")
+              f"re-run: emotune train --config {path}")
     cfg.save(path, header=header)

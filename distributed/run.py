@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+from distributed import storage
 from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, ConfigError, Scaling, TrainConfig
 from distributed.train import Run, load_state, train_loop
 
@@ -19,11 +22,18 @@ class TrainWorkerRun(Run):
     def __init__(self):
         import ray
         import ray.train.torch
+        import torch
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.node = ray.get_runtime_context().get_node_id()  # where rank 0 ran: placement is readable from results
+        context = ray.get_runtime_context()
+        self.node = context.get_node_id()  # where rank 0 ran: placement is readable from results
+        # torch's intra-op threads = the CPUs Ray reserved for this worker (a whole machine for a one-node run)
+        torch.set_num_threads(max(1, int(context.get_assigned_resources().get("CPU", 1))))
+        gpus = context.get_accelerator_ids().get("GPU", [])
+        if gpus and not torch.cuda.is_available():  # Ray Train hands out cuda:N for any reserved GPU
+            self.device = cpu_for_reserved_gpu(len(gpus), self.node)
 
     def resume(self):
         import ray.train
@@ -44,31 +54,95 @@ class TrainWorkerRun(Run):
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """What Ray Train runs on each worker. loop_config: {"train": TrainConfig dict, "data": ObjectRef of the decoded
-    data or None (decode here), "env": variables from the launcher}."""
+    data or None (decode here), "env": variables from the launcher, "verbose": Ray's INFO lines too}."""
+    import logging
+
     import ray
+    import ray.train.v2._internal.execution.context as train_context
 
     os.environ.update(loop_config.get("env", {}))
+    if not loop_config.get("verbose"):
+        # Ray Train logs each report ("Reporting training result N: TrainingReport(...)") at INFO on a logger named
+        # after its file path, which RunConfig's LoggingConfig (it filters "ray.train.*") does not reach.
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ref = loop_config.get("data")
     train_loop(loop_config["train"], ray.get(ref) if ref is not None else None, TrainWorkerRun())
 
 
+# Set to 1 where Ray's GPUs are logical (declared on CPU machines, as Ray's test clusters do): a worker that reserved
+# a GPU then trains on the CPU and says so. Anywhere else a reserved GPU that torch cannot see is an error.
+LOGICAL_GPUS = "EMOTUNE_LOGICAL_GPUS"
+
+
+def cpu_for_reserved_gpu(gpus: float, node: str):
+    """The device for a worker that reserved GPUs but sees no CUDA: the CPU where LOGICAL_GPUS=1, else an error,
+    never a silent fallback."""
+    import sys
+
+    import torch
+
+    if os.environ.get(LOGICAL_GPUS) != "1":
+        raise RuntimeError(f"worker reserved {gpus:g} GPU but torch sees no CUDA device on node {node}; install a "
+                           f"CUDA build of torch there (or set {LOGICAL_GPUS}=1 where the GPUs are logical)")
+    print(f"emotune: node {node}: reserved {gpus:g} logical GPU and trains on the CPU ({LOGICAL_GPUS}=1)",
+          file=sys.stderr, flush=True)
+    return torch.device("cpu")
+
+
+def check_reachable(address: str) -> None:
+    """ray.init() waits minutes on an address where no Ray listens; say so at once (HOST:PORT addresses only:
+    "auto" and ray:// fail fast or differently)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); start it, or "
+                          f"give the head's GCS address HOST:6379 (`ray status` on the head prints it)") from None
+
+
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None):
+def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+                verbose: bool = False):
     """Join the cluster at `address` (or $RAY_ADDRESS, as inside a Ray job), or start a local instance that
     declares the driver resource. Only a Ray instance started here is shut down here.
 
     A local instance starts its dashboard (bound to 127.0.0.1): Ray Train V2 asks the State API it serves
-    whether a run's controller is alive, to release the run's placement group when it is not."""
+    whether a run's controller is alive, to release the run's placement group when it is not.
+
+    Quiet unless `verbose`: Ray's INFO lines stay in the log files Ray keeps (/tmp/ray/session_latest/logs);
+    warnings from the workers still reach the terminal."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         yield ray
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    kwargs = {"log_to_driver": True, "configure_logging": True, "logging_level": "INFO" if verbose else "WARNING"}
     if address:
-        ray.init(address=address, **kwargs)
+        check_reachable(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:  # "auto" with no cluster on this machine
+            raise ConfigError(f"--address {address}: {str(exc).splitlines()[0]}") from None
     else:
+        # Token auth ON for the instance we start: with RAY_AUTH_MODE unset, Ray 2.60's ray.init() turns it on
+        # itself for a new local cluster (and creates ~/.ray/auth_token if there is none); set to token, it is on.
+        # (Setting the variable here would not do: Ray reads it when imported, and its processes would then
+        # disagree with it about the token.) Anything else turns it off, which we refuse.
+        if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+            raise ConfigError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: emotune starts its local Ray with token "
+                              f"auth on; unset RAY_AUTH_MODE (or set it to token)")
+        if not verbose:
+            # A local instance is this user's own: its token notice and the preemption watcher (it polls for
+            # draining cloud nodes, and on a laptop logs a failed poll with a traceback) say nothing to act on.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # "local": without it ray.init() joins any cluster that `ray start` left on this machine, and then
         # refuses the resources below ("When connecting to an existing cluster, resources must not be provided").
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources={DRIVER_RESOURCE: DRIVER_SLOTS},
@@ -80,10 +154,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
 
 
 def make_trainer(loop_config: dict, scaling: Scaling, name: str, storage_path: str, *, callbacks=(),
-                 max_failures: int = 0, num_to_keep: int = 1):
+                 max_failures: int = 0, num_to_keep: int = 1, verbose: bool = False):
     """A TorchTrainer for one run. `name` must be stable (no timestamp): a run started again under the same
-    storage_path/name resumes from its latest checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    storage_path/name resumes from its latest checkpoint. Ray Train's own INFO lines (requesting resources,
+    starting the worker group, each report) go to its log files only, unless `verbose`."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
@@ -91,16 +166,13 @@ def make_trainer(loop_config: dict, scaling: Scaling, name: str, storage_path: s
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.gpus_per_worker > 0,
                                      resources_per_worker=scaling.worker_resources()),
-        torch_config=TorchConfig(backend="nccl" if scaling.gpus_per_worker > 0 else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if scaling.gpus_per_worker > 0 and os.environ.get(LOGICAL_GPUS) != "1"
+                                 else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
     )
-
-
-def absolute_storage(path: str) -> str:
-    """Ray wants absolute local paths; URIs (s3://, gs://, ...) pass through unchanged."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def tensorboard_callback(logdir: str):
@@ -125,8 +197,70 @@ def tensorboard_callback(logdir: str):
     return TensorBoard()
 
 
+def progress_callback(path: str, epochs: int):
+    """Ray Train callback writing one plain line per epoch to `path` (the controller's prints would reach the
+    terminal prefixed with its actor name; the driver prints this file's new lines instead: follow())."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class Progress(UserCallback):
+        def __init__(self):
+            self.epoch_times = []
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(epoch_line(metrics[0], epochs, self.epoch_times) + "\n")
+
+    return Progress()
+
+
+def epoch_line(row: dict, epochs: int, epoch_times: list[float]) -> str:
+    """`epoch 3/10  train_loss 1.2345  val_loss ...  412 img/s  ETA 1m05s`; epoch_times collects epoch_s."""
+    head = f"epoch {row.get('epoch', '?')}/{epochs}"
+    if row.get("diverged"):
+        return f"{head}  diverged: the loss is not finite (NaN/inf); the run stops (try a lower lr_head/lr_backbone)"
+    epoch_times.append(float(row.get("epoch_s", 0.0)))
+    left = max(0, epochs - int(row["epoch"])) * sum(epoch_times) / len(epoch_times)
+    line = (f"{head}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}"
+            f"  val_macro_f1 {row['val_macro_f1']:.4f}  {row.get('images_per_s', 0):.0f} img/s"
+            f"  ETA {int(left) // 60}m{int(left) % 60:02d}s")
+    return line + ("  early stop: no improvement for early_stop_patience epochs" if row.get("early_stopped") else "")
+
+
+@contextlib.contextmanager
+def follow(path: Path):
+    """Print the lines appended to `path` while the block runs (from where the file ends now: a resumed run
+    does not repeat earlier epochs), and any left when it ends."""
+    import threading
+
+    start = path.stat().st_size if path.exists() else 0
+    done = threading.Event()
+
+    def pump():
+        nonlocal start
+        while True:
+            stop = done.wait(0.5)
+            if path.exists():
+                with open(path) as f:
+                    f.seek(start)
+                    text = f.read()
+                complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next look
+                start += len(complete.encode())
+                if complete:
+                    print(complete, end="", flush=True)
+            if stop:
+                return
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | None = None,
-              max_failures: int = 1) -> dict:
+              max_failures: int = 1, verbose: bool = False) -> dict:
     """`emotune train`: one run through Ray Train, then one evaluation on the test split and the reports.
 
     Everything that can be wrong with the input (model name, weights, data path, classes) is checked before Ray
@@ -139,64 +273,64 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
     from distributed.models import check_weights, native_size
     from distributed.train import BEST_FILE, final_weights, load_model, predict
 
-    out = Path(output).resolve()
+    out = storage.resolve(output)
     check_weights(cfg)
     data = load_data(cfg)
     splits = make_splits(data, cfg)
     check_same_run(out, cfg)
-    check_writable(out)
-    cfg.save(out / "config.yaml", header="resolved TrainConfig of this run; re-run: emotune train --config config.yaml")
+    storage.check_writable(out, "--output")
+    # Ray Train checkpoints straight to `out` (a path or a URI); the final files are written here, then uploaded.
+    local = Path(out) if not storage.is_uri(out) else Path(tempfile.mkdtemp(prefix="emotune-train-"))
+    cfg.save(storage.join(out, "config.yaml"),
+             header="resolved TrainConfig of this run; re-run: emotune train --config config.yaml")
 
-    with ray_session(address) as ray:
-        loop_config = {"train": cfg.to_dict(), "data": ray.put(data), "env": passed_env()}
-        trainer = make_trainer(loop_config, scaling, name="run", storage_path=str(out), max_failures=max_failures,
-                               callbacks=[tensorboard_callback(str(out / "tensorboard"))])
+    progress = local / "progress.log"
+    with ray_session(address, verbose=verbose) as ray, follow(progress):
+        loop_config = {"train": cfg.to_dict(), "data": ray.put(data), "env": passed_env(), "verbose": verbose}
+        trainer = make_trainer(loop_config, scaling, name="run", storage_path=out, max_failures=max_failures,
+                               verbose=verbose, callbacks=[tensorboard_callback(str(local / "tensorboard")),
+                                                           progress_callback(str(progress), cfg.epochs)])
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:
             state, best = load_state(d)
 
-    torch.save(best, out / BEST_FILE)
+    torch.save(best, local / BEST_FILE)
     final = dict(best, state_dict=final_weights(state), metrics=state["history"][-1])
-    torch.save(final, out / "final_model.pt")
-    results.write_table(state["history"], out / "metrics")
-    results.plot_curves(state["history"], out / "curves.png")
+    torch.save(final, local / "final_model.pt")
+    results.write_table(state["history"], local / "metrics")
+    results.plot_curves(state["history"], local / "curves.png")
 
-    net, _, names, _ = load_model(out / BEST_FILE)
+    net, _, names, _ = load_model(local / BEST_FILE)
     logits = predict(net, torch.from_numpy(splits.test_x), cfg, cfg.image_size or native_size(cfg.model),
-                     torch.device("cpu"))
-    summary = results.write_test_report(out, splits.test_y, logits.argmax(1).numpy(), names, splits.test_groups)
-    return {"output": str(out), "best_epoch": state["best"]["epoch"], "epochs_run": state["epoch"],
+                     torch.device("cpu"), tta=cfg.tta)
+    summary = results.write_test_report(local, splits.test_y, logits.argmax(1).numpy(), names, splits.test_groups)
+    if storage.is_uri(out):
+        storage.upload_dir(local, out)
+        shutil.rmtree(local, ignore_errors=True)
+    return {"output": out, "best_epoch": state["best"]["epoch"], "epochs_run": state["epoch"],
             f"best_{cfg.monitor}": state["best"]["value"], **summary["all"]}
 
 
+# TORCH_HOME: where pretrained weights are cached; the rest: how to reach object storage (pyarrow.fs reads them).
+PASSED_ENV = ("TORCH_HOME", LOGICAL_GPUS, "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
+              "AWS_EC2_METADATA_DISABLED", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
 def passed_env() -> dict:
-    """Environment the workers need from the launching shell (Ray's worker processes may predate it):
-    TORCH_HOME says where pretrained weights are cached."""
-    return {k: os.environ[k] for k in ("TORCH_HOME",) if k in os.environ}
+    """Environment the workers need from the launching shell (Ray's worker processes may predate it): where
+    pretrained weights are cached, whether GPUs are logical, and where object storage is. Secrets are not passed:
+    they would travel inside Ray's run state; nodes take credentials from their own environment or role."""
+    return {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
 
 
-def check_same_run(out, cfg) -> None:
+def check_same_run(out: str, cfg) -> None:
     """An existing run directory is resumed (or extended with more epochs) only by the same config: anything
     else would silently continue someone else's run."""
-    saved = out / "config.yaml"
-    if not (out / "run").exists() or not saved.exists():
+    saved = storage.join(out, "config.yaml")
+    if not storage.is_file(saved) or not storage.exists(storage.join(out, "run")):
         return
     before = TrainConfig.load(saved).to_dict()
     changed = sorted(k for k, v in cfg.to_dict().items() if k != "epochs" and before.get(k) != v)
     if changed:
         raise ConfigError(f"{out}: holds a run of a different config ({', '.join(changed)} differ); "
                           f"choose another --output, or the same config to resume it")
-
-
-def check_writable(path) -> None:
-    """A clear error before any work starts, rather than a failure after the first epoch."""
-    import tempfile
-
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write results there ({exc.strerror or exc}); "
-                          f"choose a writable --output/--storage-path") from None

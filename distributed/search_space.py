@@ -12,8 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distributed.config import (METRIC_MODES, METRICS, ConfigError, Scaling, TrainConfig, as_number, check_model_name,
-                                check_range, check_value, did_you_mean, field_names, field_spec, read_yaml)
+from distributed.config import (
+    METRIC_MODES,
+    METRICS,
+    ConfigError,
+    Scaling,
+    TrainConfig,
+    as_number,
+    check_model_name,
+    check_range,
+    check_value,
+    did_you_mean,
+    field_names,
+    field_spec,
+    read_yaml,
+)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "quniform")
 TOP_KEYS = ("name", "description", "metric", "mode", "num_samples", "scaling", "scheduler", "search", "fixed",
@@ -104,7 +117,8 @@ class SearchSpace:
         return bool(varying & set(keys))
 
     def warnings(self) -> list[str]:
-        """Legal but probably unintended: ASHA judging trials before their backbone ever trains."""
+        """Legal but probably unintended: ASHA judging trials while their learning rate is still warming up, or
+        before their backbone ever trains. Either way the first rung compares trials that have not yet learnt."""
         from distributed.models import BACKBONES
 
         if not self.asha:
@@ -112,6 +126,16 @@ class SearchSpace:
         out = []
         grace = self.asha["grace_period"]
         models = self.model_choices()
+        for model in models:
+            if "onecycle" not in self.value_span("schedule", model):
+                continue
+            # OneCycle peaks after warmup_pct of all steps; the latest peak the space allows is what matters
+            warmup_end = max(self.value_span("warmup_pct", model)) * max(self.value_span("epochs", model))
+            if grace < warmup_end:
+                out.append(f"{self.path}: scheduler.asha.grace_period ({grace}) ends inside the OneCycle warm-up "
+                           f"(warmup_pct x epochs up to {warmup_end:g} epochs) for {model}: ASHA would cut trials "
+                           f"before their learning rate peaks; raise grace_period or lower warmup_pct")
+                break  # one line per space: the fix is the same for every model
         for model in models:
             if model not in BACKBONES:
                 continue
@@ -141,6 +165,25 @@ class SearchSpace:
 
 
 # ------------------------------------------------------------------------------------------------ loading
+
+def find_space(space: str) -> str:
+    """A search space by path or URI, or by the name of one shipped with emotune (`quick` = its quick.yaml)."""
+    if "://" in space or Path(space).expanduser().exists():
+        return space
+    shipped = spaces_dir() / (space if space.endswith((".yaml", ".yml")) else f"{space}.yaml")
+    if "/" not in space and shipped.is_file():
+        return str(shipped)
+    names = sorted(p.stem for p in spaces_dir().glob("*.yaml"))
+    raise ConfigError(f"{space}: no such file, nor a space shipped with emotune; pass a YAML path or one of: "
+                      f"{', '.join(names)}")
+
+
+def spaces_dir() -> Path:
+    """The shipped search spaces: inside the installed package, or the checkout's search_spaces/ folder."""
+    here = Path(__file__).resolve().parent
+    installed = here / "search_spaces"
+    return installed if installed.is_dir() else here.parent / "search_spaces"
+
 
 def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
     """Read and validate a search-space file. `overrides` ("key=value") pin TrainConfig fields: the value goes to
@@ -256,7 +299,7 @@ def parse_param(name: str, spec, where: str) -> Param:
     if len(args) == 3 and kind != "quniform":
         raise SpaceError(f"{where}.{kind}: expected [low, high]; use quniform for a step")
     if low >= high:
-        raise SpaceError(f"{where}: low ({low}) must be < high ({high})")
+        raise SpaceError(f"{where}: low ({low}) must be < high ({high}); swap them, or use a constant in fixed")
     if kind in ("loguniform", "logint") and low <= 0:
         raise SpaceError(f"{where}: {kind} needs low > 0, got {low}")
     for bound in (low, high):
@@ -302,9 +345,13 @@ def parse_scaling(s: SearchSpace, scaling: dict, where: str) -> None:
     for key in scaling:
         if key not in allowed:
             raise SpaceError(f"{where}.{key}: unknown key{did_you_mean(key, allowed)}")
-    s.scaling = Scaling(workers=int(bounded(scaling.get("workers", 1), int, 1, 4096, f"{where}.workers")),
-                        cpus_per_worker=bounded(scaling.get("cpus_per_worker", 1), float, 0, 1024, f"{where}.cpus_per_worker"),
-                        gpus_per_worker=bounded(scaling.get("gpus_per_worker", 0), float, 0, 64, f"{where}.gpus_per_worker"))
+    values = dict(workers=int(bounded(scaling.get("workers", 1), int, 1, 4096, f"{where}.workers")),
+                  cpus_per_worker=bounded(scaling.get("cpus_per_worker", 1), float, 0, 1024, f"{where}.cpus_per_worker"),
+                  gpus_per_worker=bounded(scaling.get("gpus_per_worker", 0), float, 0, 64, f"{where}.gpus_per_worker"))
+    try:
+        s.scaling = Scaling(**values)
+    except ConfigError as exc:
+        raise SpaceError(f"{where.rsplit(': ', 1)[0]}: {exc}") from None
     s.worker_group = scaling.get("worker_group", "auto")
     if s.worker_group not in ("auto", "always", "never"):
         raise SpaceError(f"{where}.worker_group: {s.worker_group!r} is not one of auto, always, never")

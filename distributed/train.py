@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,10 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.transforms.v2 import functional as TF
 
 from distributed.config import TrainConfig, better
-from distributed.data import Decoded, augment, class_weights, load_data, make_splits, mix_transform
+from distributed.data import Decoded, Splits, augment, class_weights, load_data, make_splits, mix_transform
 from distributed.models import create_model, native_size, stages
 
 MODEL_FORMAT = "emotune-model/1"
@@ -40,84 +42,49 @@ STD = {1: (0.226,), 3: (0.229, 0.224, 0.225)}
 
 def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> None:
     """The loop. `data`: the decoded images (None: decode here); `run`: where this copy runs and where it reports
-    (a Ray Train worker, a Tune trial, or a LocalRun in one plain process)."""
+    (a Ray Train worker, a Tune trial, or a LocalRun in one plain process).
+
+    With cv_folds = k, k models (one per fold) train side by side: every epoch each trains once on its fold and
+    the report is the mean of their validation metrics. So ASHA and early stopping judge the cross-validated score
+    at every rung, which training the folds one after another could not offer (their epochs would not line up).
+    The model kept (best_model.pt) is fold 1's at the best mean epoch; retrain a chosen config without cv_folds
+    for a model that has seen all of train."""
     cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank; DDP also broadcasts rank 0's
+    # Every training batch has one shape, so cuDNN's per-shape algorithm search pays off from the second step on.
+    torch.backends.cudnn.benchmark = run.device.type == "cuda"
 
-    splits = make_splits(data or load_data(cfg), cfg)
-    num_classes = len(splits.class_names)
-    images = shared_tensor(splits.x)  # every batch is gathered from here by index: the images are never copied whole
-    train_idx, labels = torch.from_numpy(splits.train_idx), torch.from_numpy(splits.y)
-    val_x, val_y = images[torch.from_numpy(splits.val_idx)], torch.from_numpy(splits.val_y)
-
-    net = create_model(cfg.model, num_classes, in_channels=cfg.in_channels, dropout=cfg.dropout,
-                       pretrained=cfg.pretrained, weights_path=cfg.weights_path).to(run.device)
-    if cfg.channels_last and run.device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    groups = stages(net)
-    # Head first, so the first learning rate is lr_head and every backbone stage gets lr_backbone.
-    peak_lrs = [cfg.lr_head] + [cfg.lr_backbone] * (len(groups) - 1)
-    optimizer = torch.optim.AdamW([{"params": list(g.parameters()), "lr": lr} for g, lr in zip(groups, peak_lrs)],
-                                  weight_decay=cfg.weight_decay)
-    steps = steps_per_epoch(len(train_idx), run.world, cfg.batch_size)
-    ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-           if cfg.ema_decay > 0 else None)
-    weight = torch.tensor(class_weights(splits.train_y, num_classes), dtype=torch.float32, device=run.device)
-    loss_fn = nn.CrossEntropyLoss(weight=weight if cfg.class_balance == "loss" else None,
-                                  label_smoothing=cfg.label_smoothing)
-    mix = mix_transform(cfg.mixup_alpha, cfg.cutmix_alpha, num_classes)
+    decoded = data or load_data(cfg)
+    folds = [make_splits(decoded, cfg, fold) for fold in range(max(1, cfg.cv_folds))]
+    class_names = folds[0].class_names
+    images = shared_tensor(folds[0].x)  # every batch is gathered from here by index: the images are never copied
+    labels = torch.from_numpy(folds[0].y)
+    members = [build_member(cfg, s, run) for s in folds]
+    mix = mix_transform(cfg.mixup_alpha, cfg.cutmix_alpha, len(class_names))
     size = cfg.image_size or native_size(cfg.model)
+    steps = [steps_per_epoch(len(m.train_idx), run.world, cfg.batch_size) for m in members]
 
     start_epoch, best, bad_epochs, history, best_blob = 1, None, 0, [], None
     resumed = run.resume()
     if resumed:  # a restarted worker group (or trial) resumes from its last epoch
         state, best_blob = resumed
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state["ema"] is not None:
-            ema.load_state_dict(state["ema"])
+        for m, saved in zip(members, [state] + state.get("other_folds", [])):
+            m.load(saved)
         start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
     # Built after any resume and fast-forwarded, so a run resumed with more epochs stretches its schedule.
-    scheduler = make_schedule(cfg, optimizer, peak_lrs, total_steps=max(cfg.epochs, start_epoch) * steps,
-                              done_steps=(start_epoch - 1) * steps)
+    for m, n in zip(members, steps):
+        m.scheduler = make_schedule(cfg, m.optimizer, m.peak_lrs, total_steps=max(cfg.epochs, start_epoch) * n,
+                                    done_steps=(start_epoch - 1) * n)
 
     run_start = start_epoch  # > 1 when this process resumed from a checkpoint
-    gen = torch.Generator(device=run.device).manual_seed(cfg.seed * 1000 + run.rank)
-    trainable = None
-    model = net
+    gen = torch.Generator(device=run.device)
     for epoch in range(start_epoch, cfg.epochs + 1):
         tic = time.perf_counter()
-        now_trainable = set_trainable(groups, cfg, epoch)
-        if now_trainable != trainable:
-            # DDP only all-reduces parameters that required grad when it was built: rebuild it on every change.
-            trainable = now_trainable
-            model = run.wrap(net)
-        gen.manual_seed(cfg.seed * 1000 + epoch * 10 + run.rank)
-        net.train()
-        for i, g in enumerate(groups):
-            if i >= trainable:
-                g.eval()  # frozen stages keep their BatchNorm statistics
-        train_loss, seen, finite = torch.zeros((), device=run.device), 0, True
-        for idx in epoch_batches(splits.train_y, cfg, run.rank, run.world, epoch):
-            idx = train_idx[idx]
-            x = prepare_batch(images[idx], cfg, size, run.device, augment_with=gen if cfg.augment else None)
-            y = labels[idx].to(run.device, non_blocking=True)
-            if mix is not None:
-                x, y = mix(x, y)
-            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp and run.device.type == "cuda"):
-                loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(net)
-            # Summed on the device: a loss.item() per step would wait for the GPU every step.
-            train_loss += loss.detach().float() * len(idx)
-            seen += len(idx)
-        train_loss = float(train_loss)  # one sync per epoch
+        train_loss, seen = 0.0, 0
+        for fold, m in enumerate(members):
+            gen.manual_seed(cfg.seed * 1000 + epoch * 10 + run.rank + fold * 100_003)
+            loss, n = train_epoch(m, cfg, epoch, images, labels, size, mix, gen, run)
+            train_loss, seen = train_loss + loss, seen + n
         # Keep every rank stepping through the epoch (each must join each all-reduce); NaN spreads through DDP's
         # gradients anyway, so the epoch's summed loss tells whether any step diverged.
         finite = math.isfinite(train_loss)
@@ -130,14 +97,16 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
                         "train_loss": nan}, None)
             return
 
-        scored = ema.module if ema is not None else net
-        run.sync_buffers(scored)  # every rank scores with rank 0's BatchNorm statistics: the model that is saved
-        metrics = evaluate(scored, val_x, val_y, cfg, size, run, prefix="val")
-        metrics.update(epoch=epoch, train_loss=run.mean(train_loss, seen), lr_head=optimizer.param_groups[0]["lr"],
+        for m in members:
+            run.sync_buffers(m.scored)  # every rank scores with rank 0's BatchNorm statistics: the model that is saved
+        scores = [evaluate(m.scored, m.val_x, m.val_y, cfg, size, run, prefix="val") for m in members]
+        metrics = {k: float(np.mean([sc[k] for sc in scores])) for k in scores[0]}  # cross-validated: the fold mean
+        metrics["val_count"] = sum(sc["val_count"] for sc in scores)
+        metrics.update(epoch=epoch, train_loss=run.mean(train_loss, seen),
+                       lr_head=members[0].optimizer.param_groups[0]["lr"],
                        images_per_s=run.sum(seen) / max(train_time, 1e-9), epoch_s=time.perf_counter() - tic,
-                       trainable_stages=trainable, num_params=sum(p.numel() for p in net.parameters()),
-                       run_start_epoch=run_start, node=run.node,
-                       train_config=cfg.to_dict())  # the resolved config, recorded with every result
+                       trainable_stages=members[0].trainable, num_params=sum(p.numel() for p in members[0].net.parameters()),
+                       run_start_epoch=run_start, node=run.node)
         value = metrics[cfg.monitor]
         improved = best is None or better(cfg.monitor, value, best["value"])
         if improved:
@@ -150,15 +119,103 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
         metrics.update(early_stopped=stop, diverged=False)
 
         if improved and run.rank == 0:  # only the newest checkpoint is kept, so each carries the best weights
-            best_blob = model_blob(scored, cfg, splits.class_names, metrics)
+            best_blob = model_blob(members[0].scored, cfg, class_names, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             if run.rank == 0:
-                save_state(tmp, {"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "ema": ema.state_dict() if ema is not None else None, "best": best,
+                first, *others = [m.state() for m in members]
+                save_state(tmp, {"epoch": epoch, **first, "other_folds": others, "best": best,
                                  "bad_epochs": bad_epochs, "history": history}, best_blob)
-            run.report(metrics, tmp)
+            run.report({**metrics, "train_config": cfg.to_dict()}, tmp)  # the resolved config, with every result
         if stop:
             break
+
+
+@dataclass
+class Member:
+    """One model in training and everything that steps with it: the only one, or one fold's under cv_folds."""
+    net: nn.Module
+    stages: list[nn.Module]
+    optimizer: torch.optim.Optimizer
+    peak_lrs: list[float]
+    ema: AveragedModel | None
+    loss_fn: nn.Module
+    train_idx: torch.Tensor  # into the shared images
+    train_y: np.ndarray
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    scheduler: object = None
+    model: nn.Module | None = None  # net, or its DDP wrapper (rebuilt when the trainable stages change)
+    trainable: int | None = None
+
+    @property
+    def scored(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.net
+
+    def state(self) -> dict:
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load(self, state: dict) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+def build_member(cfg: TrainConfig, splits: Splits, run: "Run") -> Member:
+    """Model, optimizer (per-stage learning rates), EMA and loss for one split."""
+    num_classes = len(splits.class_names)
+    net = create_model(cfg.model, num_classes, in_channels=cfg.in_channels, dropout=cfg.dropout,
+                       pretrained=cfg.pretrained, weights_path=cfg.weights_path).to(run.device)
+    if cfg.channels_last and run.device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    groups = stages(net)
+    # Head first, so the first learning rate is lr_head and every backbone stage gets lr_backbone.
+    peak_lrs = [cfg.lr_head] + [cfg.lr_backbone] * (len(groups) - 1)
+    optimizer = torch.optim.AdamW([{"params": list(g.parameters()), "lr": lr} for g, lr in zip(groups, peak_lrs)],
+                                  weight_decay=cfg.weight_decay)
+    ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+           if cfg.ema_decay > 0 else None)
+    weight = torch.tensor(class_weights(splits.train_y, num_classes), dtype=torch.float32, device=run.device)
+    loss_fn = nn.CrossEntropyLoss(weight=weight if cfg.class_balance == "loss" else None,
+                                  label_smoothing=cfg.label_smoothing)
+    return Member(net, groups, optimizer, peak_lrs, ema, loss_fn, torch.from_numpy(splits.train_idx),
+                  splits.train_y, torch.from_numpy(splits.val_x), torch.from_numpy(splits.val_y))
+
+
+def train_epoch(m: Member, cfg: TrainConfig, epoch: int, images: torch.Tensor, labels: torch.Tensor, size: int,
+                mix, gen: torch.Generator, run: "Run") -> tuple[float, int]:
+    """One epoch of one member -> (summed training loss, images seen)."""
+    now_trainable = set_trainable(m.stages, cfg, epoch)
+    if now_trainable != m.trainable:
+        # DDP only all-reduces parameters that required grad when it was built: rebuild it on every change.
+        m.trainable = now_trainable
+        m.model = run.wrap(m.net)
+    m.net.train()
+    for i, g in enumerate(m.stages):
+        if i >= m.trainable:
+            g.eval()  # frozen stages keep their BatchNorm statistics
+    train_loss, seen = torch.zeros((), device=run.device), 0
+    for idx in epoch_batches(m.train_y, cfg, run.rank, run.world, epoch):
+        idx = m.train_idx[idx]
+        x = prepare_batch(images[idx], cfg, size, run.device, augment_with=gen if cfg.augment else None)
+        y = labels[idx].to(run.device, non_blocking=True)
+        if mix is not None:
+            x, y = mix(x, y)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp and run.device.type == "cuda"):
+            loss = m.loss_fn(m.model(x), y)
+        m.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(m.net.parameters(), cfg.grad_clip)
+        m.optimizer.step()
+        m.scheduler.step()
+        if m.ema is not None:
+            m.ema.update_parameters(m.net)
+        # Summed on the device: a loss.item() per step would wait for the GPU every step.
+        train_loss += loss.detach().float() * len(idx)
+        seen += len(idx)
+    return float(train_loss), seen  # one sync per epoch
 
 
 class Run:
@@ -308,15 +365,38 @@ def set_trainable(groups: list[nn.Module], cfg: TrainConfig, epoch: int) -> int:
 
 
 @torch.no_grad()
-def predict(net: nn.Module, x: torch.Tensor, cfg: TrainConfig, size: int, device, batch_size: int = 256):
-    """Logits for uint8 images, in batches."""
+def predict(net: nn.Module, x: torch.Tensor, cfg: TrainConfig, size: int, device, batch_size: int = 256,
+            tta: str = "none"):
+    """Logits for uint8 images, in batches. With test-time augmentation (tta_views) the result is the log of the
+    mean softmax over the views: still logits (argmax and softmax work on them), averaged as probabilities."""
     net.eval()
     out = []
     for start in range(0, len(x), batch_size):
         xb = prepare_batch(x[start:start + batch_size], cfg, size, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            out.append(net(xb).float())
+            if tta == "none":
+                out.append(net(xb).float())
+            else:
+                views = tta_views(xb, tta)
+                out.append(torch.stack([net(v).float().softmax(1) for v in views]).mean(0).log())
     return torch.cat(out) if out else torch.empty(0)
+
+
+TENCROP_FRACTION = 11 / 12  # the FER2013 convention: 44-px crops of 48-px faces
+
+
+def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """Views of a prepared batch [B, C, S, S] to average over: the batch and its mirror (flip), or ten-crop
+    (four corners and the centre at TENCROP_FRACTION of the side, and the same of the mirror), each crop resized
+    back to S so the model sees its usual input size."""
+    if tta == "none":
+        return [x]
+    if tta == "flip":
+        return [x, TF.horizontal_flip(x)]
+    side = x.shape[-1]
+    crop = round(side * TENCROP_FRACTION)
+    return [F.interpolate(v, size=(side, side), mode="bilinear", align_corners=False)
+            for v in TF.ten_crop(x, [crop, crop])]
 
 
 def evaluate(net, x, y, cfg, size, run: Run, prefix: str) -> dict:
@@ -366,25 +446,33 @@ def final_weights(state: dict) -> dict:
     return {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
 
 
-def load_file(path: str | Path, expected: str) -> dict:
-    """weights_only=True: a file carrying pickled code is refused and nothing in it executes."""
+def load_file(path: str | Path, expected: str | tuple[str, ...]) -> dict:
+    """weights_only=True: a file carrying pickled code is refused and nothing in it executes. `expected`: the
+    format string(s) accepted."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"{path}: no such file")
+        raise ModelFileError(f"{path}: no such file; pass the best_model.pt or final_model.pt of an `emotune train` run")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError for code, RuntimeError for non-torch files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"{path}: not an emotune file, refused by safe (weights_only) loading: {reason[:160]}") from None
-    if not isinstance(obj, dict) or obj.get("format") != expected:
-        raise ModelFileError(f"{path}: not an emotune file (expected format {expected}); pass a best_model.pt or "
-                      f"final_model.pt written by `emotune train`")
+        what = "it holds pickled objects or code" if "Weights only load failed" in reason else reason[:120]
+        raise ModelFileError(f"{path}: not an emotune file, refused by safe (weights_only) loading ({what}); pass a "
+                             f"best_model.pt or final_model.pt written by `emotune train`") from None
+    formats = (expected,) if isinstance(expected, str) else expected
+    if not isinstance(obj, dict) or obj.get("format") not in formats:
+        raise ModelFileError(f"{path}: not an emotune file (expected format {' or '.join(formats)}); pass a "
+                             f"best_model.pt or final_model.pt written by `emotune train`")
     return obj
 
 
 def load_model(path: str | Path, device="cpu"):
     """-> (model in eval mode, TrainConfig, class names, saved metrics)."""
-    blob = load_file(path, MODEL_FORMAT)
+    return model_from_blob(load_file(path, MODEL_FORMAT), device)
+
+
+def model_from_blob(blob: dict, device="cpu"):
+    """A model_blob dict -> (model in eval mode, TrainConfig, class names, saved metrics)."""
     cfg = TrainConfig.from_dict(blob["config"])
     # pretrained/weights_path are irrelevant here: the state dict carries every weight.
     net = create_model(cfg.model, len(blob["class_names"]), in_channels=cfg.in_channels, dropout=cfg.dropout)

@@ -6,10 +6,11 @@ process (in-process), which skips the worker group's start-up (measured in BENCH
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 import subprocess
+import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,10 +20,11 @@ from ray import tune
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
+from distributed import storage
 from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig
-from distributed.plan import Plan, cluster_nodes, local_nodes, plan_trials
-from distributed.run import absolute_storage, check_writable, make_trainer, passed_env, ray_session
-from distributed.search_space import SearchSpace, load_space
+from distributed.plan import NodeWait, Plan, autoscaler_node_types, cluster_nodes, local_nodes, plan_trials
+from distributed.run import check_reachable, cpu_for_reserved_gpu, make_trainer, passed_env, ray_session
+from distributed.search_space import SearchSpace, find_space, load_space
 from distributed.train import Run, load_state, train_loop
 
 # ------------------------------------------------------------------------------------------------ a trial
@@ -62,8 +64,7 @@ def run_trial(config: dict, *, space: SearchSpace, data_box: list, in_process: b
         run = TuneTrialRun()
         wanted = space.scaling.gpus_per_worker > 0
         if wanted and run.device.type != "cuda":  # never train on the CPU in silence when a GPU was reserved
-            raise RuntimeError(f"trial reserved {space.scaling.gpus_per_worker:g} GPU but torch sees no CUDA device "
-                               f"on node {run.node}; install a CUDA build of torch there")
+            run.device = cpu_for_reserved_gpu(space.scaling.gpus_per_worker, run.node)
         train_loop(cfg, ray.get(data_box[0]) if data_box[0] is not None else None, run)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -78,32 +79,33 @@ def run_trial(config: dict, *, space: SearchSpace, data_box: list, in_process: b
 # ---------------------------------------------------------------------------------------------- a search
 
 def experiment_dir(storage_path: str, name: str) -> str:
-    return f"{absolute_storage(storage_path).rstrip('/')}/{name}"
+    return storage.join(storage.resolve(storage_path), name)
 
 
 def run_search(space_file: str, overrides: list[str], storage_path: str = "results", resume: bool = False,
-               address: str | None = None, verbose: int = 1, num_samples: int | None = None) -> str:
-    """`emotune tune`: validate everything, then search; returns the experiment directory."""
+               address: str | None = None, verbose: int = 1, num_samples: int | None = None,
+               cluster: str | None = None, wait_timeout_min: float = 20) -> str:
+    """`emotune tune`: validate everything, then search; returns the experiment directory (a path or a URI).
+    cluster: the cluster file of the cluster at `address`, whose node types the autoscaler may launch."""
     import ray
 
     from distributed.data import load_data, make_splits
     from distributed.models import check_weights
 
-    storage = absolute_storage(storage_path)
-    local = "://" not in storage
+    space_file = find_space(space_file)
     if resume:
-        exp = experiment_dir(storage, load_space(space_file, overrides).name)
+        exp = experiment_dir(storage_path, load_space(space_file, overrides).name)
         meta = read_meta(exp)
-        space = load_space(Path(exp) / "space.yaml", meta["overrides"])
-        space.num_samples = meta.get("num_samples", space.num_samples)
+        space = load_space(storage.join(exp, "space.yaml"), meta["overrides"])
+        space.num_samples = meta["num_samples"]
     else:
         space = load_space(space_file, overrides)
         if num_samples is not None:
             if num_samples < 1:
                 raise ConfigError("--num-samples must be >= 1")
             space.num_samples = num_samples
-        exp = experiment_dir(storage, space.name)
-        if local and Path(exp).exists() and any(Path(exp).iterdir()):
+        exp = experiment_dir(storage_path, space.name)
+        if storage.is_dir(exp) and [n for n in storage.list_dir(exp) if not n.startswith(".")]:
             raise ConfigError(f"{exp}: an experiment of this name exists; add --resume to finish it, or pick another "
                               f"--storage-path or name")
     for w in space.warnings():
@@ -117,24 +119,34 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
     if not space.searches(DECODE_FIELDS):  # decode once here: bad data fails before Ray starts, trials share it
         data = load_data(fixed)
         make_splits(data, fixed)
+    # (autoscaling) an unreachable address or a broken cluster file exits 2 here, before Ray starts
+    node_types = cluster_node_types(cluster, address, wait_timeout_min)
     if not (address or os.environ.get("RAY_ADDRESS")):
         plan_trials(space, local_nodes())  # refuse an impossible request before starting Ray
-    if local:
-        check_writable(exp)  # last check: it creates the experiment directory
+    storage.check_writable(exp)  # last check (it creates a local experiment directory)
+    study = StudyFiles(exp)
+    if resume:
+        study.fetch()
 
     with ray_session(address):
-        plan = plan_trials(space, cluster_nodes())
-        if not resume and local:
-            shutil.copyfile(space_file, Path(exp) / "space.yaml")
-            write_meta(exp, space_file, overrides, space.num_samples)
+        node_types = node_types or autoscaler_node_types()
+        plan = plan_trials(space, cluster_nodes(), node_types)
+        waiting = NodeWait(space, node_types, wait_timeout_min * 60)
+        if not resume:
+            storage.write_text(storage.join(exp, "space.yaml"), storage.read_text(space_file))
+            write_meta(exp, space_file, overrides, space)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, space=space, data_box=[ray.put(data) if data is not None else None],
                                  in_process=plan.in_process,
-                                 threads=max(1, int(space.scaling.cpus_per_worker)), runs_dir=f"{exp}/train_runs",
-                                 env=passed_env()),
+                                 threads=max(1, int(space.scaling.cpus_per_worker)),
+                                 runs_dir=storage.join(exp, "train_runs"), env=passed_env()),
             plan.trial_resources)
         print(f"emotune: {space.num_samples} trials of {space.name}, {plan.concurrent} at a time, "
-              f"{'in-process' if plan.in_process else f'{space.scaling.workers}-worker Ray Train'} trials; results in {exp}")
+              f"{'in-process' if plan.in_process else f'{space.scaling.workers}-worker Ray Train'} trials; "
+              f"results in {exp}")
+        if plan.launched:  # (autoscaling)
+            print("emotune: counting nodes the autoscaler may launch: "
+                  + ", ".join(f"{t.name} (up to {t.max_workers})" for t in plan.launched))
         # Ray's classic table reporter: one concise live table, sorted by the metric, instead of a box per result.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         # One kept checkpoint per trial makes each checkpoint snapshot the (small) experiment state; that is the
@@ -143,17 +155,86 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
         if resume:
             tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
-            tuner = tune.Tuner(trainable, tune_config=tune_config(space, plan, exp, local),
-                               run_config=tune.RunConfig(name=space.name, storage_path=storage, verbose=verbose,
+            tuner = tune.Tuner(trainable, tune_config=tune_config(space, plan, study),
+                               run_config=tune.RunConfig(name=space.name, storage_path=storage.resolve(storage_path),
+                                                         verbose=verbose,
                                                          failure_config=tune.FailureConfig(max_failures=2),
                                                          # resume needs only the latest; each carries the best weights
                                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                                         progress_reporter=progress_table(space)))
+                                                         progress_reporter=progress_table(space),
+                                                         stop=GiveUpWaiting(waiting)))  # (autoscaling)
         tuner.fit()
+    study.publish()
+    if waiting.gave_up:  # (autoscaling)
+        raise ConfigError(f"{exp}: {waiting.gave_up}")
     return exp
 
 
-def tune_config(space: SearchSpace, plan: Plan, exp: str, local: bool):
+# -------------------------------------------------------------------------------- autoscaling clusters
+
+def cluster_node_types(cluster: str | None, address: str | None, wait_timeout_min: float) -> list:
+    """The node types of --cluster FILE (validated), [] without one; checks that the address answers."""
+    if wait_timeout_min <= 0:
+        raise ConfigError("--wait-timeout must be > 0 minutes")
+    if address:
+        check_reachable(address)
+    if not cluster:
+        return []
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError(f"--cluster {cluster}: describes a running cluster; give its --address too")
+    from distributed.cluster.files import node_types
+
+    return node_types(cluster)
+
+
+class GiveUpWaiting(tune.Stopper):
+    """Ends the search once NodeWait has waited for nodes longer than --wait-timeout (Tune asks stop_all() at
+    every step of its loop)."""
+
+    def __init__(self, waiting: NodeWait):
+        self.waiting = waiting
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.waiting.check()
+
+
+class StudyFiles:
+    """Where the Optuna study lives. SQLite cannot live on object storage, so the study is an Optuna journal
+    (JournalStorage + JournalFileBackend) in a local working file, published to <exp>/optuna.journal each time Tune
+    saves the experiment state (the searcher's save), so the published study always agrees with the state a
+    --resume restores; --resume fetches it back first. A local experiment keeps its working file beside it."""
+
+    def __init__(self, exp: str):
+        self.published = storage.join(exp, "optuna.journal")
+        if storage.is_uri(exp):
+            key = hashlib.sha1(exp.encode()).hexdigest()[:16]
+            self.working = os.path.join(tempfile.gettempdir(), "emotune-optuna", key, "optuna.journal")
+        else:
+            self.working = os.path.join(exp, ".optuna-working.journal")
+
+    def storage(self):
+        from optuna.storages.journal import JournalFileBackend
+
+        os.makedirs(os.path.dirname(self.working), exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(self.working))
+
+    def publish(self) -> None:
+        if os.path.exists(self.working):
+            storage.upload(self.working, self.published)
+
+    def fetch(self) -> None:
+        """The working file becomes the published study: trials asked after the last saved state are dropped,
+        exactly as Tune drops them, so nothing is left RUNNING or counted twice."""
+        if os.path.exists(self.working):
+            os.remove(self.working)
+        if storage.is_file(self.published):
+            storage.download(self.published, self.working)
+
+
+def tune_config(space: SearchSpace, plan: Plan, study: StudyFiles):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -165,15 +246,13 @@ def tune_config(space: SearchSpace, plan: Plan, exp: str, local: bool):
         # constant_liar: trials running at the same time are not sent to the same spot.
         sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.n_startup_trials,
                                              multivariate=True, group=True, constant_liar=True)
-    # The study lives in SQLite inside the experiment, so `optuna-dashboard sqlite:///.../optuna.db` opens it.
-    db = Path(exp) / "optuna.db" if local else Path("results") / f"{space.name}-optuna.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
     metrics = [m for m, _ in space.objectives]
     modes = [m for _, m in space.objectives]
     searcher = DivergenceAwareOptunaSearch(space=space.define_by_run, metric=metrics if space.multi_objective else metrics[0],
                             mode=modes if space.multi_objective else modes[0], sampler=sampler,
                             points_to_evaluate=space.optuna_points() or None, study_name=space.name,
-                            storage=optuna.storages.RDBStorage(f"sqlite:///{db}"))
+                            storage=study.storage())
+    searcher.study = study
     scheduler = None
     if space.asha:
         scheduler = ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, **space.asha)
@@ -192,7 +271,11 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
     - stopped by ASHA (last epoch below its configured epochs, neither early-stopped nor diverged): PRUNED, with
       its per-epoch values as intermediate values. Ray tells COMPLETE with the last (low-fidelity) value, so TPE and
       optuna-dashboard would take an epoch-3 score for a trial's result; TPE ranks PRUNED trials by how far they
-      got, then by value (bench/search_replay.py compares both)."""
+      got, then by value (bench/search_replay.py compares both).
+
+    Each save of the searcher (with the experiment state) also publishes the study (StudyFiles)."""
+
+    study: StudyFiles | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -201,6 +284,11 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id, result):
         super().on_trial_result(trial_id, result)
         self._last_step[trial_id] = result[TRAINING_ITERATION]
+
+    def save(self, checkpoint_path: str):
+        super().save(checkpoint_path)
+        if self.study is not None:
+            self.study.publish()
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         ot_trial = self._ot_trials.get(trial_id)
@@ -246,17 +334,20 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_meta(exp: str, space_file: str, overrides: list[str], num_samples: int) -> None:
+def write_meta(exp: str, space_file: str, overrides: list[str], space: SearchSpace) -> None:
+    """emotune.json: what `emotune best` and --resume need, so results.py never re-reads the search space."""
     from distributed.results import write_json
 
-    write_json({"space_file": str(space_file), "overrides": list(overrides), "num_samples": num_samples,
-                "git_commit": git_commit(),
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, Path(exp) / "emotune.json")
+    write_json({"space_file": str(space_file), "overrides": list(overrides), "num_samples": space.num_samples,
+                "metric": space.metric, "mode": space.mode, "objectives": [list(o) for o in space.objectives],
+                "models": space.model_choices(), "model": space.fixed.get("model", TrainConfig().model),
+                "epochs": space.epochs(), "git_commit": git_commit(),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, storage.join(exp, "emotune.json"))
 
 
 def read_meta(exp: str) -> dict:
-    path = Path(exp) / "emotune.json"
-    if not path.is_file():
+    path = storage.join(exp, "emotune.json")
+    if not storage.is_file(path):
         raise ConfigError(f"{exp}: no emotune experiment here to resume (missing emotune.json); "
                           f"run without --resume to start it")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_text(path))

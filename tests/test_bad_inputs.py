@@ -1,5 +1,6 @@
 """Every bad input in tests/bad_inputs/ (one case per file) is refused with exit code 2 and one line naming the
-problem, before any Ray process starts, and leaves no half-written result directory.
+problem (`expect`) and the fix (`fix`), before any Ray process starts, and leaves no half-written result directory.
+Warnings stay on, as a user sees them: a warning line before the error counts as a second line.
 
 Each case runs the real CLI in its own process with Ray's temporary directory pointed at a fresh folder:
 if anything started Ray, that folder would exist afterwards.
@@ -18,9 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from PIL import Image
-
 from conftest import REPO
+from PIL import Image
 
 CASES = sorted((Path(__file__).parent / "bad_inputs").glob("*.yaml"))
 
@@ -66,14 +66,15 @@ def test_bad_input_is_refused_clearly(path, tmp_path):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in case["argv"]]
     before = sorted(p.name for p in tmp_path.iterdir())
     ray_tmp = tmp_path.parent / f"{tmp_path.name}-raytmp"
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONWARNINGS": "ignore"}
-    env.pop("RAY_ADDRESS", None)
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    for name in ("RAY_ADDRESS", "PYTHONWARNINGS"):
+        env.pop(name, None)
     done = subprocess.run([sys.executable, "-m", "distributed", *argv], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     err = done.stderr.strip()
     assert done.returncode == 2, (case["what"], done.stdout[-500:], err[-2000:])
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and case["expect"] in lines[0], err
+    assert len(lines) == 1 and case["expect"] in lines[0] and case["fix"] in lines[0], err
     assert not ray_tmp.exists(), "a Ray process was started"
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "something was written"
     for rel in case.get("absent", []):

@@ -1,4 +1,5 @@
-"""`emotune cluster validate`, `submit`, `jobs` and `logs`, and the README's `ray job submit`, on a real cluster.
+"""`emotune cluster validate` and `submit`, and the README's `ray job submit` / `ray job list` / `ray job logs`, on a
+real cluster.
 
 The cluster is two `ray start --block` processes on this machine (a head with 1 CPU and the driver resource, and a
 worker node with 2 CPUs), with Ray's token auth on and a token of its own. Everything Ray-side runs in those
@@ -12,22 +13,20 @@ import csv
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port, remove
+from ray_procs import start_node, stop, wait_for_dashboard
+
 from distributed import cli
-from distributed.cluster import JOB_EXCLUDES, REPO_ROOT
+from distributed.cluster.jobs import JOB_EXCLUDES, REPO_ROOT
 from distributed.config import DRIVER_RESOURCE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,15 +80,30 @@ def test_submit_wants_the_dashboard_address_not_the_gcs_one(capsys):
     assert "http://HOST:8265" in capsys.readouterr().err
 
 
-def test_unreachable_cluster_is_one_line_exit_2(capsys):
-    assert cli.main(["jobs", "--address", NOBODY]) == 2
-    assert "cannot reach the Ray dashboard" in capsys.readouterr().err
+def test_unreachable_cluster_is_one_line_exit_2(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert cli.main(["submit", "--address", NOBODY, QUICK, "--storage-path", "/tmp/x"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Ray dashboard" in err and len(err.strip().splitlines()) == 1
 
 
-def test_job_working_dir_leaves_out_results_data_and_the_virtualenv():
+def test_job_working_dir_leaves_out_results_data_and_the_virtualenv(tmp_path):
+    # What Ray itself would upload: its own packaging code zips a checkout-shaped tree with our excludes.
+    from ray._private.runtime_env.packaging import create_package
+
     assert REPO_ROOT == REPO
-    for pattern in ("/results/", "/runs/", "/data/", "/.venv/", "/.git/", "*.pt"):
-        assert pattern in JOB_EXCLUDES
+    tree = tmp_path / "checkout"
+    kept = ["distributed/tune.py", "search_spaces/quick.yaml", "pyproject.toml", "cluster/aws-gpu.yaml"]
+    dropped = ["results/quick/emotune.json", "runs/train/best_model.pt", "data/fer2013/train.parquet",
+               ".venv/bin/python", ".git/HEAD", "distributed/__pycache__/tune.cpython-311.pyc", "model.pth",
+               "ckpt/epoch.ckpt", "emotune.egg-info/PKG-INFO", "build/lib/x.py"]
+    for name in kept + dropped:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text("x")
+    create_package(str(tree), tmp_path / "job.zip", include_gitignore=False, excludes=JOB_EXCLUDES)
+    with zipfile.ZipFile(tmp_path / "job.zip") as z:
+        uploaded = {n for n in z.namelist() if not n.endswith("/")}
+    assert uploaded == set(kept), uploaded
 
 
 # -- a real two-node cluster -------------------------------------------------------------------------------------
@@ -100,94 +114,6 @@ class RayCluster:
     env: dict            # environment of a client: token auth on, the cluster's token
     root: Path           # private temp directory: Ray's files, logs, and results
 
-
-
-def start_node(args: list[str], log: Path, env: dict) -> subprocess.Popen:
-    """`ray start --block ARGS`, returned once the node is up. --block keeps the process (our handle on the node)
-    in the foreground; SIGTERM to it stops the node's processes."""
-    proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=env, cwd=REPO,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while "Ray runtime started" not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop([proc], None)
-            pytest.fail(f"ray start {' '.join(args)} did not come up:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    return proc
-
-
-def wait_for_dashboard(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=5)
-            return
-        except urllib.error.HTTPError:
-            return  # it answers (401 without a token): it is up
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"the dashboard at {url} did not come up in {timeout:.0f}s")
-            time.sleep(1)
-
-
-def processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process on this machine, from /proc (none without /proc: then
-    the `ray start` processes alone clean up)."""
-    found = {}
-    for d in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                found[int(d.name)] = (ppid, (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-            except (OSError, IndexError, ValueError):
-                pass  # it ended while we looked
-    return found
-
-
-def stop(procs: list[subprocess.Popen], root: Path | None) -> None:
-    """Stop what we started and nothing else: our `ray start` processes (each stops its node), then whatever is left
-    of their process trees, or names our private temp directory (Ray workers and job drivers that outlived their
-    parents). A pid is only signalled while its command line is still the one we saw."""
-    before = processes()
-    ours = {p.pid for p in procs}
-    while True:  # everything below our `ray start` processes, by parent links
-        more = {pid for pid, (ppid, _) in before.items() if ppid in ours} - ours
-        if not more:
-            break
-        ours |= more
-    try:
-        for proc in reversed(procs):  # worker nodes first, the head last
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    finally:
-        now = processes()
-        left = {pid for pid in ours if pid in now and now[pid][1] == before.get(pid, (0, None))[1]}
-        if root is not None:
-            left |= {pid for pid, (_, cmd) in now.items() if str(root) in cmd and pid != os.getpid()}
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in left:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 20
-            while left and time.monotonic() < deadline:
-                time.sleep(0.5)
-                left = {pid for pid in left if Path(f"/proc/{pid}").exists() and not zombie(pid)}
-            if not left:
-                break
-
-
-def zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -256,16 +182,12 @@ def test_submit_runs_a_search_as_a_job_and_results_land_in_storage(ray_cluster):
     assert "best_config" in out  # the job's own summary, streamed back while following
     assert_search_results(storage / "quick", trials=2)
 
+    # The README sends people to Ray's own CLI for everything after submitting.
     job = next(w for w in out.split() if w.startswith("raysubmit_")).rstrip(":")
-    listed = emotune("jobs", "--address", ray_cluster.dashboard, env=ray_cluster.env, timeout=120)
-    assert listed.returncode == 0, listed.stderr
-    assert any(job in line and "SUCCEEDED" in line and "distributed tune" in line
-               for line in listed.stdout.splitlines()), listed.stdout
-    logs = emotune("logs", job, "--address", ray_cluster.dashboard, env=ray_cluster.env, timeout=120)
+    listed = run([str(BIN / "ray"), "job", "list", "--address", ray_cluster.dashboard], ray_cluster.env, 120)
+    assert listed.returncode == 0 and job in listed.stdout and "SUCCEEDED" in listed.stdout, listed.stderr[-2000:]
+    logs = run([str(BIN / "ray"), "job", "logs", job, "--address", ray_cluster.dashboard], ray_cluster.env, 120)
     assert logs.returncode == 0 and "leaderboard" in logs.stdout, logs.stderr[-2000:]
-    followed = emotune("logs", job, "--address", ray_cluster.dashboard, "--follow", env=ray_cluster.env,
-                       timeout=120)
-    assert followed.returncode == 0 and f"job {job} SUCCEEDED" in followed.stdout, followed.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -282,16 +204,14 @@ def test_ray_job_submit_as_the_readme_shows(ray_cluster):
 
 @pytest.mark.slow
 def test_token_auth_is_on_and_a_client_without_the_token_is_refused(ray_cluster):
+    submit = ["submit", "--address", ray_cluster.dashboard, QUICK, "--storage-path", "/tmp/never", "--no-wait"]
     no_mode = {k: v for k, v in ray_cluster.env.items() if k != "RAY_AUTH_MODE"}
-    r = emotune("jobs", "--address", ray_cluster.dashboard, env=no_mode, timeout=120)
+    r = emotune(*submit, env=no_mode, timeout=120)
     assert r.returncode == 2 and "set RAY_AUTH_MODE=token" in r.stderr, r.stderr[-2000:]
 
     wrong = ray_cluster.root / "wrong_token"
     wrong.write_text(secrets.token_hex(32))
-    r = emotune("jobs", "--address", ray_cluster.dashboard, env={**ray_cluster.env, "RAY_AUTH_TOKEN_PATH": str(wrong)},
-                timeout=120)
+    r = emotune(*submit, env={**ray_cluster.env, "RAY_AUTH_TOKEN_PATH": str(wrong)}, timeout=120)
     assert r.returncode == 2 and "is not the cluster's" in r.stderr, r.stderr[-2000:]
-
-    r = emotune("logs", "raysubmit_nosuchjob", "--address", ray_cluster.dashboard, "--follow", env=ray_cluster.env,
-                timeout=120)
-    assert r.returncode == 2 and "no such job" in r.stderr, r.stderr[-2000:]
+    listed = run([str(BIN / "ray"), "job", "list", "--address", ray_cluster.dashboard], ray_cluster.env, 120)
+    assert "/tmp/never" not in listed.stdout  # neither refused client submitted anything

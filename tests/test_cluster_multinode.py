@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port, remove
+
 from distributed import cli
 from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS
-from distributed.search_space import SpaceError, load_space
 from distributed.plan import plan_trials
+from distributed.search_space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "search_spaces" / "quick.yaml"
@@ -45,41 +45,6 @@ def space_with(tmp_path: Path, num_samples: int = 8, **scaling) -> Path:
     path = tmp_path / f"quick-{'-'.join(f'{k}{v}' for k, v in scaling.items()) or 'as-is'}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-# -- planning, on node dicts -------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("cpus, gpus, expected", [
-    (0.5, 1, 2),     # GPU node: min(1 CPU / 0.5, 2 GPU / 1) = 2 workers; the CPU node holds no GPU worker
-    (0.5, 0.5, 2),   # min(2, 4): the CPU is the limit
-    (0.25, 0.5, 4),  # min(4, 4)
-    (1, 2, 1),       # one worker takes the whole node
-])
-def test_plan_counts_gpus_per_node(tmp_path, cpus, gpus, expected):
-    space = load_space(space_with(tmp_path, cpus_per_worker=cpus, gpus_per_worker=gpus))
-    assert plan_trials(space, [HEAD, CPU_NODE, GPU_NODE]).concurrent == expected
-
-
-def test_multi_node_trials_use_worker_groups_with_drivers_pinned_to_the_head(tmp_path):
-    space = load_space(space_with(tmp_path))
-    plan = plan_trials(space, [HEAD, CPU_NODE, GPU_NODE])
-    assert not plan.in_process and plan.driver_pinned
-    assert plan.trial_resources == {"CPU": 0, DRIVER_RESOURCE: 0.001}  # the driver holds no CPU a worker needs
-    assert plan.concurrent == 2
-    # One machine: a one-worker trial trains inside its own trial process.
-    single = plan_trials(space, [{"CPU": 2.0, DRIVER_RESOURCE: float(DRIVER_SLOTS)}])
-    assert single.in_process and single.trial_resources == {"CPU": 1.0}
-
-
-@pytest.mark.parametrize("scaling, message", [
-    ({"gpus_per_worker": 3}, "no node has that much (largest: 1 CPU, 2 GPU)"),
-    ({"cpus_per_worker": 2}, "no node has that much"),
-    ({"workers": 3}, "the cluster holds only 2"),
-], ids=["gpus", "cpus", "workers"])
-def test_a_trial_bigger_than_the_cluster_is_refused(tmp_path, scaling, message):
-    with pytest.raises(SpaceError, match="scaling") as err:
-        plan_trials(load_space(space_with(tmp_path, **scaling)), [HEAD, CPU_NODE, GPU_NODE])
-    assert message in str(err.value)
 
 
 def test_a_trial_needing_more_gpus_than_this_machine_has_exits_2_before_ray_starts(tmp_path, capsys):

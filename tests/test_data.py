@@ -10,8 +10,17 @@ import torch
 from PIL import Image
 
 from distributed.config import TrainConfig
-from distributed.data import (DATASETS, DataError, Decoded, augment, class_weights, decode_data, make_splits,
-                              mix_transform, read_images)
+from distributed.data import (
+    DATASETS,
+    DataError,
+    Decoded,
+    augment,
+    class_weights,
+    decode_data,
+    make_splits,
+    mix_transform,
+    read_images,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FER_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]

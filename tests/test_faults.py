@@ -9,8 +9,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from distributed.config import TrainConfig
-from distributed.config import Scaling
+from distributed.config import Scaling, TrainConfig
 from distributed.run import train_run
 from distributed.train import STATE_FORMAT, load_file
 

@@ -9,8 +9,15 @@ import torch
 
 from distributed.config import TrainConfig
 from distributed.data import decode_data
-from distributed.train import (LocalRun, epoch_batches, load_model, load_state, make_schedule, steps_per_epoch,
-                               train_loop)
+from distributed.train import (
+    LocalRun,
+    epoch_batches,
+    load_model,
+    load_state,
+    make_schedule,
+    steps_per_epoch,
+    train_loop,
+)
 
 TINY = dict(model="small_cnn", epochs=2, batch_size=64, train_limit=280, augment=False, lr_head=3e-3,
             lr_backbone=3e-3, seed=0)
@@ -115,3 +122,22 @@ def test_schedule_resumes_where_it_stopped(schedule):
     assert np.allclose(rest, whole[15:], rtol=1e-9, atol=0)
     if schedule == "onecycle":
         assert max(r[0] for r in whole) == pytest.approx(peaks[0], rel=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loop_on_cuda_with_amp_and_channels_last(synthetic, tmp_path):
+    """One epoch on the GPU through a LocalRun, bf16 autocast and channels_last on: finite metrics, and the kept
+    model file loads back on the CPU."""
+    import math
+
+    from distributed.train import BEST_FILE
+
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "amp": True, "channels_last": True, "augment": True,
+                         "mixup_alpha": 0.2})
+    run = LocalRun(device="cuda", checkpoint_dir=tmp_path)
+    train_loop(cfg, synthetic, run)
+    (report,) = run.reports
+    assert all(math.isfinite(report[k]) for k in ("train_loss", "val_loss", "val_acc", "images_per_s"))
+    assert not report["diverged"]
+    net, _, _, _ = load_model(tmp_path / BEST_FILE)
+    assert next(net.parameters()).device.type == "cpu"

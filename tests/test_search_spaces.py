@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from conftest import SPACES
 from ray.tune.utils.util import unflatten_dict
 
-from conftest import SPACES
 from distributed.cli import main
 from distributed.config import ConfigError, TrainConfig
 from distributed.search_space import load_space
@@ -71,7 +71,7 @@ def test_overrides_pin_a_searched_value():
 def test_asha_grace_period_before_first_unfreeze_warns(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("scheduler: {asha: {max_t: 20, grace_period: 2}}\n"
-                    "fixed: {model: resnet18, freeze: progressive, epochs: 20}\n"
+                    "fixed: {model: resnet18, freeze: progressive, epochs: 20, warmup_pct: 0.1}\n"
                     "space: {unfreeze_start: {int: [2, 8]}, lr_head: {loguniform: [1.0e-4, 1.0e-2]}}\n")
     (warning,) = load_space(path).warnings()
     assert "grace_period (2) ends before the first unfreeze" in warning and "resnet18" in warning

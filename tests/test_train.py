@@ -7,14 +7,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import DATA, need
+
 from distributed.cli import main
-from distributed.config import TrainConfig
-from distributed.config import Scaling
-from distributed.run import train_run
-from distributed.models import create_model, stages
+from distributed.config import Scaling, TrainConfig
 from distributed.data import load_data, make_splits
+from distributed.models import create_model, stages
+from distributed.run import train_run
 from distributed.train import MODEL_FORMAT, load_model, predict, set_trainable
 
 

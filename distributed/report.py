@@ -1,0 +1,297 @@
+"""report.html for a search: one self-contained page (plotly's JavaScript inline, no network) that shows the
+leaderboard, every trial's learning curve with the points where ASHA stopped it, Optuna's parameter importances,
+parameters against the metric, the Pareto front of a multi-objective search, and the best trial's confusion
+matrix and per-class F1.
+
+Everything is read back from the experiment directory (the same files `emotune best` reads), so the page can be
+rebuilt for an interrupted search or a copy synced from cloud storage: `emotune report EXPERIMENT`.
+
+The best trial's confusion matrix comes from scoring its best_model.pt on the validation split again (the same
+seeded split the trial used): a trial reports only scalar metrics, and the validation split is what the search
+selected on. The test split stays untouched until `emotune train` evaluates the winner.
+"""
+from __future__ import annotations
+
+import html
+import math
+import os
+import re
+
+import numpy as np
+
+from distributed import storage
+
+PAGE_FILE = "report.html"
+# A click on a column header sorts the leaderboard by it (numbers as numbers, empty cells last).
+SORT_SCRIPT = """
+document.querySelectorAll("table.sortable th").forEach((th, col) => th.addEventListener("click", () => {
+  const body = th.closest("table").tBodies[0], down = th.dataset.dir !== "desc";
+  th.dataset.dir = down ? "desc" : "asc";
+  const key = r => { const t = r.cells[col].textContent, n = parseFloat(t); return t === "" ? null : isNaN(n) ? t : n; };
+  [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
+    return x === null ? 1 : y === null ? -1 : (x < y ? -1 : x > y ? 1 : 0) * (down ? -1 : 1);
+  }).forEach(r => body.appendChild(r));
+}));
+"""
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table.sortable { border-collapse: collapse; font-size: 0.85em; }
+table.sortable th { cursor: pointer; background: #f2f2f2; position: sticky; top: 0; }
+table.sortable td, table.sortable th { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
+.note { color: #666; font-size: 0.9em; }
+"""
+
+
+def load_study(exp: str):
+    """The experiment's Optuna study (tune.StudyFiles publishes it as <exp>/optuna.journal, on any storage), or None
+    when there is none. A copy is opened, so a search writing to the journal is never disturbed."""
+    import tempfile
+
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = storage.join(exp, "optuna.journal")
+    if not storage.is_file(journal):
+        return None
+    local = os.path.join(tempfile.mkdtemp(prefix="emotune-report-"), "optuna.journal")
+    storage.download(journal, local)
+    url = optuna.storages.JournalStorage(JournalFileBackend(local))
+    names = optuna.study.get_all_study_names(url)
+    return optuna.load_study(study_name=names[0], storage=url) if len(names) == 1 else None
+
+
+def write_report(exp: str, meta: dict, rows: list[dict]) -> str:
+    """Build report.html from the experiment directory or URI; `meta` is its emotune.json, `rows` the leaderboard
+    rows (best first)."""
+    from distributed.results import flatten_params, pareto_front, read_trials
+
+    metric, mode = meta["metric"], meta["mode"]
+    objectives = [tuple(o) for o in meta["objectives"]]
+    name = str(exp).rstrip("/").rsplit("/", 1)[-1]
+    trials = read_trials(exp)
+    sections = [("Leaderboard", leaderboard_html(rows, metric)),
+                ("Learning curves", figure_html(curves_figure(trials, rows, metric))),
+                ("Parameter importances", importances_html(exp, metric, len(objectives) > 1)),
+                ("Parameters against the metric", figure_html(parallel_figure(rows, trials, metric, flatten_params)))]
+    if len(objectives) > 1:
+        front = pareto_front([r for r in rows if r.get(f"best_{metric}") is not None], objectives, metric)
+        sections.append(("Pareto front", figure_html(pareto_figure(rows, front, objectives, metric))))
+    sections.append(("Best trial on the validation split", best_trial_html(exp, rows, trials, metric)))
+
+    import plotly.offline
+
+    counts = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    head = (f"<h1>Search {html.escape(name)}</h1><p>{len(rows)} trials "
+            f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); metric <b>{metric}</b> ({mode}). "
+            f"Directory: <code>{html.escape(str(exp))}</code></p>")
+    body = head + "".join(f"<h2>{title}</h2>{content}" for title, content in sections)
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>emotune: {html.escape(name)}</title>"
+            f"<style>{STYLE}</style><script>{plotly.offline.get_plotlyjs()}</script></head>"
+            f"<body>{body}<script>{SORT_SCRIPT}</script></body></html>")
+    path = storage.join(exp, PAGE_FILE)
+    storage.write_text(path, page)
+    return path
+
+
+def figure_html(fig) -> str:
+    if fig is None:
+        return "<p class='note'>nothing to plot yet: no trial has reported a metric</p>"
+    return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
+
+
+def cell(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+
+
+def leaderboard_html(rows: list[dict], metric: str) -> str:
+    if not rows:
+        return "<p class='note'>no trials yet</p>"
+    shown = ["trial_id", "status", "model", f"best_{metric}", "epochs_run"]
+    shown += [k for k in rows[0] if k.startswith("param.") and k[6:] not in shown] + ["num_params", "epoch_s", "wall_s"]
+    shown = [k for k in dict.fromkeys(shown) if any(k in r for r in rows)]
+    head = "".join(f"<th>{html.escape(k.removeprefix('param.'))}</th>" for k in shown)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(k))}</td>" for k in shown) + "</tr>" for r in rows)
+    return (f"<p class='note'>click a column to sort; the same rows as leaderboard.csv</p>"
+            f"<table class='sortable'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def curves_figure(trials: list[dict], rows: list[dict], metric: str):
+    """The metric per epoch for every trial; an X where ASHA stopped a trial."""
+    import plotly.graph_objects as go
+
+    status = {r["trial_id"]: r["status"] for r in rows}
+    fig = go.Figure()
+    stops_x, stops_y, stops_text = [], [], []
+    for t in trials:
+        points = [(h["epoch"], h[metric]) for h in t["rows"] if isinstance(h.get(metric), (int, float))]
+        if not points:
+            continue
+        x, y = zip(*points)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=t["trial_id"], marker={"size": 5},
+                                 hovertemplate=f"{t['trial_id']}<br>epoch %{{x}}<br>{metric} %{{y:.4f}}<extra></extra>"))
+        if status.get(t["trial_id"]) == "asha_stopped":
+            stops_x.append(x[-1]), stops_y.append(y[-1]), stops_text.append(t["trial_id"])
+    if not fig.data:
+        return None
+    if stops_x:
+        fig.add_trace(go.Scatter(x=stops_x, y=stops_y, mode="markers", name="stopped by ASHA", text=stops_text,
+                                 marker={"symbol": "x", "size": 12, "color": "black"},
+                                 hovertemplate="%{text} stopped by ASHA after epoch %{x}<extra></extra>"))
+    fig.update_layout(xaxis_title="epoch", yaxis_title=metric, height=450, margin={"t": 20})
+    return fig
+
+
+def importances_html(exp: str, metric: str, multi_objective: bool) -> str:
+    """Optuna's fANOVA evaluator over the study's completed trials (for the first objective)."""
+    import optuna
+    import plotly.graph_objects as go
+
+    study = load_study(exp)
+    if study is None:
+        return "<p class='note'>no Optuna study in this experiment (optuna.journal): importances need it</p>"
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    # fANOVA named explicitly (and seeded): it splits the metric's variance, so the direction does not matter, and
+    # the page does not change when Optuna changes its default evaluator.
+    kw = {"target": (lambda t: t.values[0])} if multi_objective else {}
+    try:
+        imp = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), **kw)
+    except (RuntimeError, ValueError) as exc:  # too few completed trials, or no parameter varied
+        return f"<p class='note'>importances not computable yet ({len(done)} completed trials): {html.escape(str(exc))}</p>"
+    if not imp:
+        return f"<p class='note'>importances need at least two completed trials ({len(done)} so far)</p>"
+    names = list(imp)[::-1]
+    fig = go.Figure(go.Bar(x=[imp[n] for n in names], y=names, orientation="h"))
+    fig.update_layout(xaxis_title=f"importance for {metric} (fANOVA)", height=120 + 30 * len(names),
+                      margin={"t": 20})
+    return (f"<p class='note'>Optuna's fANOVA evaluator over {len(done)} completed trials, on the value each trial "
+            f"ended with</p>" + figure_html(fig))
+
+
+def parallel_figure(rows: list[dict], trials: list[dict], metric: str, flatten_params):
+    """One line per trial through its parameters to best_<metric>; log-distributed numbers on a log10 axis."""
+    import plotly.graph_objects as go
+
+    ranked = [r for r in rows if r.get(f"best_{metric}") is not None]
+    if not ranked:
+        return None
+    params = list(dict.fromkeys(k for r in ranked for k in r if k.startswith("param.")))
+    dims = []
+    for key in params:
+        values = [r.get(key) for r in ranked]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            positive = all(v > 0 for v in values)
+            spread = positive and max(values) / min(values) > 50
+            dims.append({"label": f"log10 {key[6:]}" if spread else key[6:],
+                         "values": [math.log10(v) for v in values] if spread else values})
+        else:  # categorical (or missing for some architectures): one tick per value
+            labels = sorted({str(v) for v in values})
+            dims.append({"label": key[6:], "values": [labels.index(str(v)) for v in values],
+                         "tickvals": list(range(len(labels))), "ticktext": labels})
+    scores = [r[f"best_{metric}"] for r in ranked]
+    dims.append({"label": f"best {metric}", "values": scores})
+    fig = go.Figure(go.Parcoords(dimensions=dims, line={"color": scores, "colorscale": "Viridis", "showscale": True}))
+    fig.update_layout(height=450, margin={"t": 60, "l": 60, "r": 60})
+    return fig
+
+
+def pareto_figure(rows: list[dict], front: list[dict], objectives: list[tuple[str, str]], metric: str):
+    """The first two objectives: every trial, the non-dominated ones (pareto_front.csv) highlighted."""
+    import plotly.graph_objects as go
+
+    (a, da), (b, db) = objectives[0], objectives[1]
+
+    def val(r, m):
+        return r.get(f"best_{metric}") if m == metric else r.get(m)
+
+    scored = [r for r in rows if val(r, a) is not None and val(r, b) is not None]
+    if not scored:
+        return None
+    on_front = {r["trial_id"] for r in front}
+    fig = go.Figure()
+    for name, group, style in (("trials", [r for r in scored if r["trial_id"] not in on_front], {"color": "#aaa"}),
+                               ("Pareto front", sorted([r for r in scored if r["trial_id"] in on_front],
+                                                       key=lambda r: val(r, b)), {"color": "crimson", "size": 10})):
+        fig.add_trace(go.Scatter(x=[val(r, b) for r in group], y=[val(r, a) for r in group], name=name,
+                                 text=[f"{r['trial_id']} ({r['model']})" for r in group], marker=style,
+                                 mode="markers+lines" if name == "Pareto front" else "markers",
+                                 hovertemplate="%{text}<br>" + f"{b} %{{x}}<br>{a} %{{y:.4f}}<extra></extra>"))
+    fig.update_layout(xaxis_title=f"{b} ({db})", yaxis_title=f"{a} ({da})", height=450, margin={"t": 20})
+    return fig
+
+
+def best_checkpoint(trial_dir: str) -> str | None:
+    """The best_model.pt of the trial's newest checkpoint (each checkpoint carries the best weights so far)."""
+    found = sorted((f for f in storage.list_files(trial_dir) if re.search(r"(^|/)checkpoint_\d+/best_model\.pt$", f)),
+                   key=lambda f: f.rsplit("/", 2)[-2])
+    return storage.join(trial_dir, found[-1]) if found else None
+
+
+def best_trial_html(exp: str, rows: list[dict], trials: list[dict], metric: str) -> str:
+    ranked = [r for r in rows if r.get(f"best_{metric}") is not None]
+    if not ranked:
+        return "<p class='note'>no trial has reported a metric yet</p>"
+    best = ranked[0]
+    tdir = next(t["dir"] for t in trials if t["trial_id"] == best["trial_id"])
+    ckpt = best_checkpoint(tdir)
+    if ckpt is None:
+        return f"<p class='note'>{best['trial_id']}: no checkpoint with best_model.pt in {html.escape(str(tdir))}</p>"
+    from distributed.data import DataError
+    from distributed.train import ModelFileError
+
+    try:
+        y_true, y_pred, names = score_on_validation(ckpt)
+    except (DataError, ModelFileError) as exc:  # e.g. a copied experiment whose data lives on another machine
+        return f"<p class='note'>{best['trial_id']}: cannot score {html.escape(str(ckpt))}: {html.escape(str(exc))}</p>"
+    return (f"<p class='note'>{best['trial_id']}'s best weights ({html.escape(ckpt[len(str(exp)) + 1:])}) "
+            f"scored again on its validation split ({len(y_true)} images)</p>"
+            + figure_html(confusion_figure(y_true, y_pred, names)) + figure_html(f1_figure(y_true, y_pred, names)))
+
+
+def score_on_validation(ckpt: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Labels and predictions of a model file on the validation split of the config it was trained with."""
+    import tempfile
+
+    import torch
+
+    from distributed.data import load_data, make_splits
+    from distributed.models import native_size
+    from distributed.train import load_model, predict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "best_model.pt")
+        storage.download(ckpt, local)
+        net, cfg, names, _ = load_model(local)
+    splits = make_splits(load_data(cfg), cfg)
+    logits = predict(net, torch.from_numpy(splits.val_x), cfg, cfg.image_size or native_size(cfg.model),
+                     torch.device("cpu"))
+    return splits.val_y, logits.argmax(1).numpy(), names
+
+
+def confusion_figure(y_true, y_pred, names: list[str]):
+    import plotly.express as px
+    from sklearn.metrics import accuracy_score, confusion_matrix
+
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(names))))
+    fig = px.imshow(cm, x=names, y=names, text_auto=True, color_continuous_scale="Blues",
+                    labels={"x": "predicted", "y": "true", "color": "images"})
+    fig.update_layout(title=f"confusion matrix (accuracy {accuracy_score(y_true, y_pred):.3f})", height=500,
+                      width=600)
+    return fig
+
+
+def f1_figure(y_true, y_pred, names: list[str]):
+    import plotly.graph_objects as go
+    from sklearn.metrics import f1_score
+
+    f1 = f1_score(y_true, y_pred, labels=list(range(len(names))), average=None, zero_division=0)
+    fig = go.Figure(go.Bar(x=names, y=f1, text=[f"{v:.2f}" for v in f1], textposition="outside"))
+    fig.update_layout(title=f"per-class F1 (macro {float(np.mean(f1)):.3f})", yaxis_range=[0, 1.1], height=400,
+                      width=600)
+    return fig
+

@@ -1,0 +1,96 @@
+"""report.html as a person sees it: a real 2-trial search writes it, a headless Chromium opens it, every plot
+renders, the page logs no script error, and a screenshot shows something. `emotune report` rebuilds it, also for an
+experiment that was cut off mid-trial."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+from conftest import SPACES
+from PIL import Image
+
+from distributed.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("needs a headless Chromium: apt-get install -y chromium")
+    return exe
+
+
+def open_page(page, tmp_path) -> tuple[str, list[str], np.ndarray]:
+    """-> (the DOM after scripts ran, the page's console messages, a screenshot as an RGB array)."""
+    args = [chromium(), "--headless=new", "--disable-gpu", "--no-sandbox", "--enable-unsafe-swiftshader",
+            "--host-resolver-rules=MAP * ~NOTFOUND",  # no network: the page must carry everything it needs
+            "--hide-scrollbars", "--window-size=1400,4000", "--virtual-time-budget=10000",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    url = page.resolve().as_uri()
+    dom = subprocess.run([*args, "--enable-logging=stderr", "--v=0", "--dump-dom", url], check=False,
+                         capture_output=True, text=True, timeout=300)
+    # Console lines: `...:CONSOLE:LINE] "message", source: URL`. Chromium's own WebGL driver notes (software
+    # rendering, no GPU) come through the same channel, prefixed with "[.WebGL-" or "[]".
+    console = [m for m in re.findall(r':CONSOLE[^\]]*\] "(.*)", source:', dom.stderr) if not m.startswith("[")]
+    shot = tmp_path / "shot.png"
+    subprocess.run([*args, f"--screenshot={shot}", url], capture_output=True, timeout=300, check=True)
+    return dom.stdout, console, np.asarray(Image.open(shot).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def experiment(ray_local, tmp_path_factory):
+    """Two real trials of two architectures, two objectives (so the page has a Pareto front)."""
+    tmp = tmp_path_factory.mktemp("report")
+    doc = yaml.safe_load((SPACES / "quick.yaml").read_text())
+    doc.update(name="report", num_samples=2, scheduler="none", objectives=[{"val_acc": "max"}, {"num_params": "min"}],
+               fixed={"epochs": 2, "train_limit": 200, "data": "synthetic"},
+               space={"model": {"choice": ["small_cnn", "emotion_cnn48"]}, "lr_head": {"loguniform": [1e-3, 1e-2]}},
+               points_to_evaluate=[{"model": "small_cnn"}, {"model": "emotion_cnn48"}])
+    (tmp / "report.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["tune", str(tmp / "report.yaml"), "--storage-path", str(tmp)]) == 0
+    return tmp / "report"
+
+
+def test_search_report_renders_in_a_browser(experiment, tmp_path):
+    page = experiment / "report.html"
+    source = page.read_text()
+    assert "<script src" not in source and "<link" not in source  # everything inline: nothing to fetch
+    figures = source.count('class="plotly-graph-div"')
+    for title in ("Leaderboard", "Learning curves", "Parameter importances", "Parameters against the metric",
+                  "Pareto front", "Best trial on the validation split"):
+        assert f"<h2>{title}</h2>" in source
+    assert figures >= 5  # curves, parallel coordinates, Pareto front, confusion matrix, per-class F1
+
+    dom, console, shot = open_page(page, tmp_path)
+    assert console == [], console
+    assert dom.count('class="plotly-graph-div js-plotly-plot"') == figures  # plotly drew every figure...
+    assert dom.count('class="main-svg"') >= 2 * figures  # ...into SVG
+    assert dom.count("<tr>") == 1 + 2  # header and one row per trial
+    assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 200, "the screenshot is (nearly) blank"
+
+
+def test_page_errors_are_caught_by_this_check(tmp_path):
+    """The console check above can fail: a page with a broken script is seen as such."""
+    page = tmp_path / "broken.html"
+    page.write_text("<html><body><p>x</p><script>undefined_function()</script></body></html>")
+    _, console, _ = open_page(page, tmp_path)
+    assert any("undefined_function is not defined" in m for m in console), console
+
+
+def test_report_rebuilds_for_an_interrupted_search(experiment, tmp_path, capsys):
+    copy = tmp_path / "cut"
+    shutil.copytree(experiment, copy)
+    (copy / "report.html").unlink()
+    for state in copy.glob("experiment_state-*.json"):  # as if the driver died before Tune saved its state
+        state.unlink()
+    result = next(copy.glob("*/result.json"))
+    result.write_text(result.read_text().splitlines()[0] + "\n")  # that trial got through one epoch only
+    assert main(["report", str(copy)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {copy / 'report.html'}"
+    source = (copy / "report.html").read_text()
+    assert "2 trials (" in source and "incomplete" in source

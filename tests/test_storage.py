@@ -1,0 +1,259 @@
+"""Experiments, configs and data on object storage: a real S3 server (moto in server mode on 127.0.0.1) with IAM
+authentication switched on, so missing or wrong credentials are refused as by a real bucket.
+
+Searches and training runs go through the real CLI in their own process (which starts its own local Ray with
+the S3 settings in its environment, as a user's shell would).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import REPO, SPACES, free_port
+from PIL import Image
+
+from distributed import storage
+from distributed.data import decode_data
+
+BUCKET = "emo"
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+          "AWS_EC2_METADATA_DISABLED")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server with one bucket and one IAM user allowed everything; its settings are in os.environ for
+    the module (and so in every subprocess it starts). Yields the server's endpoint URL."""
+    import boto3
+    import moto.settings
+    from moto.server import ThreadedMotoServer
+
+    # The first 4 requests (creating the user, its key, its policy, the bucket) go unauthenticated; every later
+    # request must be signed with that user's key.
+    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 4
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    setup = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                 aws_secret_access_key="setup")
+    iam = boto3.client("iam", **setup)
+    iam.create_user(UserName="emotune")
+    key = iam.create_access_key(UserName="emotune")["AccessKey"]
+    iam.put_user_policy(UserName="emotune", PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    boto3.client("s3", **setup).create_bucket(Bucket=BUCKET)
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"],
+                      AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    try:
+        yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+        moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")
+
+
+def emotune(*argv: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**(env or os.environ), "PYTHONWARNINGS": "ignore"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "distributed", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48), dtype=np.uint8), "L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def parquet_from_synthetic(n: int = 400) -> bytes:
+    """A one-file FER2013-style Parquet (image bytes, label, usage) made from the built-in synthetic faces."""
+    d = decode_data("synthetic", size=48)
+    rng = np.random.default_rng(0)
+    train, test = rng.permutation(len(d.train_y))[:n], rng.permutation(len(d.test_y))[:n // 4]
+    encoded = []
+    for img in np.concatenate([d.train_x[train], d.test_x[test]]):
+        buf = io.BytesIO()
+        Image.fromarray(img[0]).save(buf, "PNG")
+        encoded.append(buf.getvalue())
+    labels = [d.class_names[i] for i in np.concatenate([d.train_y[train], d.test_y[test]])]
+    usage = ["Training"] * len(train) + ["PublicTest"] * len(test)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"image": encoded, "label": labels, "usage": usage}), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def small_space(tmp_path: Path, name: str, **changes) -> Path:
+    doc = yaml.safe_load((SPACES / "quick.yaml").read_text())
+    doc.update(name=name, **changes)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ the file layer
+
+def test_files_round_trip_on_s3_and_locally(s3, tmp_path):
+    for base in (f"s3://{BUCKET}/layer", str(tmp_path / "layer")):
+        storage.write_text(storage.join(base, "a", "x.json"), '{"v": 1}')
+        storage.write_bytes(storage.join(base, "a", "y.bin"), b"\x00\x01")
+        storage.upload(__file__, storage.join(base, "b", "copy.py"))
+        assert storage.read_text(storage.join(base, "a", "x.json")) == '{"v": 1}'
+        assert storage.list_dir(storage.join(base, "a")) == ["x.json", "y.bin"]
+        assert storage.glob(storage.join(base, "a"), "*.json") == [storage.join(base, "a", "x.json")]
+        assert storage.list_files(base) == ["a/x.json", "a/y.bin", "b/copy.py"]
+        assert storage.is_dir(storage.join(base, "a")) and storage.is_file(storage.join(base, "a", "y.bin"))
+        assert not storage.exists(storage.join(base, "nothing"))
+        storage.download(storage.join(base, "b", "copy.py"), tmp_path / "back.py")
+        assert (tmp_path / "back.py").read_bytes() == Path(__file__).read_bytes()
+    assert not list(tmp_path.glob("layer/a/.*.tmp")), "a local write left its temporary file"
+
+
+def test_imagefolder_and_parquet_read_from_s3_equal_local(s3, tmp_path):
+    root = tmp_path / "faces"
+    for split, per in (("train", 3), ("test", 2)):
+        for c, cls in enumerate(("happy", "sad")):
+            for i in range(per):
+                f = root / split / cls / f"{i}.png"
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_bytes(png(100 * c + 10 * i + len(split)))
+    storage.upload_dir(root, f"s3://{BUCKET}/faces")
+    local = decode_data(f"imagefolder:{root}")
+    remote = decode_data(f"imagefolder:s3://{BUCKET}/faces")
+    assert remote.class_names == local.class_names == ["happy", "sad"]
+    assert np.array_equal(remote.train_x, local.train_x) and np.array_equal(remote.test_y,
+                                                                                      local.test_y)
+    storage.write_bytes(f"s3://{BUCKET}/fer/fer.parquet", parquet_from_synthetic(100))
+    (tmp_path / "fer.parquet").write_bytes(storage.read_bytes(f"s3://{BUCKET}/fer/fer.parquet"))
+    remote = decode_data(f"parquet:s3://{BUCKET}/fer/fer.parquet")
+    local = decode_data(f"parquet:{tmp_path / 'fer.parquet'}")
+    assert np.array_equal(remote.train_x, local.train_x) and len(remote.train_y) == 100
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("case", ["missing bucket", "wrong endpoint", "no credentials", "wrong credentials"])
+def test_bad_storage_is_one_line_exit_2_before_ray(s3, tmp_path, case):
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "raytmp"))
+    where, expect = f"s3://{BUCKET}/bad", "access denied"
+    if case == "missing bucket":
+        where, expect = "s3://no-such-bucket/x", "bucket 'no-such-bucket' does not exist"
+    elif case == "wrong endpoint":
+        env["AWS_ENDPOINT_URL"], expect = f"http://127.0.0.1:{free_port()}", "cannot reach the object store"
+    elif case == "no credentials":
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.pop(k)
+        env["AWS_SHARED_CREDENTIALS_FILE"], expect = str(tmp_path / "none"), "no AWS credentials found"
+    else:
+        env["AWS_SECRET_ACCESS_KEY"] = "wrong"
+    done = emotune("tune", "quick", "--storage-path", where, env=env, timeout=180)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and expect in lines[0], (case, done.stderr[-2000:])
+    assert not (tmp_path / "raytmp").exists(), "a Ray process was started"
+    if case != "missing bucket":
+        return
+    # and `emotune train --config` from the same place says the same
+    done = emotune("train", "--config", f"{where}/best_config.yaml", env=env, timeout=180)
+    assert done.returncode == 2 and expect in done.stderr, (case, done.stderr[-2000:])
+
+
+# --------------------------------------------------------------------------------------- whole workflows
+
+@pytest.mark.slow
+def test_search_on_s3_with_data_from_s3_then_best_and_train(s3, tmp_path):
+    data = f"s3://{BUCKET}/data/fer.parquet"
+    storage.write_bytes(data, parquet_from_synthetic(400))
+    space = small_space(tmp_path, "cloud", num_samples=2, scheduler="none",
+                        fixed={"model": "small_cnn", "epochs": 1, "train_limit": 200, "data": f"parquet:{data}"})
+    exp = f"s3://{BUCKET}/x/cloud"
+    done = emotune("tune", str(space), "--storage-path", f"s3://{BUCKET}/x")
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = storage.list_dir(exp)
+    for f in ("emotune.json", "space.yaml", "leaderboard.parquet", "leaderboard.csv", "best_config.yaml",
+              "optuna.journal"):
+        assert f in names, (f, names)
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(f"{exp}/leaderboard.parquet"))).to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
+    assert not (REPO / "results").exists() or not list((REPO / "results").glob("cloud*")), "a study landed in ./results"
+
+    best = emotune("best", exp, "--top", "2")
+    assert best.returncode == 0, best.stderr[-2000:]
+    assert "top 2 of 2 trials by val_acc" in best.stdout and rows[0]["trial_id"] in best.stdout
+
+    # The best config re-runs from the bucket, with its data from the bucket, and leaves its files there.
+    run = f"s3://{BUCKET}/x/rerun"
+    done = emotune("train", "--config", f"{exp}/best_config.yaml", "--output", run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = storage.list_dir(run)
+    for f in ("config.yaml", "best_model.pt", "final_model.pt", "metrics.parquet", "test_metrics.json", "run"):
+        assert f in names, (f, names)
+
+
+@pytest.mark.slow
+def test_search_on_s3_killed_then_resumed_runs_each_trial_once(s3, tmp_path):
+    space = small_space(tmp_path, "resume", num_samples=3, scheduler="none",
+                        fixed={"model": "small_cnn", "epochs": 2, "train_limit": 200})
+    exp = f"s3://{BUCKET}/k/resume"
+    cmd = [sys.executable, "-m", "distributed", "tune", str(space), "--storage-path", f"s3://{BUCKET}/k"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 420
+        while time.time() < deadline and not finished(exp):
+            time.sleep(2)
+        assert finished(exp), "no trial finished in time"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and every process it started: a real crash
+        proc.wait()
+    before = finished(exp)
+    assert len(before) < 3
+
+    done = emotune("tune", str(space), "--storage-path", f"s3://{BUCKET}/k", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(f"{exp}/leaderboard.parquet"))).to_pylist()
+    assert len(rows) == 3 == len({r["trial_id"] for r in rows})
+    assert all(r["status"] == "completed" and r["epochs_run"] == 2 for r in rows)
+    for trial in storage.glob(exp, "*"):  # each epoch of each trial reported once: nothing was run twice
+        if storage.is_file(f"{trial}/result.json"):
+            assert epochs(f"{trial}/result.json") == [1, 2], trial
+    journal = tmp_path / "optuna.journal"
+    storage.download(f"{exp}/optuna.journal", journal)
+    check_study(journal, "resume", 3)
+
+
+def finished(exp: str) -> list[str]:
+    return [t for t in storage.glob(exp, "*") if storage.is_file(f"{t}/result.json")
+            and 2 in epochs(f"{t}/result.json")]
+
+
+def epochs(result_file: str) -> list[int]:
+    return [json.loads(line)["epoch"] for line in storage.read_text(result_file).splitlines() if '"epoch"' in line]
+
+
+def check_study(journal: Path, name: str, num_samples: int, states=(optuna.trial.TrialState.COMPLETE,)) -> None:
+    """Exactly num_samples trials in the study, each finished in an expected state, no two with the same point."""
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+    assert len(study.trials) == num_samples, [(t.number, t.state) for t in study.trials]
+    assert all(t.state in states for t in study.trials), [t.state for t in study.trials]
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == num_samples
