@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 from ray import tune
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 from distributed import storage
@@ -264,11 +265,25 @@ def tune_config(space: SearchSpace, plan: Plan, study: StudyFiles):
 
 
 class DivergenceAwareOptunaSearch(OptunaSearch):
-    """A diverged trial reports NaN metrics. Optuna refuses NaN values (Ray only logs that, leaving the trial
-    RUNNING in the study), so tell the study plainly that the trial failed. Each save of the searcher (with the
-    experiment state) also publishes the study (StudyFiles)."""
+    """Ray's OptunaSearch, telling the study what happened to a trial that did not finish its epochs:
+
+    - diverged (NaN metrics): FAIL. Optuna refuses NaN values; Ray only logs that and leaves the trial RUNNING.
+    - stopped by ASHA (last epoch below its configured epochs, neither early-stopped nor diverged): PRUNED, with
+      its per-epoch values as intermediate values. Ray tells COMPLETE with the last (low-fidelity) value, so TPE and
+      optuna-dashboard would take an epoch-3 score for a trial's result; TPE ranks PRUNED trials by how far they
+      got, then by value (bench/search_replay.py compares both).
+
+    Each save of the searcher (with the experiment state) also publishes the study (StudyFiles)."""
 
     study: StudyFiles | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._last_step: dict[str, int] = {}  # trial id -> the last step told as an intermediate value
+
+    def on_trial_result(self, trial_id, result):
+        super().on_trial_result(trial_id, result)
+        self._last_step[trial_id] = result[TRAINING_ITERATION]
 
     def save(self, checkpoint_path: str):
         super().save(checkpoint_path)
@@ -276,10 +291,25 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
             self.study.publish()
 
     def on_trial_complete(self, trial_id, result=None, error=False):
-        if result and result.get("diverged") and trial_id in self._ot_trials:
-            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.FAIL)
-            self._completed_trials.add(trial_id)
-            return
+        ot_trial = self._ot_trials.get(trial_id)
+        if result and not error and ot_trial is not None and trial_id not in self._completed_trials:
+            if result.get("diverged"):
+                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+                self._completed_trials.add(trial_id)
+                return
+            single = not isinstance(self.metric, list)  # Optuna keeps no intermediate values for several objectives
+            if single and result.get(self.metric) is not None and \
+                    self._last_step.get(trial_id) != result[TRAINING_ITERATION]:
+                # Tune hands the result on which its scheduler stopped a trial (ASHA's cut, or max_t) to no
+                # searcher's on_trial_result: tell it here, so the study holds every epoch the trial ran.
+                ot_trial.report(result[self.metric], result[TRAINING_ITERATION])
+            # Results reach searchers flattened ("train_config/epochs").
+            planned = result.get("train_config/epochs")
+            if single and planned is not None and not result.get("early_stopped") and \
+                    result.get("epoch", planned) < planned:
+                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)  # value: the last intermediate
+                self._completed_trials.add(trial_id)
+                return
         super().on_trial_complete(trial_id, result=result, error=error)
 
 

@@ -112,6 +112,65 @@ def test_diverging_trial_is_marked_and_the_search_goes_on(ray_local, tmp_path):
     assert states == {10: optuna.trial.TrialState.FAIL, 3e-3: optuna.trial.TrialState.COMPLETE}
 
 
+def test_searcher_tells_stopped_trials_pruned_finished_complete_diverged_failed():
+    # Tune's calls in order, as its controller makes them: each result but the one the scheduler stopped on goes
+    # to on_trial_result; on_trial_complete gets the last result, flattened.
+    from distributed.tune import DivergenceAwareOptunaSearch
+
+    searcher = DivergenceAwareOptunaSearch(space={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)},
+                                           metric="val_acc", mode="max")
+
+    def result(epoch, acc, **extra):
+        return {"epoch": epoch, "training_iteration": epoch, "val_acc": acc, "train_config/epochs": 4,
+                "early_stopped": False, "diverged": False, **extra}
+
+    cases = {"full": [0.3, 0.4, 0.5, 0.6], "stopped": [0.2, 0.25], "early": [0.3, 0.2], "nan": [0.3, float("nan")]}
+    for name, accs in cases.items():
+        searcher.suggest(name)
+        for e, acc in enumerate(accs[:-1], start=1):
+            searcher.on_trial_result(name, result(e, acc))
+        searcher.on_trial_complete(name, result(len(accs), accs[-1], early_stopped=name == "early",
+                                                diverged=name == "nan"))
+    trials = {name: t for name, t in zip(cases, searcher._ot_study.trials)}
+    state = optuna.trial.TrialState
+    assert {n: t.state for n, t in trials.items()} == {"full": state.COMPLETE, "stopped": state.PRUNED,
+                                                       "early": state.COMPLETE, "nan": state.FAIL}
+    for name in ("full", "stopped", "early"):
+        assert list(trials[name].intermediate_values.values()) == cases[name]
+        assert trials[name].value == cases[name][-1]
+
+
+@pytest.mark.slow
+def test_asha_stopped_trials_are_pruned_in_the_study_with_their_epoch_values(ray_local, tmp_path):
+    # One trial at a time, so Ray's ASHA (grace 1, rf 2) stops a later trial whose epoch-1 accuracy is below the
+    # first one's; learning rates of 1e-6 barely move from chance, 3e-3 does not stay there.
+    points = [{"lr_head": 3.0e-3}, {"lr_head": 1.0e-6}, {"lr_head": 2.0e-6}]
+    space = small_space(tmp_path, "prune", num_samples=3, scaling={"workers": 1, "cpus_per_worker": 2},
+                        scheduler={"asha": {"max_t": 3, "grace_period": 1, "reduction_factor": 2}},
+                        fixed={"model": "small_cnn", "data": "synthetic", "epochs": 3, "batch_size": 64},
+                        space={"lr_head": {"loguniform": [1.0e-6, 1.0e-2]}}, points_to_evaluate=points)
+    assert main(["tune", str(space), "--storage-path", str(tmp_path)]) == 0
+    rows = {r["param.lr_head"]: r for r in leaderboard(tmp_path / "prune")}
+    assert rows[3e-3]["status"] == "completed"
+    stopped = [lr for lr, r in rows.items() if r["status"] == "asha_stopped"]
+    assert stopped, {lr: (r["status"], r["epochs_run"]) for lr, r in rows.items()}
+    study = optuna.load_study(study_name="prune", storage=f"sqlite:///{tmp_path}/prune/optuna.db")
+    trials = {t.params["lr_head"]: t for t in study.trials}
+    curves = {lr: [r["val_acc"] for r in read_json_lines(tmp_path / "prune" / rows[lr]["trial_id"] / "result.json")]
+              for lr in rows}
+    for lr, row in rows.items():
+        t = trials[lr]
+        want = optuna.trial.TrialState.PRUNED if lr in stopped else optuna.trial.TrialState.COMPLETE
+        assert t.state == want, (lr, t.state, row["status"])
+        # every epoch the trial ran is an intermediate value, the stopping one included; the value is the last
+        assert [t.intermediate_values[e] for e in sorted(t.intermediate_values)] == pytest.approx(curves[lr])
+        assert len(curves[lr]) == row["epochs_run"] and t.value == pytest.approx(curves[lr][-1])
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["none", {"asha": {"max_t": 2, "grace_period": 1, "reduction_factor": 2}}],
                          ids=["fifo", "asha"])

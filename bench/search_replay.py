@@ -1,0 +1,302 @@
+"""Search strategies replayed on recorded learning curves (a tabular benchmark, like LCBench / HPOBench).
+
+Each Parquet file (bench/record_curves.py writes one) holds full curves: one row per (config, epoch). A real
+Optuna study runs each strategy: its sampler proposes a config, the replay answers with the NEAREST recorded one
+(categoricals must match; numeric parameters by normalised distance, log-scaled learning rates and weight decay)
+and walks that config's curve epoch by epoch (`trial.report(val_acc, epoch)`, `trial.should_prune()`), counting
+the epochs spent. Simplifications: trials run one after another (no concurrency, so no asynchronous stragglers),
+and a proposal gets the nearest recorded config's curve (a finite table: repeats give the same curve).
+
+Random search (N trials, every one trained to the end) sets the budget and the target per seed. Reported per
+strategy and data set, median [IQR] over seeds:
+  - reach: epochs spent until the strategy's best validation accuracy is within one validation image (1/n_val)
+    of random search's final best, as a share of random's epochs (not reached within random's budget: inf);
+  - regret at 25% / 50% / 100% of random's epochs: the best val_acc in the table minus the strategy's best so far;
+  - pick test: test_acc_at_best of the config the strategy ranks best (best val_acc at any epoch) at 25% and
+    100% of the budget. For a stopped trial that is the full run's best-epoch test accuracy (an approximation).
+
+    python -m bench.search_replay bench/curves/curves_fer2013_small.parquet bench/curves/curves_ckplus48.parquet \
+        --seeds 20 --out results/bench/search_replay
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pyarrow.parquet as pq
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
+
+PARAMS = ("model", "lr_head", "weight_decay", "dropout", "mixup_alpha", "batch_size", "label_smoothing")
+CATEGORICAL = ("model", "batch_size")
+LOG = ("lr_head", "weight_decay")  # searched on a log scale (when every recorded value is positive)
+BUDGETS = (0.25, 0.5, 1.0)
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+@dataclass
+class Table:
+    """One data set's recorded curves: params per config, val_acc [config, epoch] (NaN where a run diverged)."""
+    dataset: str
+    params: list[dict]
+    val_acc: np.ndarray
+    test_acc: np.ndarray
+    n_val: int
+    space: dict  # name -> Optuna distribution over the recorded range
+
+    @property
+    def epochs(self) -> int:
+        return self.val_acc.shape[1]
+
+    def coords(self, params: list[dict]) -> np.ndarray:
+        """Numeric parameters on the search's scale (log where searched on a log scale), range mapped to [0, 1]."""
+        cols = []
+        for name, dist in self.space.items():
+            if isinstance(dist, FloatDistribution):
+                f = math.log if dist.log else float
+                cols.append([(f(p[name]) - f(dist.low)) / (f(dist.high) - f(dist.low)) for p in params])
+        return np.array(cols, dtype=float).T.reshape(len(params), -1)
+
+    def nearest(self, proposal: dict) -> int:
+        if not hasattr(self, "_coords"):
+            self._coords = self.coords(self.params)
+            self._cats = [(n, np.array([p[n] for p in self.params], dtype=object)) for n, d in self.space.items()
+                          if isinstance(d, CategoricalDistribution)]
+        d = ((self._coords - self.coords([proposal])) ** 2).sum(axis=1)
+        for name, got in self._cats:
+            d[got != proposal[name]] = np.inf
+        return int(np.argmin(d))
+
+
+def read_tables(path: Path) -> list[Table]:
+    rows = pq.read_table(path).to_pylist()
+    tables = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        ids = sorted({r["config_id"] for r in mine})
+        where = {c: i for i, c in enumerate(ids)}
+        epochs = max(r["epoch"] for r in mine)
+        val = np.full((len(ids), epochs), np.nan)
+        test = np.zeros(len(ids))
+        params = [None] * len(ids)
+        for r in mine:
+            i = where[r["config_id"]]
+            val[i, r["epoch"] - 1] = r["val_acc"]
+            test[i] = r["test_acc_at_best"]
+            params[i] = {k: r[k] for k in PARAMS if k in r}
+        space = {}
+        for name in params[0]:
+            values = [p[name] for p in params]
+            if name in CATEGORICAL:
+                space[name] = CategoricalDistribution(sorted(set(values)))
+            elif max(values) > min(values):
+                space[name] = FloatDistribution(min(values), max(values), log=name in LOG and min(values) > 0)
+        tables.append(Table(dataset, params, val, test, val_images(val), space))
+    return tables
+
+
+def val_images(val: np.ndarray) -> int:
+    """The validation set's size, read off the accuracies (each is k / n_val)."""
+    acc = np.unique(val[np.isfinite(val)])
+    for n in range(2, 100_000):
+        if np.allclose(acc * n, np.round(acc * n), atol=1e-6):
+            return n
+    raise ValueError("val_acc values are not k / n for any n below 100000")
+
+
+# -------------------------------------------------------------------------------------- strategies
+
+class RayAshaPruner(optuna.pruners.BasePruner):
+    """Ray Tune's ASHA rule (ray/tune/schedulers/async_hyperband.py, _Bracket.on_result): at each rung, stop a
+    trial whose value is below the (1 - 1/rf) percentile of the values recorded there before it; the first trial
+    at a rung always continues. Optuna's SuccessiveHalvingPruner instead promotes, while a rung holds fewer than rf
+    trials, only a trial that beats all of them."""
+
+    def __init__(self, grace: int, rf: int, max_t: int):
+        n = int(math.log(max_t / grace) / math.log(rf) + 1)
+        self.rf = rf
+        self.recorded = {grace * rf ** k: [] for k in range(n)}
+
+    def prune(self, study, trial) -> bool:
+        step = trial.last_step
+        if step not in self.recorded:
+            return False
+        value, seen = trial.intermediate_values[step], self.recorded[step]
+        stop = bool(seen) and value < np.nanpercentile(seen, (1 - 1 / self.rf) * 100)
+        seen.append(value)
+        return stop
+
+
+def tpe(seed: int):
+    # As the service (tune.py): multivariate TPE; constant_liar has nothing to do when trials run one at a time.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True)
+
+
+def random(seed: int):
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def sh(grace, rf, bootstrap=0):
+    return lambda E: optuna.pruners.SuccessiveHalvingPruner(min_resource=grace, reduction_factor=rf,
+                                                            bootstrap_count=bootstrap)
+
+
+def hyperband(E):
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=E, reduction_factor=3)
+
+
+def ray_asha(grace, rf):
+    return lambda E: RayAshaPruner(grace, rf, E)
+
+
+# name -> (sampler, pruner factory taking the epochs, how a stopped trial is told: "pruned" | "complete").
+# g = grace (first rung, epochs), rf = reduction factor. "asha" is Optuna's SuccessiveHalvingPruner (asynchronous
+# SH), "ray-asha" Ray's rule (what the service runs); the shipped spaces use g3-g6, rf 3 at 20-40 epochs.
+STRATEGIES = {
+    "random": (random, None, None),
+    "tpe": (tpe, None, None),
+    "asha g1 rf3": (random, sh(1, 3), "pruned"),
+    "asha g1 rf4": (random, sh(1, 4), "pruned"),
+    "asha g2 rf3": (random, sh(2, 3), "pruned"),
+    "asha g3 rf3": (random, sh(3, 3), "pruned"),
+    "asha g5 rf3": (random, sh(5, 3), "pruned"),
+    "asha g3 rf3 bootstrap 2": (random, sh(3, 3, 2), "pruned"),
+    "ray-asha g1 rf4": (random, ray_asha(1, 4), "pruned"),
+    "ray-asha g2 rf3": (random, ray_asha(2, 3), "pruned"),
+    "ray-asha g3 rf3": (random, ray_asha(3, 3), "pruned"),
+    "hyperband g1 rf3": (random, hyperband, "pruned"),
+    "bohb (tpe + hyperband g1 rf3)": (tpe, hyperband, "pruned"),
+    "median (warmup 3)": (random, lambda E: optuna.pruners.MedianPruner(5, n_warmup_steps=3), "pruned"),
+    "tpe + asha g3 rf3, PRUNED": (tpe, sh(3, 3), "pruned"),
+    "tpe + asha g3 rf3, COMPLETE (last value)": (tpe, sh(3, 3), "complete"),
+    "tpe + ray-asha g3 rf3, PRUNED (shipped)": (tpe, ray_asha(3, 3), "pruned"),
+    "tpe + ray-asha g3 rf3, COMPLETE (last value; Ray's OptunaSearch)": (tpe, ray_asha(3, 3), "complete"),
+}
+
+
+# ------------------------------------------------------------------------------------------ a search
+
+def search(table: Table, strategy: str, seed: int, budget: int | None = None, trials: int | None = None) -> dict:
+    """One study: run trials until `budget` epochs are spent (or `trials` trials ran). Returns the trace: after
+    each epoch, the best val_acc so far and the config holding it."""
+    sampler, pruner, stopped_as = STRATEGIES[strategy]
+    study = optuna.create_study(direction="maximize", sampler=sampler(seed),
+                                pruner=pruner(table.epochs) if pruner else optuna.pruners.NopPruner())
+    best, pick, trace = -1.0, -1, []  # trace[e] = (best so far, its config) after e + 1 epochs
+    n = 0
+    while (budget is None or len(trace) < budget) and (trials is None or n < trials):
+        trial = study.ask(table.space)
+        cid = table.nearest(trial.params)
+        n += 1
+        state, value = TrialState.COMPLETE, None
+        for epoch, acc in enumerate(table.val_acc[cid], start=1):
+            if not math.isfinite(acc):  # the recorded run diverged here: the service tells FAIL
+                state = TrialState.FAIL
+                break
+            if acc > best:
+                best, pick = float(acc), cid
+            trace.append((best, pick))
+            value = float(acc)
+            trial.report(value, epoch)
+            if budget is not None and len(trace) >= budget:
+                break
+            if trial.should_prune():
+                state = TrialState.PRUNED if stopped_as == "pruned" else TrialState.COMPLETE
+                break
+        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    return {"trace": trace, "trials": n}
+
+
+def measure(table: Table, strategy: str, seed: int, target: float, budget: int) -> dict:
+    trace = search(table, strategy, seed, budget=budget)["trace"]
+    oracle = float(np.nanmax(table.val_acc))
+    reach = next((e + 1 for e, (b, _) in enumerate(trace) if b >= target - 1 / table.n_val + 1e-9), None)
+    row = {"dataset": table.dataset, "strategy": strategy, "seed": seed, "random_epochs": budget,
+           "reach": reach / budget if reach else math.inf}
+    for share in BUDGETS:
+        b, pick = trace[min(len(trace), max(1, round(share * budget))) - 1]
+        row[f"regret_{share:g}"] = (oracle - b) * 100
+        row[f"pick_test_{share:g}"] = float(table.test_acc[pick])
+    return row
+
+
+def replay(tables: list[Table], seeds: int, trials: int | None, strategies: list[str]) -> list[dict]:
+    rows = []
+    for table in tables:
+        n = trials or max(8, len(table.params) // 2)
+        for seed in range(seeds):
+            ran = search(table, "random", seed, trials=n)
+            target, budget = ran["trace"][-1][0], len(ran["trace"])
+            for strategy in strategies:
+                tic = time.perf_counter()
+                rows.append({**measure(table, strategy, seed, target, budget), "random_trials": n,
+                             "random_best": target, "n_val": table.n_val,
+                             "wall_s": round(time.perf_counter() - tic, 3)})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- reports
+
+def spread(values: list[float], fmt: str) -> str:
+    # "not reached" (inf) sorts last; a quartile that falls on it reads inf
+    q1, med, q3 = np.percentile(np.nan_to_num(values, posinf=1e300), [25, 50, 75])
+    q1, med, q3 = (math.inf if v >= 1e200 else v for v in (q1, med, q3))
+    f = lambda v: "inf" if math.isinf(v) else format(v, fmt)
+    return f"{f(med)} [{f(q1)}, {f(q3)}]"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [("| data (val images, random trials x epochs) | strategy | epochs to random's best / random's "
+              "| reached | regret @25% (pt) | regret @50% (pt) | regret @100% (pt) | pick test @25% | pick test @100% |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        first = mine[0]
+        label = (f"{dataset} ({first['n_val']}, {first['random_trials']} x "
+                 f"{first['random_epochs'] // first['random_trials']})")
+        for strategy in dict.fromkeys(r["strategy"] for r in mine):
+            rs = [r for r in mine if r["strategy"] == strategy]
+            lines.append("| " + " | ".join([
+                label, strategy, spread([r["reach"] for r in rs], ".2f"),
+                f"{sum(math.isfinite(r['reach']) for r in rs)}/{len(rs)}",
+                *(spread([r[f"regret_{s:g}"] for r in rs], ".1f") for s in BUDGETS),
+                spread([r["pick_test_0.25"] for r in rs], ".3f"), spread([r["pick_test_1"] for r in rs], ".3f"),
+            ]) + " |")
+            label = ""
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("curves", nargs="+", type=Path, help="Parquet files of recorded curves")
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--trials", type=int, default=None,
+                    help="random search's trials, which set the budget (default: half the recorded configs, >= 8)")
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES), metavar="NAME")
+    ap.add_argument("--out", type=Path, required=True, help="directory for replay.csv and replay.md")
+    args = ap.parse_args(argv)
+    missing = [p for p in args.curves if not p.is_file()]
+    if missing:
+        raise SystemExit(f"{missing[0]}: no such curves file; record one with bench/record_curves.py")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tic = time.perf_counter()
+    rows = replay([t for p in args.curves for t in read_tables(p)], args.seeds, args.trials, args.strategies)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "replay.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    table = markdown(rows)
+    (args.out / "replay.md").write_text(table)
+    print(table + f"\n{len(rows)} searches in {time.perf_counter() - tic:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
