@@ -248,7 +248,9 @@ def spread(values: list[float], fmt: str) -> str:
     # "not reached" (inf) sorts last; a quartile that falls on it reads inf
     q1, med, q3 = np.percentile(np.nan_to_num(values, posinf=1e300), [25, 50, 75])
     q1, med, q3 = (math.inf if v >= 1e200 else v for v in (q1, med, q3))
-    f = lambda v: "inf" if math.isinf(v) else format(v, fmt)
+    def f(v: float) -> str:
+        return "inf" if math.isinf(v) else format(v, fmt)
+
     return f"{f(med)} [{f(q1)}, {f(q3)}]"
 
 

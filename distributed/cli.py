@@ -239,7 +239,8 @@ def cmd_train(args) -> int:
 
     cfg = load_train_config(args)
     summary = train_run(cfg, args.output, scaling_from(args), address=args.address, verbose=args.verbose)
-    print(f"\nbest val {cfg.monitor} {summary[f'best_{cfg.monitor}']:.4f}  test_acc {summary['test_acc']:.4f}  test_macro_f1 {summary['test_macro_f1']:.4f}  "
+    print(f"\nbest val {cfg.monitor} {summary[f'best_{cfg.monitor}']:.4f}  test_acc {summary['test_acc']:.4f}  "
+          f"test_macro_f1 {summary['test_macro_f1']:.4f}  "
           f"(best epoch {summary['best_epoch']} of {summary['epochs_run']})")
     print(f"results in {summary['output']}: best_model.pt final_model.pt metrics.csv curves.png "
           f"classification_report.txt confusion_matrix.png tensorboard/")

@@ -3,8 +3,8 @@
 `decode_data(data)` turns a `kind:PATH` string into `Decoded` uint8 arrays. The driver decodes it once and
 puts it in Ray's object store, so every worker on a node maps the same memory instead of decoding again.
 `make_splits` carves the stratified validation set from train on each worker as index arrays (cheap, seeded,
-identical everywhere, and no copy of the images). Augmentation runs on whole batches on the training device, so a GPU is never waiting on a
-per-image CPU pipeline.
+identical everywhere, and no copy of the images). Augmentation runs on whole batches on the training device, so
+a GPU is never waiting on a per-image CPU pipeline.
 """
 from __future__ import annotations
 

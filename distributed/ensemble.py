@@ -100,10 +100,9 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
                  tta: str | None = None, address: str | None = None) -> dict:
     """`emotune ensemble`: everything checked before any training starts; then (with retrain) one `emotune train`
     per member, one test evaluation of the ensemble and of its best member, and the reports of `emotune train`."""
-    from distributed import results
+    from distributed import results, storage
     from distributed.config import TTA_MODES
     from distributed.data import load_data, make_splits
-    from distributed import storage
     from distributed.run import train_run
     from distributed.search_space import load_space
 

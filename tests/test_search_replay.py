@@ -10,9 +10,8 @@ import numpy as np
 import optuna
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.tune.schedulers.async_hyperband import _Bracket
-
 from conftest import REPO
+from ray.tune.schedulers.async_hyperband import _Bracket
 
 sys.path.insert(0, str(REPO))
 from bench import search_replay
