@@ -65,8 +65,9 @@ def train_config(task: dict) -> dict:
     import torch
 
     from distributed.config import TrainConfig
-    from distributed.data import decode_data, make_splits
+    from distributed.data import decode_data
     from distributed.models import native_size
+    from distributed.splits import make_splits
     from distributed.train import BEST_FILE, load_model, predict, train_loop
 
     torch.set_num_threads(task["threads"])

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from bench.common import REPO, Deadline, free_port, read_results, record, spread
+from distributed.augment import mix_transform
 from distributed.config import TrainConfig
-from distributed.data import decode_data, mix_transform
+from distributed.data import decode_data
 from distributed.models import create_model
 from distributed.train import LocalRun, Run, prepare_batch, train_loop
 

@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 import torch
 
 from distributed.config import TrainConfig
-from distributed.data import load_data, make_splits
+from distributed.data import load_data
 from distributed.models import native_size
+from distributed.splits import make_splits
 from distributed.train import LocalRun, load_model, predict, train_loop
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

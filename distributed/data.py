@@ -1,10 +1,8 @@
-"""Datasets: decode once into numpy, split, and augment batches on the device.
+"""Datasets: DATASETS = {kind: loader}; decode once into numpy; who each training image shows (groups).
 
 `decode_data(data)` turns a `kind:PATH` string into `Decoded` uint8 arrays. The driver decodes it once and
 puts it in Ray's object store, so every worker on a node maps the same memory instead of decoding again.
-`make_splits` carves the stratified validation set from train on each worker as index arrays (cheap, seeded,
-identical everywhere, and no copy of the images). Augmentation runs on whole batches on the training device, so
-a GPU is never waiting on a per-image CPU pipeline.
+splits.py carves validation from it as index arrays; augment.py works on batches on the training device.
 """
 from __future__ import annotations
 
@@ -23,13 +21,10 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.nn.functional as F
 from PIL import Image
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
-from torchvision.transforms import v2
 
 from distributed import storage
+from distributed.synthetic import draw_dataset
 
 PROGRESS_FROM = 5000  # decodes of at least this many images report their progress
 FER2013_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
@@ -53,131 +48,13 @@ class Decoded:
     train_groups: np.ndarray | None = None  # str [N]: who each training image shows (cfg.group_by), else None
 
 
-@dataclass
-class Splits:
-    """Train and validation as indices into the decoded training images `x` (shared, never copied); labels `y`
-    re-indexed to class_names. The test split is its own (small) arrays. With cfg.val_from the validation images
-    are a group of the test split instead (`val_images`), and val_idx is empty."""
-    x: np.ndarray
-    y: np.ndarray
-    train_idx: np.ndarray
-    val_idx: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    class_names: list[str]
-    test_groups: np.ndarray | None = None
-    val_images: tuple[np.ndarray, np.ndarray] | None = None  # (x, y) taken from the test split (val_from)
-
-    @property
-    def train_y(self) -> np.ndarray:
-        return self.y[self.train_idx]
-
-    @property
-    def train_x(self) -> np.ndarray:  # a copy: for inspection, not for the loop
-        return self.x[self.train_idx]
-
-    @property
-    def val_x(self) -> np.ndarray:
-        return self.val_images[0] if self.val_images is not None else self.x[self.val_idx]
-
-    @property
-    def val_y(self) -> np.ndarray:
-        return self.val_images[1] if self.val_images is not None else self.y[self.val_idx]
-
-
-# -- synthetic faces --------------------------------------------------------------------------------------
-
-# Per-class expression prototypes, jittered per sample. Neighbouring expressions share cues on purpose
-# (angry/disgust: low frowning brows; fear/surprise: wide eyes, raised brows; sad/disgust: drooping mouth),
-# so a CNN has to combine cues and the task is learnable but not solved at epoch 1.
-#              eye_open brow_gap brow_slope mouth_curve mouth_open mouth_width
-_EXPRESSIONS = {
-    "angry":    (0.60, 0.11, -0.30, -0.03, 0.00, 0.19),
-    "disgust":  (0.65, 0.12, -0.18, -0.08, 0.03, 0.21),
-    "fear":     (1.30, 0.21, 0.25, -0.03, 0.07, 0.27),
-    "happy":    (0.80, 0.16, 0.00, 0.10, 0.04, 0.29),
-    "sad":      (0.80, 0.16, 0.28, -0.08, 0.00, 0.20),
-    "surprise": (1.40, 0.23, 0.05, 0.00, 0.13, 0.17),
-    "neutral":  (1.00, 0.15, 0.00, 0.00, 0.00, 0.22),
-}
-_JITTER = np.array([0.20, 0.03, 0.14, 0.045, 0.035, 0.035], dtype=np.float32)
-
-
-def _soft(d: np.ndarray, edge: float) -> np.ndarray:
-    """Antialiased inside-mask from a signed distance (positive inside), ~`edge` wide ramp."""
-    return np.clip(0.5 + d / edge, 0.0, 1.0)
-
-
-def _draw_faces(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Draw one grey face per label, all at once: every per-sample parameter is an [N, 1, 1] array."""
-    n = len(labels)
-    f32 = np.float32
-
-    def uniform(low, high):
-        return rng.uniform(low, high, (n, 1, 1)).astype(f32)
-
-    def normal(std):
-        return (rng.standard_normal((n, 1, 1)) * std).astype(f32)
-
-    proto = np.array([_EXPRESSIONS[name] for name in FER2013_CLASSES], dtype=f32)[labels]  # [N, 6]
-    p = proto + rng.standard_normal(proto.shape).astype(f32) * _JITTER
-    eye_open, brow_gap, brow_slope, curve, mouth_open, mouth_w = (p[:, i, None, None] for i in range(6))
-    eye_open, mouth_open, mouth_w = np.maximum(eye_open, 0.2), np.maximum(mouth_open, 0.0), np.maximum(mouth_w, 0.1)
-
-    # Pixel centres in [-1, 1], then into each face's own frame (inverse pose: shift, rotate, scale).
-    c = (np.arange(size, dtype=f32) + 0.5) / size * 2 - 1
-    gx, gy = c[None, None, :], c[None, :, None]
-    angle, scale = normal(np.deg2rad(8)), uniform(0.85, 1.1)
-    dx, dy = normal(0.06), normal(0.06)
-    cos, sin = np.cos(angle), np.sin(angle)
-    x = ((gx - dx) * cos + (gy - dy) * sin) / scale
-    y = (-(gx - dx) * sin + (gy - dy) * cos) / scale
-    ax = np.abs(x)  # faces are mirror-symmetric: draw the right eye/brow and get the left for free
-    edge = 2.0 / size
-
-    rx, ry = uniform(0.56, 0.68), uniform(0.74, 0.86)
-    face = _soft((1 - np.sqrt((x / rx) ** 2 + ((y - 0.02) / ry) ** 2)) * 0.6, edge)
-
-    eye_x, eye_y, eye_w = uniform(0.26, 0.32), uniform(-0.22, -0.14), uniform(0.11, 0.15)
-    eye_h = 0.075 * eye_open
-    eye = _soft((1 - np.sqrt(((ax - eye_x) / eye_w) ** 2 + ((y - eye_y) / eye_h) ** 2)) * eye_h, edge)
-
-    # Brow: a thick segment above the eye; slope > 0 lifts the inner end (sad, fear), < 0 lowers it (angry).
-    brow_y = eye_y - eye_h - brow_gap + brow_slope * (ax - eye_x)
-    brow = _soft(np.minimum(0.035 - np.abs(y - brow_y), 0.15 - np.abs(ax - eye_x)), edge)
-
-    # Mouth: a parabola (curve > 0 lifts the corners: smile) thickened in the middle by the opening.
-    mouth_y = uniform(0.38, 0.46)
-    t = 1 - (x / mouth_w) ** 2
-    mid = mouth_y - curve * (1 - t)
-    lips = _soft(np.minimum(0.03 + mouth_open * np.clip(t, 0, 1) - np.abs(y - mid), 0.4 * mouth_w * t), edge)
-    inside = _soft(np.minimum(mouth_open * np.clip(t, 0, 1) - 0.01 - np.abs(y - mid), 0.4 * mouth_w * t), edge)
-
-    skin, bg = uniform(0.55, 0.8), uniform(0.1, 0.5)
-    img = bg + (skin - bg) * face
-    img = img + (uniform(0.1, 0.3) - img) * np.maximum(eye, brow)
-    img = img + (skin * 0.45 - img) * lips
-    img = img + (uniform(0.0, 0.12) - img) * inside
-
-    # Nuisances a real camera adds: a lighting gradient, contrast/brightness and sensor noise.
-    light = rng.uniform(0, 2 * np.pi, (n, 1, 1)).astype(f32)
-    img = img + uniform(0.0, 0.25) * (np.cos(light) * gx + np.sin(light) * gy)
-    img = (img - 0.5) * uniform(0.6, 1.2) + 0.5 + normal(0.06)
-    img = img + rng.standard_normal(img.shape, dtype=f32) * uniform(0.01, 0.07)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-
+# -- synthetic faces (drawn in synthetic.py) -------------------------------------------------------------
 
 def load_synthetic(path: str, in_channels: int, size: int, seed: int) -> Decoded:
     """Procedural 7-expression faces (300/class train, 100/class test); needs no files, so it is the default."""
-    train_seq, test_seq = np.random.SeedSequence(seed).spawn(2)  # independent streams for train and test
-    k = len(FER2013_CLASSES)
-    train_y, test_y = np.repeat(np.arange(k), 300), np.repeat(np.arange(k), 100)
-    # Drawn at 48 px like FER2013 and resized after: the same faces at every size, and drawing at 224 px
-    # would need GBs of float temporaries.
-    train_x = _draw_faces(train_y, 48, np.random.default_rng(train_seq))
-    test_x = _draw_faces(test_y, 48, np.random.default_rng(test_seq))
-    return Decoded(_fit(train_x, in_channels, size), train_y.astype(np.int64), _fit(test_x, in_channels, size),
-                test_y.astype(np.int64), list(FER2013_CLASSES))
+    train_x, train_y, test_x, test_y = draw_dataset(seed)
+    return Decoded(_fit(train_x, in_channels, size), train_y, _fit(test_x, in_channels, size), test_y,
+                   list(FER2013_CLASSES))
 
 
 # -- decoding files -----------------------------------------------------------------------------------------
@@ -533,159 +410,3 @@ def read_groups(decoded: Decoded, group_by: str, data: str) -> np.ndarray:
             raise DataError(f"{manifest}: {len(missing)} training images have no {group_by!r} (e.g. {missing[0]}); "
                             f"add their rows (path relative to the folder)")
     return np.array(groups, dtype=str)
-
-
-# -- splits -------------------------------------------------------------------------------------------------
-
-def make_splits(decoded: Decoded, cfg, fold: int = 0) -> Splits:
-    """Keep cfg.classes (re-indexed in that order), choose the validation set, cap train at cfg.train_limit. The
-    images are not copied: train and validation are index arrays.
-
-    Validation is, by precedence: the test group cfg.val_from (FER2013's PublicTest; the test split keeps the
-    rest), fold `fold` of cfg.cv_folds, or a stratified val_fraction of train. With cfg.group_by no group (person)
-    is on both sides (scikit-learn's StratifiedGroupKFold; for one split, its first of round(1/val_fraction)
-    folds). Every choice is seeded, so every worker and every trial computes the same split.
-    The test set is never touched otherwise, so every trial of a search is scored on the same images.
-    """
-    y, test_x, test_y, test_groups = decoded.train_y, decoded.test_x, decoded.test_y, decoded.test_groups
-    names, classes = list(decoded.class_names), list(cfg.classes)
-    candidates = np.arange(len(y))
-    if classes:
-        unknown = [c for c in classes if c not in names]
-        if unknown:
-            raise DataError(f"classes: unknown class {unknown[0]!r}; available: {', '.join(names)}")
-        if len(set(classes)) != len(classes):
-            raise DataError(f"classes: {classes} names a class twice; list each once")
-        remap = np.full(len(names), -1, dtype=np.int64)
-        remap[[names.index(c) for c in classes]] = np.arange(len(classes))
-        keep_test = remap[test_y] >= 0
-        y = remap[y]
-        candidates = np.flatnonzero(y >= 0)
-        test_x, test_y = test_x[keep_test], remap[test_y[keep_test]]
-        test_groups = test_groups[keep_test] if test_groups is not None else None
-        names = classes
-    if len(names) < 2:
-        raise DataError(f"classes: {names} leaves fewer than 2 classes; keep at least 2")
-
-    val_images = None
-    try:
-        if cfg.val_from:
-            train_idx, val_idx = candidates, candidates[:0]
-            test_x, test_y, test_groups, val_images = split_test(test_x, test_y, test_groups, cfg)
-        else:
-            groups = decoded.train_groups if cfg.group_by else None
-            train_idx, val_idx = validation_split(candidates, y[candidates], groups, names, cfg, fold)
-        if 0 < cfg.train_limit < len(train_idx):
-            train_idx, _ = train_test_split(train_idx, train_size=cfg.train_limit, stratify=y[train_idx],
-                                            random_state=cfg.seed)
-    except ValueError as exc:  # sklearn: a class too small to stratify, or a split smaller than the class count
-        if isinstance(exc, DataError):
-            raise
-        reason = str(exc).splitlines()[0]
-        raise DataError(f"cannot split {len(candidates)} training images {np.bincount(y[candidates]).tolist()} "
-                        f"stratified (val_fraction={cfg.val_fraction}, cv_folds={cfg.cv_folds}, "
-                        f"train_limit={cfg.train_limit}): {reason}") from None
-    return Splits(decoded.train_x, y, train_idx, val_idx, test_x, test_y, names, test_groups, val_images)
-
-
-def validation_split(candidates: np.ndarray, y: np.ndarray, groups: np.ndarray | None, names: list[str], cfg,
-                     fold: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) positions in `candidates`: fold `fold` of cfg.cv_folds, or one val_fraction split;
-    grouped when `groups` is given (one entry per training image, indexed like the decoded arrays)."""
-    if groups is None:
-        if not cfg.cv_folds:
-            return tuple(train_test_split(candidates, test_size=cfg.val_fraction, stratify=y, random_state=cfg.seed))
-        folds = StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed).split(candidates, y)
-    else:
-        groups = groups[candidates]
-        lonely = [names[c] for c in range(len(names)) if len(set(groups[y == c])) < 2]
-        if lonely:
-            raise DataError(f"group_by={cfg.group_by!r} leaves class {lonely[0]!r} with fewer than 2 groups, so it "
-                            f"cannot be on both sides of the validation split; add people to it or drop it (classes)")
-        k = cfg.cv_folds or max(2, round(1 / cfg.val_fraction))
-        if len(set(groups)) < k:
-            raise DataError(f"group_by={cfg.group_by!r} finds {len(set(groups))} groups, too few for {k} folds; "
-                            f"lower cv_folds or raise val_fraction")
-        with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": a fold may lack it
-            warnings.simplefilter("ignore", UserWarning)
-            folds = list(StratifiedGroupKFold(k, shuffle=True, random_state=cfg.seed).split(candidates, y, groups))
-    train_pos, val_pos = list(folds)[fold]
-    return candidates[train_pos], candidates[val_pos]
-
-
-def split_test(test_x, test_y, test_groups, cfg):
-    """cfg.val_from: validation is that group of the test split (FER2013's PublicTest), the test report the rest."""
-    present = sorted(set(test_groups.tolist())) if test_groups is not None else []
-    if cfg.val_from not in present:
-        raise DataError(f"val_from={cfg.val_from!r}: the test split has groups {present or 'none (no usage column)'}; "
-                        f"use one of them, or leave val_from empty to carve validation from train")
-    if cfg.cv_folds or cfg.group_by:
-        raise DataError(f"val_from={cfg.val_from!r} fixes the validation set, so cv_folds and group_by have "
-                        f"nothing to split; set one or the other")
-    val = test_groups == cfg.val_from
-    return test_x[~val], test_y[~val], test_groups[~val], (test_x[val], test_y[val])
-
-
-def class_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
-    """Inverse-frequency weights, float32 [num_classes], averaging 1 over the classes present (absent: 0)."""
-    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
-    weights = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
-    return (weights / weights[counts > 0].mean()).astype(np.float32)
-
-
-# -- batch augmentation on the device -----------------------------------------------------------------------
-
-def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random flip + affine, brightness/contrast and erasing, drawn per sample, applied to the whole batch.
-
-    x: float [B, C, H, W] in [0, 1] on any device. The random numbers come from `generator` (on its own
-    device, CPU by default) and are moved to x's device, so a seeded run augments identically on CPU and GPU.
-    """
-    b, c, h, w = x.shape
-    r = torch.rand(b, 12, generator=generator, device=generator.device if generator else "cpu").to(x.device)
-    out = x.float()
-
-    # Flip and affine in one resample. affine_grid maps output to input coordinates in [-1, 1].
-    flip = torch.where(r[:, 0] < 0.5, -1.0, 1.0)
-    angle = (r[:, 1] * 2 - 1) * math.radians(10)
-    scale = 0.9 + 0.2 * r[:, 2]
-    shift = (r[:, 3:5] * 2 - 1) * 0.16  # +-8% of the side: the grid spans 2 units
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
-    # border padding: a black wedge in the corner would be an artifact the model could learn
-    out = F.grid_sample(out, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-    brightness = (0.8 + 0.4 * r[:, 5]).view(b, 1, 1, 1)
-    contrast = (0.8 + 0.4 * r[:, 6]).view(b, 1, 1, 1)
-    out = out * brightness
-    mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    out = ((out - mean) * contrast + mean).clamp(0, 1)
-
-    # Random erasing: one rectangle (2-20% of the area, aspect 0.3-3.3) in a quarter of the samples,
-    # built as broadcast row/column masks; filled with the image's mean grey so it adds no new intensity cue.
-    area = 0.02 + 0.18 * r[:, 8]
-    ratio = torch.exp(math.log(0.3) + (math.log(3.3) - math.log(0.3)) * r[:, 9])
-    eh = (torch.sqrt(area * ratio) * h).clamp(max=h)
-    ew = (torch.sqrt(area / ratio) * w).clamp(max=w)
-    top, left = r[:, 10] * (h - eh), r[:, 11] * (w - ew)
-    rows = torch.arange(h, device=x.device).view(1, h, 1) + 0.5
-    cols = torch.arange(w, device=x.device).view(1, 1, w) + 0.5
-    in_rows = (rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
-    in_cols = (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1))
-    erase = (in_rows & in_cols & (r[:, 7] < 0.25).view(b, 1, 1)).unsqueeze(1)
-    out = torch.where(erase, mean.clamp(0, 1), out)
-    return out.to(x.dtype)
-
-
-def mix_transform(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
-    """(x, y) -> (x_mixed, y_soft [B, num_classes]) via torchvision's MixUp/CutMix; None when both are off."""
-    mixers = []
-    if mixup_alpha > 0:
-        mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-    if cutmix_alpha > 0:
-        mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-    if not mixers:
-        return None
-    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)

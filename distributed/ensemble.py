@@ -102,9 +102,10 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     per member, one test evaluation of the ensemble and of its best member, and the reports of `emotune train`."""
     from distributed import results, storage
     from distributed.config import TTA_MODES
-    from distributed.data import load_data, make_splits
+    from distributed.data import load_data
     from distributed.run import train_run
     from distributed.search_space import load_space
+    from distributed.splits import make_splits
 
     exp = Path(exp).resolve()
     if tta is not None and tta not in TTA_MODES:

@@ -259,8 +259,9 @@ def score_on_validation(ckpt: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
     import torch
 
-    from distributed.data import load_data, make_splits
+    from distributed.data import load_data
     from distributed.models import native_size
+    from distributed.splits import make_splits
     from distributed.train import load_model, predict
 
     with tempfile.TemporaryDirectory() as tmp:

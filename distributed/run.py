@@ -269,8 +269,9 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
     import torch
 
     from distributed import results
-    from distributed.data import load_data, make_splits
+    from distributed.data import load_data
     from distributed.models import check_weights, native_size
+    from distributed.splits import make_splits
     from distributed.train import BEST_FILE, final_weights, load_model, predict
 
     out = storage.resolve(output)

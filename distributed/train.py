@@ -25,9 +25,11 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms.v2 import functional as TF
 
+from distributed.augment import augment, mix_transform
 from distributed.config import TrainConfig, better
-from distributed.data import Decoded, Splits, augment, class_weights, load_data, make_splits, mix_transform
+from distributed.data import Decoded, load_data
 from distributed.models import create_model, native_size, stages
+from distributed.splits import Splits, class_weights, make_splits
 
 MODEL_FORMAT = "emotune-model/1"
 STATE_FORMAT = "emotune-state/1"

@@ -89,8 +89,9 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
     cluster: the cluster file of the cluster at `address`, whose node types the autoscaler may launch."""
     import ray
 
-    from distributed.data import load_data, make_splits
+    from distributed.data import load_data
     from distributed.models import check_weights
+    from distributed.splits import make_splits
 
     space_file = find_space(space_file)
     if resume:

@@ -9,18 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from distributed.augment import augment, mix_transform
 from distributed.config import TrainConfig
-from distributed.data import (
-    DATASETS,
-    DataError,
-    Decoded,
-    augment,
-    class_weights,
-    decode_data,
-    make_splits,
-    mix_transform,
-    read_images,
-)
+from distributed.data import DATASETS, DataError, Decoded, decode_data, read_images
+from distributed.splits import class_weights, make_splits
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FER_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]

@@ -61,8 +61,8 @@ def test_resume_continues_from_the_checkpoint(synthetic, tmp_path):
 
 
 def test_best_model_file_loads_and_scores_like_the_loop(synthetic, tmp_path):
-    from distributed.data import make_splits
     from distributed.models import native_size
+    from distributed.splits import make_splits
     from distributed.train import BEST_FILE, predict
 
     cfg = TrainConfig(**TINY)

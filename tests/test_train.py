@@ -11,9 +11,10 @@ from conftest import DATA, need
 
 from distributed.cli import main
 from distributed.config import Scaling, TrainConfig
-from distributed.data import load_data, make_splits
+from distributed.data import load_data
 from distributed.models import create_model, stages
 from distributed.run import train_run
+from distributed.splits import make_splits
 from distributed.train import MODEL_FORMAT, load_model, predict, set_trainable
 
 
