@@ -1,16 +1,17 @@
-"""Every shipped search space validates and samples through real Optuna into valid TrainConfigs."""
+"""Every shipped search space, and every bench space (bench/spaces), validates and samples through real Optuna into
+valid TrainConfigs."""
 from __future__ import annotations
 
 import optuna
 import pytest
-from conftest import SPACES
+from conftest import REPO, SPACES
 from ray.tune.utils.util import unflatten_dict
 
 from distributed.cli import main
 from distributed.config import ConfigError, TrainConfig
 from distributed.search_space import load_space
 
-FILES = sorted(SPACES.glob("*.yaml"))
+FILES = sorted(SPACES.glob("*.yaml")) + sorted((REPO / "bench" / "spaces").glob("*.yaml"))
 
 
 def sample(space, n: int, seed: int = 0) -> list[tuple[dict, dict]]:
@@ -29,7 +30,7 @@ def sample(space, n: int, seed: int = 0) -> list[tuple[dict, dict]]:
     return out
 
 
-@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+@pytest.mark.parametrize("path", FILES, ids=[f"{p.parent.name}/{p.stem}" for p in FILES])
 def test_every_space_checks_and_converts(path, capsys):
     assert main(["check-space", str(path)]) == 0
     assert "warning" not in capsys.readouterr().out
