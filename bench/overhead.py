@@ -242,6 +242,9 @@ def main(argv=None) -> int:
         return plain_main(args.plain_child, args.threads)
     if args.table:
         for rows in json.loads(Path(args.table).read_text()):
+            if any("round" not in r for r in rows):
+                raise SystemExit(f"{args.table}: written before --repeats (no rounds); re-print it with "
+                                 f"bench/overhead.py as of the commit that wrote it (git log -- bench/overhead.py)")
             print_table(rows)
         return 0
     if args.repeats < 1:
