@@ -107,6 +107,8 @@ def summarise_plain(run: dict, log: Path) -> dict:
     line = next(s for s in log.read_text().splitlines() if s.startswith("PLAIN "))
     trials = json.loads(line[len("PLAIN "):])["trials"]
     rows = [t["epochs"] for t in trials]
+    cpu = run["cpu"]  # the plain process is proc.run's root ("driver"), but it is what the trials are elsewhere
+    run = {**run, "cpu": {"trial": cpu["driver"] + cpu["trial"], "driver": 0.0, "ray_system": cpu["ray_system"]}}
     return {**run, "trials": len(trials), "epochs": len(rows[0]), "trial_s": sum(t["wall_s"] for t in trials),
             "loop_s": sum(t["loop_s"] for t in trials),
             "startup_s": statistics.mean(t[0]["time_this_iter_s"] - t[0]["epoch_s"] for t in rows),
