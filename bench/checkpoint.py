@@ -1,12 +1,14 @@
-"""Per-epoch checkpoint cost by model: what train_loop_per_worker writes after every epoch, timed.
+"""Per-epoch checkpoint cost by model: what train.train_loop writes after every epoch, timed.
 
-Every epoch the loop torch.saves state.pt (weights + AdamW state + history) and best_model.pt (the best weights so
-far, re-serialised even when unchanged) into a temporary directory, and Ray then copies that directory into the
-run's storage path. This times the two saves and one directory copy (standing in for Ray's persist to a local
-storage path) for each model, next to its size, so the per-epoch cost can be set against an epoch's training time.
+Every epoch the loop writes one checkpoint with train.save_state: state.pt (weights + AdamW state + history) and
+best_model.pt (train.model_blob of the best weights so far, re-serialised even when unchanged) into a temporary
+directory, and Ray then copies that directory into the run's storage path. This times save_state and one directory
+copy (standing in for Ray's persist to a local storage path) for each model, next to its size, so the per-epoch
+cost can be set against an epoch's training time.
 
-    .venv/bin/python bench/checkpoint.py
-    .venv/bin/python bench/checkpoint.py --models resnet50 vgg16 --repeat 5
+    python -m bench.checkpoint
+    python -m bench.checkpoint --models resnet50 vgg16 --repeat 5
+    python -m bench.checkpoint --models small_cnn --repeat 1      # a smoke run, seconds
 """
 from __future__ import annotations
 
@@ -20,28 +22,30 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from distributed.models import create_model  # noqa: E402
+from distributed.config import TrainConfig
+from distributed.models import create_model, native_size
+from distributed.train import model_blob, save_state
 
 
 def cost(name: str, repeat: int, where: str | None) -> dict:
     torch.manual_seed(0)
-    net = create_model(name, 7, in_channels=1)
+    cfg = TrainConfig(model=name)
+    classes = [f"class{i}" for i in range(7)]
+    net = create_model(name, len(classes), in_channels=cfg.in_channels)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    size = 224 if name not in ("small_cnn", "baseline_cnn", "emotion_cnn48") else 48
-    net(torch.randn(2, 1, size, size)).sum().backward()
+    size = native_size(name)
+    net(torch.randn(2, cfg.in_channels, size, size)).sum().backward()
     opt.step()  # AdamW state (exp_avg, exp_avg_sq) exists from the first step on
-    state = {"format": "emotune-state/1", "epoch": 1, "model": net.state_dict(), "optimizer": opt.state_dict(),
-             "ema": None, "best": {"value": 0.5, "epoch": 1}, "bad_epochs": 0, "history": [{"val_acc": 0.5}] * 30}
-    blob = {"format": "emotune-model/1", "model": name, "state_dict":
-            {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}}
+    history = [{"val_acc": 0.5, "epoch": e} for e in range(1, 31)]
+    # the training state as the loop hands it to save_state (one fold, no EMA)
+    state = {"epoch": 30, "model": net.state_dict(), "optimizer": opt.state_dict(), "ema": None, "other_folds": [],
+             "best": {"value": 0.5, "epoch": 1}, "bad_epochs": 0, "history": history}
+    blob = model_blob(net, cfg, classes, history[-1])  # made only on an improving epoch: not timed
     save_s, copy_s, total = [], [], 0
     for _ in range(repeat):
         with tempfile.TemporaryDirectory(dir=where) as tmp, tempfile.TemporaryDirectory(dir=where) as dest:
             tic = time.perf_counter()
-            torch.save(state, Path(tmp) / "state.pt")
-            torch.save(blob, Path(tmp) / "best_model.pt")
+            save_state(tmp, state, blob)
             save_s.append(time.perf_counter() - tic)
             tic = time.perf_counter()
             shutil.copytree(tmp, Path(dest) / "checkpoint_000000")

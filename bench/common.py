@@ -1,18 +1,85 @@
-"""Helpers shared by the benches: where results go and how a step records them.
+"""Helpers shared by the benches: where results go, how a step records them, and `emotune` run in a subprocess.
 
 Bench scripts run as modules of the `bench` package (`python -m bench.gpu ...`) from the repo root.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import statistics
+import sys
 import time
+from datetime import datetime
 from pathlib import Path
+
+import yaml
+
+from bench import proc
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+DATA = SHARED / "data"
+SPACES = REPO / "bench" / "spaces"  # the benches' search spaces (users' spaces are in search_spaces/)
 RESULTS = "results.json"
+
+
+def out_dir(name: str, given: str | None = None, prefix: str = "") -> Path:
+    """`given`, or results/bench/NAME/<prefix><time>: a fresh folder for one bench run's results and logs."""
+    out = Path(given or REPO / "results" / "bench" / name / (prefix + datetime.now().strftime("%Y%m%d-%H%M%S")))
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def shown(cmd: list[str]) -> str:
+    """[python, -m, distributed, ...] as the user types it: emotune ..."""
+    return " ".join(["emotune", *cmd[3:]] if cmd[1:3] == ["-m", "distributed"] else cmd)
+
+
+def emotune(args: list[str], log: Path, echo: bool = False) -> dict:
+    """`emotune ARGS` in a fresh process from the repository root, its output to `log`; -> proc.run's {"wall_s",
+    "rc", "cpu"} (CPU seconds of its whole process tree). A failure ends the bench, naming the log."""
+    cmd = [sys.executable, "-m", "distributed", *args]
+    if echo:
+        print(f"    $ {shown(cmd)}", flush=True)
+    run = proc.run(cmd, log, env={**os.environ, "RAY_DEDUP_LOGS": "1"}, cwd=str(REPO))
+    if run["rc"]:
+        raise SystemExit(f"{shown(cmd)} failed (rc {run['rc']}); see {log}")
+    return run
+
+
+def tune(space: str | Path, storage: Path, log: Path, *args: str, echo: bool = False) -> tuple[dict, Path]:
+    """`emotune tune SPACE --storage-path STORAGE ARGS` -> (the run as emotune() returns it, the experiment dir)."""
+    run = emotune(["tune", str(space), "--storage-path", str(storage), *args], log, echo)
+    found = [p for p in storage.iterdir() if (p / "emotune.json").is_file()]
+    if len(found) != 1:
+        raise SystemExit(f"{storage}: expected one experiment directory (with emotune.json), found {len(found)}; "
+                         f"use a fresh --storage-path (see {log})")
+    return run, found[0]
+
+
+def derived_space(src: Path, out: Path, suffix: str, changes: dict) -> Path:
+    """A copy of the space `src` with `changes` ({"section.key": value}) applied, written to OUT/spaces: for what
+    neither the file nor --set says (the search seed, scaling.worker_group), so one file serves every variant."""
+    doc = yaml.safe_load(src.read_text())
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        node = doc
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = value
+    path = out / "spaces" / f"{src.stem}_{suffix}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    said = ", ".join(f"{k}={v}" for k, v in changes.items())
+    path.write_text(f"# {src.relative_to(REPO)} with {said} (written by the bench)\n"
+                    + yaml.safe_dump(doc, sort_keys=False))
+    return path
 
 
 def read_results(out: str | Path) -> dict:

@@ -43,7 +43,8 @@ def sync(dev: torch.device) -> None:
 def step_env(args) -> None:
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(), "cuda_available": torch.cuda.is_available(),
-            "cpu_count": os.cpu_count(), "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "cpu_count": os.cpu_count(), "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:
         info["nvidia_smi"] = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
                                             timeout=20).stdout.strip()
@@ -326,7 +327,8 @@ def step_ddp(args) -> None:
                 p.kill()
                 text, _ = p.communicate()
                 rc = "hung: killed at the step's time limit"
-            result = json.loads(Path(f"{tmp}/rank{r}.json").read_text()) if Path(f"{tmp}/rank{r}.json").is_file() else {}
+            written = Path(f"{tmp}/rank{r}.json")
+            result = json.loads(written.read_text()) if written.is_file() else {}
             ranks.append({"rank": r, "rc": rc, **result, "output_tail": (text or "")[-1500:]})
     outcome = "works" if all(x.get("ok") for x in ranks) else "fails"
     record(args.out, "ddp_one_gpu", {"backend": backend, "devices": "cuda:0 for both ranks" if backend == "nccl"
@@ -450,11 +452,12 @@ def step_summary(args) -> None:
         errs = {x.get("error", "")[:160] for x in ddp["ranks"] if x.get("error")}
         print(f"DDP 2 ranks on one GPU ({ddp['backend']}): {ddp['outcome']} {'; '.join(errs)}")
     for name, c in res.get("curves", {}).items():
-        print(f"Curves {name}: {c.get('configs_done')} configs x {c.get('epochs')} epochs in {c.get('wall_s', 0):.0f} s "
-              f"-> {c.get('file')}")
+        print(f"Curves {name}: {c.get('configs_done')} configs x {c.get('epochs')} epochs in "
+              f"{c.get('wall_s', 0):.0f} s -> {c.get('file')}")
     for name, st in res.get("steps", {}).items():
         if st.get("rc") not in (0, None):
-            print(f"step {name}: rc {st['rc']} after {st.get('wall_s')} s{' (time limit)' if st['rc'] in (124, 137) else ''}")
+            limit = " (time limit)" if st["rc"] in (124, 137) else ""
+            print(f"step {name}: rc {st['rc']} after {st.get('wall_s')} s{limit}")
 
 
 STEPS = {"env": step_env, "pipeline": step_pipeline, "loop": step_loop, "packing": step_packing, "ddp": step_ddp,

@@ -2,15 +2,18 @@
 
 full = the loop's sampler (epoch_batches: seeded per-epoch permutation, this rank's share) -> uint8 gather
        (train_x[idx]) -> prepare_batch (to float, resize, augment, normalise) -> MixUp/CutMix -> forward +
-       backward + AdamW step        (the pieces of distributed.train.train_loop_per_worker; with one worker the
-       loop does not wrap the model in DDP, as Ray's prepare_model does not, so neither does this)
+       backward + AdamW step        (the pieces of distributed.train.train_loop, run for a one-process LocalRun;
+       with one worker the loop does not wrap the model in DDP, so neither does this)
 raw  = forward + backward + AdamW step on a ready float batch of the same shape
 
 Both run on the same model, batch size and thread count, interleaved round by round (full, raw, full, raw, ...)
 so background load hits both alike; the ratio is taken per round and the median reported. Goal: full/raw >= 0.95.
 
-    .venv/bin/python bench/pipeline.py                 # the default rows (about 3-5 minutes on 2 CPU cores)
-    .venv/bin/python bench/pipeline.py --rows emotion_cnn48:48:64 --steps 10 --rounds 5
+    python -m bench.pipeline                 # the default rows (about 3-5 minutes on 2 CPU cores)
+    python -m bench.pipeline --rows emotion_cnn48:48:64 --steps 10 --rounds 5
+    python -m bench.pipeline --rows small_cnn:48:8:1 --rounds 1     # a smoke run, seconds
+
+bench.gpu's pipeline step measures the same on a GPU.
 """
 from __future__ import annotations
 
@@ -21,17 +24,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from distributed.config import TrainConfig  # noqa: E402
-from distributed.data import augment, load_pool, mix_transform  # noqa: E402
-from distributed.models import create_model  # noqa: E402
-from distributed.train import epoch_batches, prepare_batch  # noqa: E402
+from bench import proc
+from distributed.augment import augment, mix_transform
+from distributed.config import TrainConfig
+from distributed.data import Decoded, decode_data
+from distributed.models import create_model
+from distributed.train import LocalRun, epoch_batches, prepare_batch
 
 # model:image_size:batch[:steps]; 224 rows use few steps because a CPU trains resnet18 at a few images/s
 DEFAULT_ROWS = ["emotion_cnn48:48:64:8", "resnet18:112:32:4", "resnet18:224:16:2", "mobilenet_v2:224:16:2"]
@@ -42,13 +44,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_row(model: str, size: int, batch: int, steps: int, rounds: int, device: torch.device, pool,
+def bench_row(model: str, size: int, batch: int, steps: int, rounds: int, run: LocalRun, decoded: Decoded,
               channels_last: bool) -> dict:
     cfg = TrainConfig(model=model, image_size=size, batch_size=batch, mixup_alpha=0.2, cutmix_alpha=1.0,
                       augment=True, channels_last=channels_last)
     torch.manual_seed(0)
-    train_x, train_y = torch.from_numpy(pool.train_x), torch.from_numpy(pool.train_y)
-    k = len(pool.class_names)
+    device = run.device
+    train_x, train_y = torch.from_numpy(decoded.train_x), torch.from_numpy(decoded.train_y)
+    k = len(decoded.class_names)
     net = create_model(model, k, in_channels=cfg.in_channels).to(device)
     if cfg.channels_last and device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
@@ -69,13 +72,11 @@ def bench_row(model: str, size: int, batch: int, steps: int, rounds: int, device
     def batch_idx():
         return torch.randperm(len(train_y), generator=gen)[:batch]
 
-    one_rank = SimpleNamespace(rank=0, world=1)
-
-    def sampler():
+    def sampler():  # the loop's own batches for this process: rank 0 of 1
         epoch = 0
         while True:
             epoch += 1
-            yield from epoch_batches(train_y, pool.train_y, cfg, one_rank, epoch)
+            yield from epoch_batches(decoded.train_y, cfg, run.rank, run.world, epoch)
 
     batches = sampler()
 
@@ -154,16 +155,14 @@ def main(argv=None) -> int:
         # OpenMP sizes its pool when torch loads; torch.set_num_threads alone is not the same (and is much slower
         # on a busy machine), so start again with the environment Ray gives trial processes
         os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+        os.execv(sys.executable, [sys.executable, "-m", "bench.pipeline", *sys.argv[1:]])
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    pool = load_pool("synthetic", in_channels=1, size=48, seed=0)  # stored at 48 px like FER2013; resized per batch
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import proc
-
-    print(f"{proc.code_version()}; device {device}, torch threads {torch.get_num_threads()}, torch {torch.__version__}; "
-          f"augment + MixUp 0.2/CutMix 1.0 on; {args.rounds} interleaved rounds per row", flush=True)
+    run = LocalRun(device=args.device)
+    decoded = decode_data("synthetic", in_channels=1, size=48, seed=0)  # 48 px like FER2013; resized per batch
+    print(f"{proc.code_version()}; device {run.device}, torch threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}; augment + MixUp 0.2/CutMix 1.0 on; {args.rounds} interleaved rounds per row",
+          flush=True)
     rows = []
     head = (f"{'model':<14}{'size':>5}{'batch':>6}{'full img/s':>11}{'raw img/s':>10}{'ratio':>7}{'(min-max)':>12}"
             f"{'gather':>8}{'prepare':>8}{'augment':>8}{'mix':>7}{'model':>8}{'pieces':>8}")
@@ -172,7 +171,7 @@ def main(argv=None) -> int:
         parts = spec.split(":")
         model, size, batch = parts[0], int(parts[1]), int(parts[2])
         steps = args.steps or (int(parts[3]) if len(parts) > 3 else 5)
-        r = bench_row(model, size, batch, steps, args.rounds, device, pool, args.channels_last)
+        r = bench_row(model, size, batch, steps, args.rounds, run, decoded, args.channels_last)
         rows.append(r)
         print(f"{r['model']:<14}{r['image_size']:>5}{r['batch']:>6}{r['full_img_s']:>11.1f}{r['raw_img_s']:>10.1f}"
               f"{r['ratio']:>7.3f}{r['ratio_min']:>6.2f}-{r['ratio_max']:<5.2f}{r['gather_ms']:>8.2f}"

@@ -1,8 +1,8 @@
 """Run a command and account for the CPU seconds of its whole process tree (Ray's gcs_server, raylet, dashboard,
 trial and worker processes are all descendants of the `emotune` process that started Ray), read from /proc.
 
-Used by bench/overhead.py and bench/search_efficiency.py: on a 2-core machine every CPU second a Ray system
-process spends is a second the trials do not get, so it belongs in the overhead figures.
+Used by bench/overhead.py and by bench.common.emotune (every `emotune` a bench runs): on a 2-core machine every
+CPU second a Ray system process spends is a second the trials do not get, so it belongs in the overhead figures.
 """
 from __future__ import annotations
 

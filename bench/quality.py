@@ -8,33 +8,28 @@ and both together.
 
 Budgets (state which one a figure came from):
   cpu  fits 2 CPU cores in ~15-20 minutes: small_cnn; FER2013 on a stratified 8,000-image subset of Training,
-       10 epochs, 6 trials; CK+48 20 epochs, 8 trials (search_spaces/bench_quality_*_cpu.yaml)
+       10 epochs, 6 trials; CK+48 20 epochs, 8 trials (bench/spaces/quality_*_cpu.yaml)
   gpu  the full recipes: FER2013 with search_spaces/fer2013.yaml (emotion_cnn48, all 25,838 training images after
-       the validation split, 32 trials x up to 40 epochs); CK+48 with search_spaces/bench_quality_ckplus48_gpu.yaml
+       the validation split, 32 trials x up to 40 epochs); CK+48 with bench/spaces/quality_ckplus48_gpu.yaml
 
-    bench/quality --budget cpu
-    bench/quality --budget gpu --datasets fer2013
+    python -m bench.quality --budget cpu
+    python -m bench.quality --budget gpu --datasets fer2013
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+from bench import proc
+from bench.common import DATA, REPO, SPACES, emotune, out_dir, read_csv, tune
 
 DATASETS = {"fer2013": "parquet:{root}/fer2013", "ckplus48": "imagefolder:{root}/ckplus48"}
-SPACES = {
-    "cpu": {"fer2013": "search_spaces/bench_quality_fer2013_cpu.yaml",
-            "ckplus48": "search_spaces/bench_quality_ckplus48_cpu.yaml"},
-    "gpu": {"fer2013": "search_spaces/fer2013.yaml",
-            "ckplus48": "search_spaces/bench_quality_ckplus48_gpu.yaml"},
+BUDGET_SPACES = {
+    "cpu": {"fer2013": SPACES / "quality_fer2013_cpu.yaml", "ckplus48": SPACES / "quality_ckplus48_cpu.yaml"},
+    "gpu": {"fer2013": REPO / "search_spaces" / "fer2013.yaml", "ckplus48": SPACES / "quality_ckplus48_gpu.yaml"},
 }
 # the retrain's scaling; one CPU (one torch thread) on the CPU budget: two OpenMP threads stall badly on a shared
 # 2-core machine
@@ -44,44 +39,21 @@ ANCHORS = {"fer2013": "published: best single network 73.28% (Khaireddin & Chen 
            "ckplus48": "no published figure uses this by-sequence 80/20 split (CK+ papers use subject-wise k-fold)"}
 
 
-def run(cmd: list[str], log: Path) -> float:
-    import proc
-
-    print(f"    $ {shown(cmd)}", flush=True)
-    r = proc.run(cmd, log, env={**os.environ, "RAY_DEDUP_LOGS": "1"}, cwd=str(REPO))
-    if r["rc"]:
-        raise SystemExit(f"failed (rc {r['rc']}); see {log}")
-    return r["wall_s"]
-
-
-def shown(cmd: list[str]) -> str:
-    """[python, -m, distributed, ...] as the user types it: emotune ..."""
-    return " ".join(["emotune", *cmd[3:]] if cmd[1:3] == ["-m", "distributed"] else cmd)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def one_dataset(name: str, budget: str, data_root: Path, out: Path) -> dict:
-    space = SPACES[budget][name]
+    space = BUDGET_SPACES[budget][name].relative_to(REPO)
     data = DATASETS[name].format(root=data_root)
-    py = sys.executable
     print(f"{name} ({budget} budget): search {space}", flush=True)
-    search_s = run([py, "-m", "distributed", "tune", space, "--set", f"data={data}",
-                    "--storage-path", str(out / "search")], out / "search.log")
-    exp = next(p for p in (out / "search").iterdir() if p.is_dir())
+    search, exp = tune(space, out / "search", out / "search.log", "--set", f"data={data}", echo=True)
     board = read_csv(exp / "leaderboard.csv")
     best_config = exp / "best_config.yaml"
     print(f"  retrain {best_config}", flush=True)
-    train_s = run([py, "-m", "distributed", "train", "--config", str(best_config), "--output", str(out / "train"),
-                   *TRAIN_ARGS[budget]], out / "train.log")
+    train = emotune(["train", "--config", str(best_config), "--output", str(out / "train"), *TRAIN_ARGS[budget]],
+                    out / "train.log", echo=True)
     test = json.loads((out / "train" / "test_metrics.json").read_text())
     history = read_csv(out / "train" / "metrics.csv")
     best_epoch = max(history, key=lambda r: float(r["val_acc"]))
-    return {"dataset": name, "budget": budget, "space": space, "data": data, "search_s": search_s,
-            "train_s": train_s, "trials": len(board), "search_epochs": sum(int(r["epochs_run"]) for r in board),
+    return {"dataset": name, "budget": budget, "space": str(space), "data": data, "search_s": search["wall_s"],
+            "train_s": train["wall_s"], "trials": len(board), "search_epochs": sum(int(r["epochs_run"]) for r in board),
             "search_best_val_acc": float(board[0]["best_val_acc"]), "best_config": str(best_config),
             "retrain_best_epoch": int(best_epoch["epoch"]), "retrain_val_acc": float(best_epoch["val_acc"]),
             "test": test, "run_dir": str(out / "train")}
@@ -100,14 +72,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
-    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--data-root", default=str(DATA))
     p.add_argument("--out", default=None, help="default: results/bench/quality/<budget>-<time>")
     args = p.parse_args(argv)
-    out = Path(args.out or REPO / "results/bench/quality" /
-               f"{args.budget}-{datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
+    out = out_dir("quality", args.out, prefix=f"{args.budget}-")
     root = Path(args.data_root).resolve()
-    import proc
-
     print(proc.code_version(), flush=True)
     tic = time.perf_counter()
     results = [one_dataset(name, args.budget, root, out / name) for name in args.datasets]

@@ -1,7 +1,7 @@
 """Search efficiency: Optuna TPE + ASHA against random search without early stopping, same number of trials.
 
-For each data set and seed, `emotune tune` runs search_spaces/bench_search_random.yaml (random sampling, every
-trial trains all epochs) and search_spaces/bench_search_asha.yaml (TPE + ASHA), with the sampler seed set to the
+For each data set and seed, `emotune tune` runs bench/spaces/search_random.yaml (random sampling, every trial
+trains all epochs) and bench/spaces/search_asha.yaml (TPE + ASHA), with the sampler seed set to the
 seed (the data split and weight initialisation stay at TrainConfig seed 0, so both searches score trials on the
 same validation images). Reported: total epochs trained and the best validation accuracy of any trial at any
 epoch. Goal: ASHA+TPE within 0.5 points of random search's best using <= 25% of its epochs.
@@ -15,60 +15,34 @@ CPU scale (the default, ~35 minutes on 2 idle cores): small_cnn, 16 trials x 12 
 grace 1, reduction factor 4 (rungs at 1 and 4 epochs), whose ideal successive-halving cost is 18.75% of random
 search's epochs.
 
-    .venv/bin/python bench/search_efficiency.py
-    .venv/bin/python bench/search_efficiency.py --datasets fer2013_small --seeds 0 --trials 16
+    python -m bench.search_efficiency
+    python -m bench.search_efficiency --datasets fer2013_small --seeds 0 --trials 16
+    python -m bench.search_efficiency --table results/bench/search_efficiency/<time>   # re-print a finished run
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import statistics
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from bench import proc
+from bench.common import DATA, SPACES, derived_space, out_dir, read_csv, tune
 
-DATA = REPO.parent / "shared" / "data"
-SPACES = {"random": REPO / "search_spaces/bench_search_random.yaml", "asha": REPO / "search_spaces/bench_search_asha.yaml"}
-
-
-def seeded_space(kind: str, seed: int, out: Path) -> Path:
-    """The bench space with search.seed = seed (written next to the results; the search seed is not a TrainConfig
-    field, so --set cannot change it)."""
-    doc = yaml.safe_load(SPACES[kind].read_text())
-    doc["search"]["seed"] = seed
-    path = out / "spaces" / f"{SPACES[kind].stem}_seed{seed}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {SPACES[kind].name} with search.seed={seed} (written by bench/search_efficiency.py)\n"
-                    + yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+KINDS = {"random": SPACES / "search_random.yaml", "asha": SPACES / "search_asha.yaml"}
 
 
 def one_search(kind: str, dataset: str, seed: int, trials: int, epochs: int, out: Path) -> dict:
-    import proc
-
-    space = seeded_space(kind, seed, out)
+    # the search seed is not a TrainConfig field, so --set cannot change it: a copy of the space carries it
+    space = derived_space(KINDS[kind], out, f"seed{seed}", {"search.seed": seed})
     storage = out / f"{dataset}-seed{seed}-{kind}"
-    sets = [f"data=imagefolder:{DATA / dataset}", f"epochs={epochs}"]
-    cmd = [sys.executable, "-m", "distributed", "tune", str(space), "--storage-path", str(storage),
-           "--num-samples", str(trials)] + [a for s in sets for a in ("--set", s)]
-    run = proc.run(cmd, storage.with_suffix(".log"), env={**os.environ, "RAY_DEDUP_LOGS": "1"}, cwd=str(REPO))
-    if run["rc"]:
-        raise SystemExit(f"emotune tune failed (rc {run['rc']}); see {storage.with_suffix('.log')}")
-    exp = next(p for p in storage.iterdir() if p.is_dir())
+    run, exp = tune(space, storage, storage.with_suffix(".log"), "--num-samples", str(trials),
+                    "--set", f"data=imagefolder:{DATA / dataset}", "--set", f"epochs={epochs}")
     rows = read_csv(exp / "leaderboard.csv")
     scored = [float(r["best_val_acc"]) for r in rows if r["best_val_acc"] not in ("", None)]
     return {"kind": kind, "dataset": dataset, "seed": seed, "wall_s": run["wall_s"], "cpu": run["cpu"],
@@ -83,12 +57,14 @@ def pick_test_acc(exp: Path, trial_id: str) -> float:
     """Test accuracy of the best-epoch weights the trial kept (its latest checkpoint carries best_model.pt)."""
     import torch
 
+    from distributed.data import load_data
     from distributed.models import native_size
-    from distributed.train import load_model, load_splits, predict
+    from distributed.splits import make_splits
+    from distributed.train import load_model, predict
 
     ckpt = max((exp / trial_id).glob("checkpoint_*"), key=lambda p: p.name)
     net, cfg, _, _ = load_model(ckpt / "best_model.pt")
-    splits = load_splits(cfg)
+    splits = make_splits(load_data(cfg), cfg)
     logits = predict(net, torch.from_numpy(splits.test_x), cfg, cfg.image_size or native_size(cfg.model),
                      torch.device("cpu"))
     return float((logits.argmax(1).numpy() == splits.test_y).mean())
@@ -156,7 +132,7 @@ def replay_table(out: Path, datasets: list[str], sizes=(16, 64), repeats: int = 
     recorded curves (bootstrap: N curves drawn with replacement, random order; random sampling, not TPE)."""
     import random
 
-    asha = yaml.safe_load(SPACES["asha"].read_text())["scheduler"]["asha"]
+    asha = yaml.safe_load(KINDS["asha"].read_text())["scheduler"]["asha"]
     schedules = list(dict.fromkeys([(asha["grace_period"], asha["reduction_factor"]), (2, 4), (2, 3), (4, 3)]))
     print(f"\nASHA replayed on random search's recorded curves (2 at a time; {repeats} bootstrap draws of N trials; "
           f"random sampling, not TPE; the first schedule is the one measured above):")
@@ -192,12 +168,15 @@ def sha_floor(grace: int, rf: float, max_t: int) -> float:
 
 
 def val_count(dataset: str) -> int:
+    """Validation images of the bench space's split of `dataset` (the same for every trial: seed 0)."""
     from distributed.config import TrainConfig
-    from distributed.data import load_pool, make_splits
+    from distributed.data import load_data
+    from distributed.search_space import load_space
+    from distributed.splits import make_splits
 
-    cfg = TrainConfig()
-    pool = load_pool(f"imagefolder:{DATA / dataset}", cfg.in_channels, cfg.data_size, cfg.seed)
-    return len(make_splits(pool, [], cfg.val_fraction, cfg.seed).val_y)
+    space = load_space(KINDS["random"], [f"data=imagefolder:{DATA / dataset}"])
+    cfg = TrainConfig.from_dict(space.fixed)
+    return len(make_splits(load_data(cfg), cfg).val_y)
 
 
 def main(argv=None) -> int:
@@ -222,10 +201,7 @@ def main(argv=None) -> int:
         report(pairs, args)
         replay_table(out, args.datasets)
         return 0
-    out = Path(args.out or REPO / "results/bench/search_efficiency" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    import proc
-
+    out = out_dir("search_efficiency", args.out)
     print(f"{proc.code_version()}; {args.trials} trials x {args.epochs} epochs, small_cnn, 2 at a time; "
           f"results in {out}", flush=True)
 
@@ -251,15 +227,17 @@ def main(argv=None) -> int:
 
 
 def report(pairs: list[dict], args) -> int:
-    asha = yaml.safe_load(SPACES["asha"].read_text())["scheduler"]["asha"]
+    asha = yaml.safe_load(KINDS["asha"].read_text())["scheduler"]["asha"]
     floor = sha_floor(asha["grace_period"], asha["reduction_factor"], min(asha["max_t"], args.epochs))
 
     print(f"\n{'dataset':<15}{'seed':>5}{'val imgs':>9}{'random best':>12}{'asha best':>10}{'diff pt':>8}"
-          f"{'random ep':>10}{'asha ep':>8}{'asha/rand':>10}{'rand test':>10}{'asha test':>10}{'random s':>9}{'asha s':>8}")
+          f"{'random ep':>10}{'asha ep':>8}{'asha/rand':>10}{'rand test':>10}{'asha test':>10}{'random s':>9}"
+          f"{'asha s':>8}")
     for res in pairs:
         r, a = res["random"], res["asha"]
         print(f"{r['dataset']:<15}{r['seed']:>5}{r['val_count']:>9}{r['best']:>12.4f}{a['best']:>10.4f}"
-              f"{100 * (a['best'] - r['best']):>+8.2f}{r['epochs']:>10}{a['epochs']:>8}{a['epochs'] / r['epochs']:>10.2f}"
+              f"{100 * (a['best'] - r['best']):>+8.2f}{r['epochs']:>10}{a['epochs']:>8}"
+              f"{a['epochs'] / r['epochs']:>10.2f}"
               f"{r['pick_test_acc']:>10.4f}{a['pick_test_acc']:>10.4f}{r['wall_s']:>9.0f}{a['wall_s']:>8.0f}")
     print()
     for dataset in args.datasets:
@@ -270,7 +248,8 @@ def report(pairs: list[dict], args) -> int:
         tdiffs = [100 * (res["asha"]["pick_test_acc"] - res["random"]["pick_test_acc"]) for res in mine]
         spread = lambda v: f"mean {statistics.mean(v):+.2f}, range {min(v):+.2f}..{max(v):+.2f}"  # noqa: E731
         print(f"{dataset}: asha - random best val_acc (points) {spread(diffs)}; epochs asha/random "
-              f"{statistics.mean(frac):.2f} (range {min(frac):.2f}..{max(frac):.2f}); goal met in {ok}/{len(mine)} seeds; "
+              f"{statistics.mean(frac):.2f} (range {min(frac):.2f}..{max(frac):.2f}); "
+              f"goal met in {ok}/{len(mine)} seeds; "
               f"1 validation image = {100 / mine[0]['random']['val_count']:.2f} points; "
               f"test accuracy of the picks, asha - random (points) {spread(tdiffs)}")
     print("\nrank correlation (Spearman, random search's trials) of val_acc at epoch e with the trial's best val_acc; "
@@ -283,7 +262,8 @@ def report(pairs: list[dict], args) -> int:
         print(f"  {'':<15}" + "  ".join(f"{'':>3} {min(m[e] for m in mine):+.2f}..{max(m[e] for m in mine):+.2f}"
                                         for e in sorted(mine[0], key=int)[:4]) + "  (range over seeds, e1-e4)")
     print(f"ideal successive-halving floor for this schedule (grace {asha['grace_period']}, reduction factor "
-          f"{asha['reduction_factor']}, max_t {min(asha['max_t'], args.epochs)}): {floor:.1%} of random search's epochs")
+          f"{asha['reduction_factor']}, max_t {min(asha['max_t'], args.epochs)}): {floor:.1%} of random search's "
+          f"epochs")
     return 0
 
 

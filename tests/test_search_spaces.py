@@ -1,16 +1,17 @@
-"""Every shipped search space validates and samples through real Optuna into valid TrainConfigs."""
+"""Every shipped search space, and every bench space (bench/spaces), validates and samples through real Optuna into
+valid TrainConfigs."""
 from __future__ import annotations
 
 import optuna
 import pytest
-from conftest import SPACES
+from conftest import REPO, SPACES
 from ray.tune.utils.util import unflatten_dict
 
 from distributed.cli import main
 from distributed.config import ConfigError, TrainConfig
 from distributed.search_space import load_space
 
-FILES = sorted(SPACES.glob("*.yaml"))
+FILES = sorted(SPACES.glob("*.yaml")) + sorted((REPO / "bench" / "spaces").glob("*.yaml"))
 
 
 def sample(space, n: int, seed: int = 0) -> list[tuple[dict, dict]]:
@@ -29,7 +30,7 @@ def sample(space, n: int, seed: int = 0) -> list[tuple[dict, dict]]:
     return out
 
 
-@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+@pytest.mark.parametrize("path", FILES, ids=[f"{p.parent.name}/{p.stem}" for p in FILES])
 def test_every_space_checks_and_converts(path, capsys):
     assert main(["check-space", str(path)]) == 0
     assert "warning" not in capsys.readouterr().out
@@ -90,7 +91,8 @@ def test_multi_objective_space(tmp_path):
     ("space: {lr_head: {loguniform: [1.0e-2, 1.0e-4]}}", "space.lr_head: low (0.01) must be < high (0.0001)"),
     ("space: {lr_head: {loguniform: [-1, 1]}}", "loguniform needs low > 0"),
     ("space: {dropout: {uniform: [0.1, 2.0]}}", "bound 2.0 is outside dropout's valid range"),
-    ("space: {lr_head: {logunifrom: [1.0e-4, 1.0e-2]}}", "unknown distribution 'logunifrom'; did you mean 'loguniform'?"),
+    ("space: {lr_head: {logunifrom: [1.0e-4, 1.0e-2]}}",
+     "unknown distribution 'logunifrom'; did you mean 'loguniform'?"),
     ("space: {lr_head: {loguniform: [small, big]}}", "expected a number, got 'small'"),
     ("space: {lr_hed: {uniform: [0.1, 0.2]}}", "unknown TrainConfig key 'lr_hed'; did you mean 'lr_head'?"),
     ("space: {model: {choice: [resnet50, resnet500]}}", "unknown model 'resnet500'"),
