@@ -38,6 +38,24 @@ def remove(root: Path) -> None:
             return
 
 
+def crash_when(cmd: list[str], ready, timeout: float = 420) -> None:
+    """Run cmd in its own process group and SIGKILL the whole group (the driver and every process it started: a
+    real crash) as soon as ready() is true; fails if it never is within timeout seconds."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not ready():
+            time.sleep(1)
+        assert ready(), f"not ready within {timeout:.0f} s: {' '.join(cmd)}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def need(path: Path) -> Path:
     """Skip (with the reason) when the shared data that a test reads is absent."""
     if not path.exists():

@@ -10,10 +10,8 @@ import io
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, SPACES, free_port
+from conftest import REPO, SPACES, crash_when, free_port
 from PIL import Image
 
 from distributed import storage
@@ -214,16 +212,7 @@ def test_search_on_s3_killed_then_resumed_runs_each_trial_once(s3, tmp_path):
                         fixed={"model": "small_cnn", "epochs": 2, "train_limit": 200})
     exp = f"s3://{BUCKET}/k/resume"
     cmd = [sys.executable, "-m", "distributed", "tune", str(space), "--storage-path", f"s3://{BUCKET}/k"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 420
-        while time.time() < deadline and not finished(exp):
-            time.sleep(2)
-        assert finished(exp), "no trial finished in time"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and every process it started: a real crash
-        proc.wait()
+    crash_when(cmd, lambda: finished(exp))
     before = finished(exp)
     assert len(before) < 3
 

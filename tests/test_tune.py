@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, SPACES
+from conftest import REPO, SPACES, crash_when
 
 from distributed.cli import main
 from distributed.config import TrainConfig
@@ -179,15 +176,7 @@ def test_search_killed_then_resumed_runs_each_trial_once(tmp_path, scheduler):
                         fixed={"model": "small_cnn", "epochs": 2, "train_limit": 200})
     cmd = [sys.executable, "-m", "distributed", "tune", str(space), "--storage-path", str(tmp_path)]
     exp = tmp_path / "resume"
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 420
-        while time.time() < deadline and not finished_trials(exp):
-            time.sleep(1)
-        assert finished_trials(exp), "no trial finished in time"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and every process it started: a real crash
-        proc.wait()
+    crash_when(cmd, lambda: finished_trials(exp))
     assert len(finished_trials(exp)) < 4
 
     done = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
