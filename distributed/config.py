@@ -77,7 +77,7 @@ class Scaling:
 @dataclass
 class TrainConfig:
     # what to train on
-    model: str = knob("baseline_cnn", "architecture name; `emotune list-models` lists them")
+    model: str = knob("small_cnn", "architecture name; `emotune list-models` lists them (default: the quick one)")
     data: str = knob("synthetic", "synthetic | imagefolder:PATH | parquet:PATH | fer2013_csv:PATH")
     classes: list = knob([], "subset of class names to keep (empty = all)")
     in_channels: int = knob(1, "1 = grayscale faces, 3 = RGB photos", choices=(1, 3))

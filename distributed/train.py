@@ -108,7 +108,7 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
                        lr_head=members[0].optimizer.param_groups[0]["lr"],
                        images_per_s=run.sum(seen) / max(train_time, 1e-9), epoch_s=time.perf_counter() - tic,
                        trainable_stages=members[0].trainable, num_params=sum(p.numel() for p in members[0].net.parameters()),
-                       run_start_epoch=run_start, node=run.node)
+                       run_start_epoch=run_start, node=run.node, torch_threads=torch.get_num_threads())
         value = metrics[cfg.monitor]
         improved = best is None or better(cfg.monitor, value, best["value"])
         if improved:

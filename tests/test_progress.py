@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
 
@@ -42,3 +43,8 @@ def test_train_prints_one_line_per_epoch_and_no_ray_internals(tmp_path):
                             r"\d+ img/s  ETA \d+m\d\ds", line), line
     assert re.search(r"^best val val_acc [\d.]+  test_acc [\d.]+", done.stdout, re.M), done.stdout
     assert not [w for w in RAY_INTERNALS if w in out], out[-3000:]
+    # a one-node run uses the whole machine: its worker reserved every CPU and torch trained on that many threads
+    from distributed.plan import local_cpus
+
+    history = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()
+    assert {h["torch_threads"] for h in history} == {local_cpus()}
