@@ -151,7 +151,10 @@ def test_asha_stopped_trials_are_pruned_in_the_study_with_their_epoch_values(ray
     assert rows[3e-3]["status"] == "completed"
     stopped = [lr for lr, r in rows.items() if r["status"] == "asha_stopped"]
     assert stopped, {lr: (r["status"], r["epochs_run"]) for lr, r in rows.items()}
-    study = optuna.load_study(study_name="prune", storage=f"sqlite:///{tmp_path}/prune/optuna.db")
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = JournalFileBackend(str(tmp_path / "prune" / "optuna.journal"))  # the published study
+    study = optuna.load_study(study_name="prune", storage=optuna.storages.JournalStorage(journal))
     trials = {t.params["lr_head"]: t for t in study.trials}
     curves = {lr: [r["val_acc"] for r in read_json_lines(tmp_path / "prune" / rows[lr]["trial_id"] / "result.json")]
               for lr in rows}
