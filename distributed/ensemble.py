@@ -69,20 +69,15 @@ def trial_model(exp: Path, trial_id: str) -> Path | None:
 
 def top_trials(exp: str | Path, k: int) -> list[tuple[dict, dict, Path]]:
     """The k best trials with a model: (leaderboard row, TrainConfig dict, best_model.pt). Writes nothing."""
-    from distributed.results import leaderboard_rows, read_trials
-    from distributed.search_space import load_space
+    from distributed.results import leaderboard_rows, read_meta, read_trials
 
     exp = Path(exp)
     if k < 1:
         raise ConfigError(f"--top {k}: an ensemble needs at least 1 member")
-    if not (exp / "emotune.json").is_file():
-        raise ConfigError(f"{exp}: not an emotune experiment directory (no emotune.json); pass the directory "
-                          f"printed by `emotune tune`")
-    meta = json.loads((exp / "emotune.json").read_text())
-    space = load_space(exp / "space.yaml", meta.get("overrides", []))
-    rows, configs = leaderboard_rows(read_trials(exp), space, space.metric, space.mode)
+    meta = read_meta(str(exp))
+    rows, configs = leaderboard_rows(read_trials(str(exp)), meta)
     usable = [(r, configs[r["trial_id"]], trial_model(exp, r["trial_id"])) for r in rows
-              if r[f"best_{space.metric}"] is not None and r["status"] not in ("error", "diverged")]
+              if r[f"best_{meta['metric']}"] is not None and r["status"] not in ("error", "diverged")]
     usable = [u for u in usable if u[2] is not None]
     if k > len(usable):
         raise ConfigError(f"--top {k}: only {len(usable)} trials of {exp} finished with a model; "

@@ -222,12 +222,11 @@ def pareto_front(rows: list[dict], objectives: list[tuple[str, str]], metric: st
                                          any(key(o, m) != key(r, m) for m, _ in objectives) for o in scored)]
 
 
-def collect(exp: str, top: int = 5, model: str | None = None) -> dict:
-    """Leaderboard, best_config.yaml, best_by_architecture/, Pareto front; from any experiment directory or URI.
-    Everything it needs about the search (metric, mode, objectives, models) is in emotune.json."""
+def read_meta(exp: str) -> dict:
+    """An experiment's emotune.json: what the search was (metric, mode, objectives, models), so nothing here needs
+    the search space."""
     from distributed.config import ConfigError
 
-    exp = storage.resolve(exp).rstrip("/")
     meta_file = storage.join(exp, "emotune.json")
     if not storage.is_file(meta_file):
         raise ConfigError(f"{exp}: not an emotune experiment directory (no emotune.json); pass the directory "
@@ -235,6 +234,15 @@ def collect(exp: str, top: int = 5, model: str | None = None) -> dict:
     meta = json.loads(storage.read_text(meta_file))
     if "metric" not in meta:
         raise ConfigError(f"{meta_file}: written by an older emotune (no metric); re-run the search with this one")
+    return meta
+
+
+def collect(exp: str, top: int = 5, model: str | None = None) -> dict:
+    """Leaderboard, best_config.yaml, best_by_architecture/, Pareto front; from any experiment directory or URI.
+    Everything it needs about the search (metric, mode, objectives, models) is in emotune.json."""
+
+    exp = storage.resolve(exp).rstrip("/")
+    meta = read_meta(exp)
     metric = meta["metric"]
     objectives = [tuple(o) for o in meta["objectives"]]
     rows, configs = leaderboard_rows(read_trials(exp), meta)
