@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -191,6 +192,9 @@ def build_backbone(name, num_classes, in_channels, dropout, pretrained, weights_
     return model
 
 
+OFFLINE = "EMOTUNE_OFFLINE"  # set (air-gapped machines, tests): use the cache only, never download
+
+
 def download_imagenet(name: str) -> tuple[dict, str]:
     # IMAGENET1K_V1, not DEFAULT: the classic weights transfer-learning recipes start from, and the same for
     # every backbone (DEFAULT is a different, later file for resnet50 and mobilenet_v2, which would also miss
@@ -199,6 +203,8 @@ def download_imagenet(name: str) -> tuple[dict, str]:
     file_name = weights.url.split("/")[-1]
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     try:
+        if os.environ.get(OFFLINE) and not (cache / file_name).is_file():
+            raise FileNotFoundError(f"{OFFLINE} is set and the file is not in the cache")
         # cached in $TORCH_HOME/hub/checkpoints after the first download; the hash is checked on download
         state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as exc:  # no network (URLError), bad hash (RuntimeError), corrupt cache (UnpicklingError)
