@@ -221,7 +221,10 @@ def load_study(exp: Path, name: str) -> optuna.Study:
 def test_impossible_request_refused_before_ray_starts(tmp_path, capsys):
     import ray
 
-    space = small_space(tmp_path, "toobig", scaling={"workers": 1, "gpus_per_worker": 1})
+    import torch
+
+    # one GPU more than this machine has: refused on a CPU box and on a GPU host alike
+    space = small_space(tmp_path, "toobig", scaling={"workers": 1, "gpus_per_worker": torch.cuda.device_count() + 1})
     already = ray.is_initialized()
     assert main(["tune", str(space), "--storage-path", str(tmp_path / "out")]) == 2
     assert "no node has that much" in capsys.readouterr().err
