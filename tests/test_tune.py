@@ -220,7 +220,6 @@ def load_study(exp: Path, name: str) -> optuna.Study:
 
 def test_impossible_request_refused_before_ray_starts(tmp_path, capsys):
     import ray
-
     import torch
 
     # one GPU more than this machine has: refused on a CPU box and on a GPU host alike
