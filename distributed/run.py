@@ -227,28 +227,50 @@ def epoch_line(row: dict, epochs: int, epoch_times: list[float]) -> str:
 
 
 @contextlib.contextmanager
-def follow(path: Path):
+def follow(path: Path, epochs: int = 0, every: float = 0.5):
     """Print the lines appended to `path` while the block runs (from where the file ends now: a resumed run
-    does not repeat earlier epochs), and any left when it ends."""
+    does not repeat earlier epochs), and any left when it ends. On a terminal, a live bar between the lines shows
+    the epoch under way, paced by how long the last epoch took."""
+    import re
+    import sys
     import threading
+    import time
 
     start = path.stat().st_size if path.exists() else 0
     done = threading.Event()
+    live = sys.stdout.isatty() and epochs > 0
+    seen, last_at, last_gap = 0, time.monotonic(), None
+
+    def bar(now: float) -> str:
+        elapsed = now - last_at
+        if last_gap is None:
+            return f"epoch {seen + 1}/{epochs}  running {int(elapsed) // 60}m{int(elapsed) % 60:02d}s"
+        filled = int(20 * min(elapsed / last_gap, 0.99))
+        return f"epoch {seen + 1}/{epochs}  [{'#' * filled}{'.' * (20 - filled)}]  ~{max(0, last_gap - elapsed):.0f}s left"
 
     def pump():
-        nonlocal start
+        nonlocal start, seen, last_at, last_gap
         while True:
-            stop = done.wait(0.5)
+            stop = done.wait(every)
+            now = time.monotonic()
+            complete = ""
             if path.exists():
                 with open(path) as f:
                     f.seek(start)
                     text = f.read()
                 complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next look
                 start += len(complete.encode())
-                if complete:
-                    print(complete, end="", flush=True)
+            if complete:
+                print(("\r\033[K" if live else "") + complete, end="", flush=True)
+                numbers = re.findall(r"^epoch (\d+)/", complete, re.M)
+                if numbers:
+                    seen, last_gap, last_at = int(numbers[-1]), now - last_at, now
             if stop:
+                if live:
+                    print("\r\033[K", end="", flush=True)
                 return
+            if live and seen < epochs:
+                print("\r\033[K" + bar(now), end="", flush=True)
 
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
@@ -286,7 +308,7 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
              header="resolved TrainConfig of this run; re-run: emotune train --config config.yaml")
 
     progress = local / "progress.log"
-    with ray_session(address, verbose=verbose) as ray, follow(progress):
+    with ray_session(address, verbose=verbose) as ray, follow(progress, cfg.epochs):
         loop_config = {"train": cfg.to_dict(), "data": ray.put(data), "env": passed_env(), "verbose": verbose}
         trainer = make_trainer(loop_config, scaling, name="run", storage_path=out, max_failures=max_failures,
                                verbose=verbose, callbacks=[tensorboard_callback(str(local / "tensorboard")),

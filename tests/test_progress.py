@@ -48,3 +48,30 @@ def test_train_prints_one_line_per_epoch_and_no_ray_internals(tmp_path):
 
     history = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()
     assert {h["torch_threads"] for h in history} == {local_cpus()}
+
+
+def test_live_bar_on_a_terminal_only(tmp_path, monkeypatch):
+    """Between epoch lines a terminal sees the epoch under way (paced by the last epoch); a pipe sees the lines only."""
+    import io
+    import time
+
+    from distributed.run import follow
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, live in ((Terminal(), True), (io.StringIO(), False)):
+        log = tmp_path / f"progress-{live}.log"
+        monkeypatch.setattr("sys.stdout", stream)
+        with follow(log, epochs=2, every=0.05):
+            time.sleep(0.3)
+            log.write_text("epoch 1/2  train_loss 1.0\n")
+            time.sleep(0.3)
+            with open(log, "a") as f:
+                f.write("epoch 2/2  train_loss 0.9\n")
+            time.sleep(0.2)
+        out = stream.getvalue()
+        assert "epoch 1/2  train_loss 1.0\n" in out and "epoch 2/2  train_loss 0.9\n" in out
+        assert ("epoch 1/2  running 0m00s" in out and "epoch 2/2  [" in out and "s left" in out) == live
+        assert ("\r" in out) == live
