@@ -126,8 +126,7 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
         plan_trials(space, local_nodes())  # refuse an impossible request before starting Ray
     storage.check_writable(exp)  # last check (it creates a local experiment directory)
     study = StudyFiles(exp)
-    if resume:
-        study.fetch()
+    study.fetch() if resume else study.fresh()
 
     with ray_session(address):
         node_types = node_types or autoscaler_node_types()
@@ -225,6 +224,12 @@ class StudyFiles:
     def publish(self) -> None:
         if os.path.exists(self.working):
             storage.upload(self.working, self.published)
+
+    def fresh(self) -> None:
+        """A new search starts from an empty study: a working file left by an earlier search of the same location
+        (its path is derived from the location, so a restored searcher finds it) must not leak trials into it."""
+        if os.path.exists(self.working):
+            os.remove(self.working)
 
     def fetch(self) -> None:
         """The working file becomes the published study: trials asked after the last saved state are dropped,
