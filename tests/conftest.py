@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -54,6 +55,15 @@ def crash_when(cmd: list[str], ready, timeout: float = 420) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def small_space(tmp_path: Path, name: str, **changes) -> Path:
+    """quick.yaml, shrunk for a test (fewer trials and epochs), with any top-level key replaced."""
+    doc = yaml.safe_load((SPACES / "quick.yaml").read_text())
+    doc.update(name=name, **changes)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
 
 
 def need(path: Path) -> Path:

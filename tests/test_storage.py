@@ -19,8 +19,7 @@ import optuna
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
-from conftest import REPO, SPACES, crash_when, free_port
+from conftest import REPO, crash_when, free_port, small_space
 from PIL import Image
 
 from distributed import storage
@@ -98,14 +97,6 @@ def parquet_from_synthetic(n: int = 400) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table({"image": encoded, "label": labels, "usage": usage}), sink)
     return sink.getvalue().to_pybytes()
-
-
-def small_space(tmp_path: Path, name: str, **changes) -> Path:
-    doc = yaml.safe_load((SPACES / "quick.yaml").read_text())
-    doc.update(name=name, **changes)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 # ------------------------------------------------------------------------------------------ the file layer

@@ -10,20 +10,10 @@ from pathlib import Path
 import optuna
 import pyarrow.parquet as pq
 import pytest
-import yaml
-from conftest import REPO, SPACES, crash_when
+from conftest import REPO, crash_when, small_space
 
 from distributed.cli import main
 from distributed.config import TrainConfig
-
-
-def small_space(tmp_path: Path, name: str, **changes) -> Path:
-    """quick.yaml, shrunk for a test (fewer trials and epochs), with any top-level key replaced."""
-    doc = yaml.safe_load((SPACES / "quick.yaml").read_text())
-    doc.update(name=name, **changes)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 def leaderboard(exp: Path) -> list[dict]:
