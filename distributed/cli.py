@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -152,8 +153,24 @@ def cmd_tune(args) -> int:
     exp = run_search(args.space, args.overrides, storage_path=args.storage_path, resume=args.resume,
                      address=args.address, num_samples=args.num_samples, cluster=args.cluster,
                      wait_timeout_min=args.wait_timeout)
-    print_summary(collect(exp, top=args.top))
-    return 0
+    out = collect(exp, top=args.top)
+    print_summary(out)
+    failed = [r for r in out["rows"] if r["status"] == "error"]
+    if failed:
+        print(f"emotune: {len(failed)} of {len(out['rows'])} trials failed; {first_error(exp)}", file=sys.stderr)
+    return 1 if failed and len(failed) == len(out["rows"]) else 0
+
+
+def first_error(exp: str) -> str:
+    """The last line of the first trial's error.txt (the exception), and where to read the rest."""
+    from distributed import storage
+
+    for trial in storage.glob(exp, "*"):
+        if storage.is_file(f"{trial}/error.txt"):
+            text = re.sub(r"\x1b\[[0-9;]*m", "", storage.read_text(f"{trial}/error.txt"))  # no terminal colours
+            lines = [line for line in text.splitlines() if line.strip()]
+            return f"the first: {lines[-1].strip() if lines else '(empty)'} (all of it: {trial}/error.txt)"
+    return f"see {exp}"
 
 
 def cmd_check_space(args) -> int:

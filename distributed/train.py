@@ -344,8 +344,11 @@ def make_schedule(cfg: TrainConfig, optimizer, peak_lrs: list[float], total_step
     """Per-step schedule; `done_steps` > 0 resumes it (the optimizer state already carries initial_lr)."""
     last = done_steps - 1
     if cfg.schedule == "onecycle":
+        # OneCycleLR divides by (warm-up steps - 1): a short run (1 epoch of 4 batches at 0.25) would raise
+        # ZeroDivisionError, so the warm-up takes at least 2 steps where there are 3 or more.
+        warm = max(cfg.warmup_pct, 2 / total_steps) if total_steps >= 3 else min(cfg.warmup_pct, 0.25)
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak_lrs, total_steps=total_steps,
-                                                   pct_start=cfg.warmup_pct, last_epoch=last)
+                                                   pct_start=warm, last_epoch=last)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, last_epoch=last)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0, last_epoch=last)

@@ -126,7 +126,8 @@ def test_a_gpu_search_scales_the_cluster_up_from_no_gpu_node(autoscaling_cluster
     with open(storage / "quick" / "leaderboard.csv", newline="") as f:
         statuses = [row["status"] for row in csv.DictReader(f)]
     # Both trials ran to their end (1 epoch); none errored. (A NaN loss would read "diverged": a finished run too.)
-    assert len(statuses) == 2 and set(statuses) <= {"completed", "diverged"}, statuses
+    errors = [f.read_text()[-3000:] for f in (storage / "quick").glob("*/error.txt")]
+    assert len(statuses) == 2 and set(statuses) <= {"completed", "diverged"}, (statuses, errors, out[-4000:])
 
 
 def test_an_unreachable_cluster_address_is_one_line_exit_2_before_trials(tmp_path, capsys):

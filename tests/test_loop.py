@@ -124,6 +124,26 @@ def test_schedule_resumes_where_it_stopped(schedule):
         assert max(r[0] for r in whole) == pytest.approx(peaks[0], rel=1e-3)
 
 
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 4, 5, 8, 40])
+@pytest.mark.parametrize("warmup_pct", [0.06, 0.25, 0.5, 0.9])
+def test_onecycle_runs_on_any_number_of_steps(total_steps, warmup_pct):
+    """torch's OneCycleLR divides by (pct_start x total_steps - 1): 4 steps at 0.25 (1 epoch of a 200-image run)
+    raised ZeroDivisionError in a real search. Every step count walks through, warms up to the peak where it has
+    room to (3 steps or more), and comes down again."""
+    cfg = TrainConfig(schedule="onecycle", warmup_pct=warmup_pct)
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    sched = make_schedule(cfg, opt, [1e-2], total_steps=total_steps)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert all(np.isfinite(lrs)) and max(lrs) <= 1e-2 * (1 + 1e-9)
+    if total_steps >= 3:
+        assert lrs[0] < max(lrs) and lrs[-1] < max(lrs) and max(lrs) > 0.6e-2, lrs
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_loop_on_cuda_with_amp_and_channels_last(synthetic, tmp_path):
     """One epoch on the GPU through a LocalRun, bf16 autocast and channels_last on: finite metrics, and the kept
