@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--num-samples", type=int, default=None, help="override the file's num_samples")
     p.add_argument("--top", type=int, default=5, help="trials shown in the closing summary")
+    p.add_argument("--verbose", action="store_true", help="Ray's trial table and its own log lines instead of "
+                   "one line per trial event")
     add_autoscaling_args(p)
     p.set_defaults(func=cmd_tune)
 
@@ -152,7 +154,7 @@ def cmd_tune(args) -> int:
 
     exp = run_search(args.space, args.overrides, storage_path=args.storage_path, resume=args.resume,
                      address=args.address, num_samples=args.num_samples, cluster=args.cluster,
-                     wait_timeout_min=args.wait_timeout)
+                     wait_timeout_min=args.wait_timeout, verbose=args.verbose)
     out = collect(exp, top=args.top)
     print_summary(out)
     failed = [r for r in out["rows"] if r["status"] == "error"]
@@ -211,6 +213,10 @@ def print_summary(out: dict) -> None:
     print(f"{'tensorboard':<22}tensorboard --logdir {out['experiment']}")
     print(f"{'optuna-dashboard':<22}optuna-dashboard {out['experiment']}/optuna.journal"
           + ("  (download it first)" if "://" in out["experiment"] else ""))
+    if out.get("orphans"):
+        print(f"left out: {len(out['orphans'])} trial directories newer than the saved experiment state (a driver "
+              f"crashed after starting them; --resume ran new trials in their place): "
+              + ", ".join(out["orphans"]))
 
 
 def fmt(v) -> str:

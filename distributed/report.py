@@ -69,7 +69,7 @@ def write_report(exp: str, meta: dict, rows: list[dict]) -> str:
     metric, mode = meta["metric"], meta["mode"]
     objectives = [tuple(o) for o in meta["objectives"]]
     name = str(exp).rstrip("/").rsplit("/", 1)[-1]
-    trials = read_trials(exp)
+    trials = [t for t in read_trials(exp) if not t["orphan"]]
     sections = [("Leaderboard", leaderboard_html(rows, metric)),
                 ("Learning curves", figure_html(curves_figure(trials, rows, metric))),
                 ("Parameter importances", importances_html(exp, metric, len(objectives) > 1)),

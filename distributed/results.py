@@ -118,7 +118,8 @@ def write_test_report(out: Path, y_true: np.ndarray, y_pred: np.ndarray, class_n
 
 def read_trials(exp: str) -> list[dict]:
     """Every trial of an experiment (a local path or a URI), finished or not, from the files Tune writes (so this
-    also works on an interrupted search)."""
+    also works on an interrupted search). A trial directory that Tune's saved experiment state does not know is
+    marked `orphan`: a crashed driver started it after its last saved state, so a --resume ran a new trial instead."""
     status = trial_statuses(exp)
     files = set(storage.list_files(exp))
     trials = []
@@ -135,7 +136,8 @@ def read_trials(exp: str) -> list[dict]:
         trial_id = rows[-1]["trial_id"] if rows else tdir
         trials.append({"trial_id": trial_id, "dir": storage.join(exp, tdir),
                        "params": json.loads(storage.read_text(storage.join(exp, params_file))),
-                       "rows": rows, "error": f"{tdir}/error.txt" in files, "status": status.get(trial_id)})
+                       "rows": rows, "error": f"{tdir}/error.txt" in files, "status": status.get(trial_id),
+                       "orphan": bool(status) and trial_id not in status})
     return trials
 
 
@@ -171,6 +173,8 @@ def leaderboard_rows(trials: list[dict], meta: dict) -> tuple[list[dict], dict]:
     sign = 1 if mode == "max" else -1
     rows, configs = [], {}
     for t in trials:
+        if t.get("orphan"):
+            continue
         hist = t["rows"]
         recorded = next((h["train_config"] for h in reversed(hist) if isinstance(h.get("train_config"), dict)), None)
         if recorded:
@@ -245,9 +249,11 @@ def collect(exp: str, top: int = 5, model: str | None = None) -> dict:
     meta = read_meta(exp)
     metric = meta["metric"]
     objectives = [tuple(o) for o in meta["objectives"]]
-    rows, configs = leaderboard_rows(read_trials(exp), meta)
+    trials = read_trials(exp)
+    rows, configs = leaderboard_rows(trials, meta)
     write_table(rows, storage.join(exp, "leaderboard"))
-    out = {"experiment": exp, "leaderboard": storage.join(exp, "leaderboard.csv"), "rows": rows}
+    out = {"experiment": exp, "leaderboard": storage.join(exp, "leaderboard.csv"), "rows": rows,
+           "orphans": [t["dir"] for t in trials if t["orphan"]]}
     ranked = [r for r in rows if r[f"best_{metric}"] is not None]
     if ranked:
         best = ranked[0]

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import pickle
+import re
+import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +26,7 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 from distributed import storage
-from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig
+from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig, better
 from distributed.plan import NodeWait, Plan, autoscaler_node_types, cluster_nodes, local_nodes, plan_trials
 from distributed.run import check_reachable, cpu_for_reserved_gpu, make_trainer, passed_env, ray_session
 from distributed.search_space import SearchSpace, find_space, load_space
@@ -51,7 +56,7 @@ class TuneTrialRun(Run):
 
 
 def run_trial(config: dict, *, space: SearchSpace, data_box: list, in_process: bool, threads: int, runs_dir: str,
-              env: dict) -> None:
+              env: dict, verbose: bool = False) -> None:
     """Tune function trainable: one TrainConfig, trained by the one loop. data_box holds the decoded data's
     ObjectRef or None (boxed, because with_parameters would resolve a bare ref into a copy per trial)."""
     import ray
@@ -59,6 +64,8 @@ def run_trial(config: dict, *, space: SearchSpace, data_box: list, in_process: b
 
     cfg = space.trial_config(config)
     if in_process:
+        if not verbose:  # "Checkpoint successfully created at ..." per epoch: Ray's INFO, in its log files only
+            logging.getLogger("ray.train").setLevel(logging.WARNING)
         os.environ.update(env)
         torch.set_num_threads(threads)
         run = TuneTrialRun()
@@ -69,10 +76,10 @@ def run_trial(config: dict, *, space: SearchSpace, data_box: list, in_process: b
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    loop_config = {"train": cfg, "data": data_box[0], "env": env}
+    loop_config = {"train": cfg, "data": data_box[0], "env": env, "verbose": verbose}
     # The run name is the trial id (no timestamp): a restarted trial finds its Train run and resumes it.
     trainer = make_trainer(loop_config, space.scaling, name=tune.get_context().get_trial_id(),
-                           storage_path=runs_dir, callbacks=[TuneReportCallback()], max_failures=2)
+                           storage_path=runs_dir, callbacks=[TuneReportCallback()], max_failures=2, verbose=verbose)
     trainer.fit()
 
 
@@ -83,7 +90,7 @@ def experiment_dir(storage_path: str, name: str) -> str:
 
 
 def run_search(space_file: str, overrides: list[str], storage_path: str = "results", resume: bool = False,
-               address: str | None = None, verbose: int = 1, num_samples: int | None = None,
+               address: str | None = None, verbose: bool = False, num_samples: int | None = None,
                cluster: str | None = None, wait_timeout_min: float = 20) -> str:
     """`emotune tune`: validate everything, then search; returns the experiment directory (a path or a URI).
     cluster: the cluster file of the cluster at `address`, whose node types the autoscaler may launch."""
@@ -128,7 +135,9 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
     study = StudyFiles(exp)
     study.fetch() if resume else study.fresh()
 
-    with ray_session(address):
+    if not verbose:  # "A new study created in Journal with name: ..."
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with ray_session(address, verbose=verbose):
         node_types = node_types or autoscaler_node_types()
         plan = plan_trials(space, cluster_nodes(), node_types)
         waiting = NodeWait(space, node_types, wait_timeout_min * 60)
@@ -139,7 +148,7 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
             tune.with_parameters(run_trial, space=space, data_box=[ray.put(data) if data is not None else None],
                                  in_process=plan.in_process,
                                  threads=max(1, int(space.scaling.cpus_per_worker)),
-                                 runs_dir=storage.join(exp, "train_runs"), env=passed_env()),
+                                 runs_dir=storage.join(exp, "train_runs"), env=passed_env(), verbose=verbose),
             plan.trial_resources)
         print(f"emotune: {space.num_samples} trials of {space.name}, {plan.concurrent} at a time, "
               f"{'in-process' if plan.in_process else f'{space.scaling.workers}-worker Ray Train'} trials; "
@@ -147,7 +156,7 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
         if plan.launched:  # (autoscaling)
             print("emotune: counting nodes the autoscaler may launch: "
                   + ", ".join(f"{t.name} (up to {t.max_workers})" for t in plan.launched))
-        # Ray's classic table reporter: one concise live table, sorted by the metric, instead of a box per result.
+        # Plain lines (TrialLines); with --verbose Ray's classic table, sorted by the metric, not a box per result.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         # One kept checkpoint per trial makes each checkpoint snapshot the (small) experiment state; that is the
         # point (restore sees state and checkpoints agree), so Tune's warning about it is noise here.
@@ -157,11 +166,12 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
         else:
             tuner = tune.Tuner(trainable, tune_config=tune_config(space, plan, study),
                                run_config=tune.RunConfig(name=space.name, storage_path=storage.resolve(storage_path),
-                                                         verbose=verbose,
+                                                         verbose=1 if verbose else 0,
+                                                         callbacks=[] if verbose else [TrialLines(space, space.num_samples)],
                                                          failure_config=tune.FailureConfig(max_failures=2),
                                                          # resume needs only the latest; each carries the best weights
                                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                                         progress_reporter=progress_table(space),
+                                                         progress_reporter=progress_table(space) if verbose else None,
                                                          stop=GiveUpWaiting(waiting)))  # (autoscaling)
         tuner.fit()
     study.publish()
@@ -203,9 +213,12 @@ class GiveUpWaiting(tune.Stopper):
 
 class StudyFiles:
     """Where the Optuna study lives. SQLite cannot live on object storage, so the study is an Optuna journal
-    (JournalStorage + JournalFileBackend) in a local working file, published to <exp>/optuna.journal each time Tune
-    saves the experiment state (the searcher's save), so the published study always agrees with the state a
-    --resume restores; --resume fetches it back first. A local experiment keeps its working file beside it."""
+    (JournalStorage + JournalFileBackend) in a local working file. Each time Tune saves the experiment state, the
+    searcher's save copies it into Tune's staging directory beside the searcher state, and Tune's own upload takes
+    both (and the trial states) to <exp> in one sync: the published <exp>/optuna.journal agrees with the state a
+    --resume restores, on s3:// as on a disk, even when the driver dies during an upload. (Published directly, it ran
+    one snapshot ahead of the state still being uploaded.) The end of a search publishes the final study; --resume
+    fetches it back first. A local experiment keeps its working file beside it."""
 
     def __init__(self, exp: str):
         self.published = storage.join(exp, "optuna.journal")
@@ -224,6 +237,19 @@ class StudyFiles:
     def publish(self) -> None:
         if os.path.exists(self.working):
             storage.upload(self.working, self.published)
+
+    def restore(self, journal: bytes) -> None:
+        """The study saved with the searcher state becomes the working file."""
+        os.makedirs(os.path.dirname(self.working), exist_ok=True)
+        tmp = self.working + ".tmp"
+        Path(tmp).write_bytes(journal)
+        os.replace(tmp, self.working)
+
+    def snapshot(self, staging_dir: str) -> None:
+        if os.path.exists(self.working):
+            tmp = os.path.join(staging_dir, "optuna.journal.tmp")
+            shutil.copyfile(self.working, tmp)
+            os.replace(tmp, os.path.join(staging_dir, "optuna.journal"))
 
     def fresh(self) -> None:
         """A new search starts from an empty study: a working file left by an earlier search of the same location
@@ -279,7 +305,7 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
       optuna-dashboard would take an epoch-3 score for a trial's result; TPE ranks PRUNED trials by how far they
       got, then by value (bench/search_replay.py compares both).
 
-    Each save of the searcher (with the experiment state) also publishes the study (StudyFiles)."""
+    Each save of the searcher (with the experiment state) also snapshots the study (StudyFiles)."""
 
     study: StudyFiles | None = None
 
@@ -287,16 +313,35 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._last_step: dict[str, int] = {}  # trial id -> the last step told as an intermediate value
 
+    def save(self, checkpoint_path: str):
+        """The searcher state and the study in one file: Tune uploads its files one by one, so a driver killed
+        during an upload could leave a study behind (or ahead of) the searcher state, and a --resume would then
+        report to Optuna trials it does not have. A copy of the study also goes beside it, for optuna-dashboard."""
+        journal = Path(self.study.working).read_bytes() if self.study and os.path.exists(self.study.working) else None
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"emotune_journal": journal, "searcher": pickle.dumps(self.__dict__.copy())}, f)
+        if self.study is not None:  # in Tune's staging directory, uploaded to <exp>/optuna.journal
+            self.study.snapshot(os.path.dirname(checkpoint_path))
+
+    def restore(self, checkpoint_path: str):
+        with open(checkpoint_path, "rb") as f:
+            saved = pickle.load(f)
+        if not (isinstance(saved, dict) and "emotune_journal" in saved):
+            return super().restore(checkpoint_path)
+        if saved["emotune_journal"] is not None and self.study is not None:
+            self.study.restore(saved["emotune_journal"])  # before the study inside the state is unpickled
+        self.__dict__.update(pickle.loads(saved["searcher"]))
+
     def on_trial_result(self, trial_id, result):
+        if trial_id not in self._ot_trials:  # a trial Tune restored from a newer state than this searcher's
+            warnings.warn(f"trial {trial_id}: not in the restored searcher state; its results are not told to Optuna")
+            return
         super().on_trial_result(trial_id, result)
         self._last_step[trial_id] = result[TRAINING_ITERATION]
 
-    def save(self, checkpoint_path: str):
-        super().save(checkpoint_path)
-        if self.study is not None:
-            self.study.publish()
-
     def on_trial_complete(self, trial_id, result=None, error=False):
+        if trial_id not in self._ot_trials:
+            return
         ot_trial = self._ot_trials.get(trial_id)
         if result and not error and ot_trial is not None and trial_id not in self._completed_trials:
             if result.get("diverged"):
@@ -317,6 +362,91 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
                 self._completed_trials.add(trial_id)
                 return
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class TrialLines(tune.Callback):
+    """What `emotune tune` prints instead of Ray's table (which repeats every trial every 15 s): one line when a
+    trial starts (its parameters), one per epoch, one when it ends (finished, stopped by ASHA, early-stopped,
+    diverged, failed), and a running count with the best so far. Ray's table: --verbose."""
+
+    def __init__(self, space: SearchSpace, total: int):
+        self.metric, self.params, self.total = space.metric, list(space.params), total
+        self.start, self.best, self.trial_best = time.monotonic(), None, {}
+
+    def setup(self, **info):  # also on --resume, which unpickles this callback with the experiment
+        self.start = time.monotonic()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        print(trial_start_line(trial.trial_id, trial.config, self.params), flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and not result.get("diverged"):
+            if better(self.metric, value, self.trial_best.get(trial.trial_id)):
+                self.trial_best[trial.trial_id] = value
+            if better(self.metric, value, self.best[0] if self.best else None):
+                self.best = (value, trial.trial_id)
+        print(trial_epoch_line(trial.trial_id, result, self.metric), flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        print(trial_end_line(trial.trial_id, trial.last_result or {}, self.metric,
+                             self.trial_best.get(trial.trial_id)), flush=True)
+        print(self.count_line(trials, trial), flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"trial {trial.trial_id} failed: {last_error_line(trial.error_file)}", flush=True)
+        print(self.count_line(trials, trial), flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        print(f"trial {trial.trial_id} failed and is retried from its last checkpoint: "
+              f"{last_error_line(trial.error_file)}", flush=True)
+
+    def count_line(self, trials, ended) -> str:
+        """Counted from Tune's trials, so a resumed search counts what finished before the crash too."""
+        done = len({t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | {ended.trial_id})
+        took = int(time.monotonic() - self.start)
+        best = f", best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})" if self.best else ""
+        return f"search: {done} of {self.total} trials done{best}, {took // 60}m{took % 60:02d}s"
+
+
+def trial_start_line(trial_id: str, config: dict, params: list[str]) -> str:
+    shown = "  ".join(f"{k} {fmt_value(config[k])}" for k in params if k in config)
+    return f"trial {trial_id} started: {shown}".rstrip()
+
+
+def trial_epoch_line(trial_id: str, result: dict, metric: str) -> str:
+    planned = (result.get("train_config") or {}).get("epochs", "?")
+    if result.get("diverged"):
+        return f"trial {trial_id} epoch {result.get('epoch', '?')}/{planned}  diverged (the loss is not finite)"
+    shown = [metric] + [k for k in ("val_loss", "train_loss") if k != metric]
+    values = "  ".join(f"{k} {result[k]:.4f}" for k in shown if isinstance(result.get(k), (int, float)))
+    return f"trial {trial_id} epoch {result.get('epoch', '?')}/{planned}  {values}  {result.get('epoch_s', 0):.1f}s"
+
+
+def trial_end_line(trial_id: str, result: dict, metric: str, best: float | None) -> str:
+    epoch, planned = result.get("epoch"), (result.get("train_config") or {}).get("epochs")
+    best = f"best {metric} {best:.4f}" if best is not None else "no result"
+    if result.get("diverged"):
+        return f"trial {trial_id} diverged at epoch {epoch}: stopped (a lower learning rate may help)"
+    if result.get("early_stopped"):
+        return f"trial {trial_id} early-stopped at epoch {epoch} (no improvement): {best}"
+    if epoch is not None and planned is not None and epoch < planned:
+        return f"trial {trial_id} stopped by ASHA after epoch {epoch} of {planned}: {best}"
+    return f"trial {trial_id} finished {epoch} epochs: {best}"
+
+
+def last_error_line(error_file: str | None) -> str:
+    """The exception's own line from a trial's error file (Ray keeps the traceback there)."""
+    try:
+        text = Path(error_file).read_text() if error_file else ""
+    except OSError:
+        text = ""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "(no error text; see the trial's error.txt)"
+
+
+def fmt_value(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def progress_table(space: SearchSpace):

@@ -75,3 +75,32 @@ def test_live_bar_on_a_terminal_only(tmp_path, monkeypatch):
         assert "epoch 1/2  train_loss 1.0\n" in out and "epoch 2/2  train_loss 0.9\n" in out
         assert ("epoch 1/2  running 0m00s" in out and "epoch 2/2  [" in out and "s left" in out) == live
         assert ("\r" in out) == live
+
+
+def test_tune_trial_lines_read_plainly():
+    """What `emotune tune` prints per trial event (instead of Ray's table, which --verbose keeps)."""
+    from distributed.tune import last_error_line, trial_end_line, trial_epoch_line, trial_start_line
+
+    assert trial_start_line("a_00001", {"lr_head": 0.003125, "dropout": 0.25, "other": 1}, ["lr_head", "dropout"]) \
+        == "trial a_00001 started: lr_head 0.00313  dropout 0.25"
+    row = {"epoch": 2, "val_acc": 0.5, "val_loss": 1.25, "train_loss": 1.5, "epoch_s": 3.04,
+           "train_config": {"epochs": 6}}
+    assert trial_epoch_line("a_00001", row, "val_acc") == \
+        "trial a_00001 epoch 2/6  val_acc 0.5000  val_loss 1.2500  train_loss 1.5000  3.0s"
+    assert trial_epoch_line("a_00001", row, "val_loss").startswith("trial a_00001 epoch 2/6  val_loss 1.2500  train")
+    assert trial_end_line("a_00001", row, "val_acc", 0.5) == \
+        "trial a_00001 stopped by ASHA after epoch 2 of 6: best val_acc 0.5000"
+    assert trial_end_line("a_00001", dict(row, epoch=6), "val_acc", 0.625) == \
+        "trial a_00001 finished 6 epochs: best val_acc 0.6250"
+    assert "early-stopped at epoch 2" in trial_end_line("a_00001", dict(row, early_stopped=True), "val_acc", 0.5)
+    assert "diverged at epoch 2" in trial_end_line("a_00001", dict(row, diverged=True), "val_acc", None)
+    assert last_error_line(None).startswith("(no error text")
+
+
+def test_tune_error_line_is_the_exception(tmp_path):
+    from distributed.tune import last_error_line
+
+    f = tmp_path / "error.txt"
+    f.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                 "\x1b[36m(TrainWorker pid=1)\x1b[0m ZeroDivisionError: float division by zero\n\n")
+    assert last_error_line(str(f)) == "(TrainWorker pid=1) ZeroDivisionError: float division by zero"

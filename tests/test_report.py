@@ -3,6 +3,7 @@ renders, the page logs no script error, and a screenshot shows something. `emotu
 experiment that was cut off mid-trial."""
 from __future__ import annotations
 
+import csv
 import re
 import shutil
 import subprocess
@@ -94,3 +95,22 @@ def test_report_rebuilds_for_an_interrupted_search(experiment, tmp_path, capsys)
     assert capsys.readouterr().out.strip() == f"wrote {copy / 'report.html'}"
     source = (copy / "report.html").read_text()
     assert "2 trials (" in source and "incomplete" in source
+
+
+def test_a_trial_the_saved_state_does_not_know_is_left_out(experiment, tmp_path, capsys):
+    """A driver that crashed after starting a trial but before Tune saved its state leaves that trial's directory;
+    --resume runs a new trial in its place, so the leaderboard must not count the old one."""
+    import json
+
+    copy = tmp_path / "orphan"
+    shutil.copytree(experiment, copy)
+    state = next(copy.glob("experiment_state-*.json"))
+    doc = json.loads(state.read_text())
+    dropped = json.loads(doc["trial_data"][0][0])["trial_id"]
+    doc["trial_data"] = doc["trial_data"][1:]
+    state.write_text(json.dumps(doc))
+    assert main(["best", str(copy)]) == 0
+    out = capsys.readouterr().out
+    rows = list(csv.DictReader((copy / "leaderboard.csv").open()))
+    assert len(rows) == 1 and rows[0]["trial_id"] != dropped, rows
+    assert "left out: 1 trial directories newer than the saved experiment state" in out and dropped in out

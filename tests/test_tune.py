@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ def leaderboard(exp: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_default_tune_end_to_end_and_best_config_reruns(ray_local, tmp_path, monkeypatch):
+def test_default_tune_end_to_end_and_best_config_reruns(ray_local, tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)  # `emotune tune` with no argument runs the shipped quick space from any directory
     assert main(["tune", "--storage-path", str(tmp_path)]) == 0
     exp = tmp_path / "quick"
@@ -29,6 +31,15 @@ def test_default_tune_end_to_end_and_best_config_reruns(ray_local, tmp_path, mon
     assert len(rows) == 8 == len({r["trial_id"] for r in rows})
     assert any(r["asha_stopped"] for r in rows), [r["status"] for r in rows]
     assert all(r["status"] in ("completed", "asha_stopped") for r in rows)
+    # It speaks plainly: a line per trial start, epoch and end, a running count; no Ray table, no Ray INFO lines.
+    out = capfd.readouterr().out
+    for r in rows:
+        assert len(re.findall(rf"^trial {r['trial_id']} started: lr_head ", out, re.M)) == 1, out[-3000:]
+        assert len(re.findall(rf"^trial {r['trial_id']} epoch \d/6  val_acc ", out, re.M)) == r["epochs_run"]
+        end = "stopped by ASHA after epoch" if r["asha_stopped"] else "finished 6 epochs"
+        assert re.search(rf"^trial {r['trial_id']} {end}.*: best val_acc {r['best_val_acc']:.4f}$", out, re.M), r
+    assert re.search(r"^search: 8 of 8 trials done, best val_acc [\d.]+ \(trial ", out, re.M), out[-3000:]
+    assert not [w for w in ("Trial status", "Checkpoint successfully created", "A new study created") if w in out]
     best, worst = rows[0]["best_val_acc"], rows[-1]["best_val_acc"]
     assert best > worst + 0.15, (best, worst)
     header = (exp / "best_config.yaml").read_text()
@@ -125,6 +136,41 @@ def test_searcher_tells_stopped_trials_pruned_finished_complete_diverged_failed(
     for name in ("full", "stopped", "early"):
         assert list(trials[name].intermediate_values.values()) == cases[name]
         assert trials[name].value == cases[name][-1]
+
+
+@pytest.mark.parametrize("study_file", ["behind", "ahead"])
+def test_searcher_state_carries_its_study_so_a_resume_agrees_with_it(tmp_path, study_file):
+    """Tune uploads its files one by one: a driver killed mid-upload left the published study behind the searcher
+    state (a resumed trial's report then hit "Record does not exist") or ahead of it (trials asked twice). The
+    searcher state now holds its study; restoring it makes the working study exactly that, whatever the file says."""
+    from distributed.tune import DivergenceAwareOptunaSearch, StudyFiles
+
+    def searcher():
+        study = StudyFiles(str(tmp_path / "exp"))
+        s = DivergenceAwareOptunaSearch(space={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)},
+                                        metric="val_acc", mode="max", study_name="s", storage=study.storage())
+        s.study = study
+        return s, study
+
+    first, study = searcher()
+    first.suggest("a")
+    first.on_trial_result("a", {"epoch": 1, "training_iteration": 1, "val_acc": 0.3})
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    first.save(str(staging / "searcher-state.pkl"))
+    assert (staging / "optuna.journal").read_bytes() == open(study.working, "rb").read()  # the dashboard's copy
+    if study_file == "ahead":
+        first.suggest("b")  # asked after the saved state: a resume must not count it
+    else:
+        os.remove(study.working)  # the fetched study is older than the state
+    restored, _ = searcher()
+    restored.restore(str(staging / "searcher-state.pkl"))
+    restored.on_trial_result("a", {"epoch": 2, "training_iteration": 2, "val_acc": 0.4})
+    restored.on_trial_complete("a", {"epoch": 2, "training_iteration": 2, "val_acc": 0.4, "train_config/epochs": 2})
+    restored.on_trial_result("ghost", {"epoch": 1, "training_iteration": 1, "val_acc": 0.5})  # unknown: ignored
+    trials = restored._ot_study.trials
+    assert [(t.state, t.value, dict(t.intermediate_values)) for t in trials] == \
+        [(optuna.trial.TrialState.COMPLETE, 0.4, {1: 0.3, 2: 0.4})]
 
 
 @pytest.mark.slow
