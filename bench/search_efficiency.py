@@ -12,8 +12,8 @@ evaluations of a ~110-image split, so it rises with the number of evaluations; r
 every epoch of every trial, gets more draws. The pick's test accuracy has no such bias.
 
 CPU scale (the default, ~35 minutes on 2 idle cores): small_cnn, 16 trials x 12 epochs, 2 trials at a time; ASHA
-grace 1, reduction factor 4 (rungs at 1 and 4 epochs), whose ideal successive-halving cost is 18.75% of random
-search's epochs.
+grace 2, reduction factor 3 (rungs at 2 and 6 epochs: the shipped default; grace 1, reduction factor 4 until git
+14e9de5).
 
     python -m bench.search_efficiency
     python -m bench.search_efficiency --datasets fer2013_small --seeds 0 --trials 16
