@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="run `emotune tune` on a Ray cluster as a Ray job (list, logs, stop: "
                        "`ray job list/logs/stop`)")
-    p.add_argument("space", help="search-space YAML inside this checkout (it is uploaded with the code)")
+    p.add_argument("space", help="a space shipped with emotune by name (quick, fer2013, ...), or a search-space YAML "
+                   "inside this checkout (it is uploaded with the code) or at a URI")
     p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
                    help="the head's dashboard, http://HOST:8265 (default: $RAY_API_SERVER_ADDRESS)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

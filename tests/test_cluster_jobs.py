@@ -59,7 +59,8 @@ NOBODY = "http://127.0.0.1:1"
     ([QUICK], "needs --storage-path"),
     ([QUICK, "--storage-path", "/tmp/x", "--num-samples", "0"], "--num-samples must be >= 1"),
     (["tests/cluster_cases/empty.yaml", "--storage-path", "/tmp/x"], "empty"),
-], ids=["bad-set", "relative-storage", "no-storage", "zero-samples", "bad-space"])
+    (["no_such_space", "--storage-path", "/tmp/x"], "nor a space shipped with emotune"),
+], ids=["bad-set", "relative-storage", "no-storage", "zero-samples", "bad-space", "unknown-name"])
 def test_submit_refuses_bad_input_before_contacting_the_cluster(argv, message, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     assert cli.main(["submit", "--address", NOBODY, *argv]) == 2
@@ -173,7 +174,8 @@ def assert_search_results(exp: Path, trials: int) -> None:
 @pytest.mark.slow
 def test_submit_runs_a_search_as_a_job_and_results_land_in_storage(ray_cluster):
     storage = ray_cluster.root / "results-submit"
-    r = emotune("submit", "--address", ray_cluster.dashboard, QUICK, "--num-samples", "2", "--set", "epochs=1",
+    # a shipped space by name, as `emotune tune quick` takes it: the job resolves the name on the cluster
+    r = emotune("submit", "--address", ray_cluster.dashboard, "quick", "--num-samples", "2", "--set", "epochs=1",
                 "--storage-path", str(storage), env=ray_cluster.env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]

@@ -43,15 +43,17 @@ def submit(space_file: str, address: str | None, storage_path: str | None, overr
     cluster: a cluster file whose node types the job plans from (it is uploaded with the checkout) and whose
     storage path is the default for storage_path."""
     from distributed.cluster.files import cluster_storage_path, node_types
-    from distributed.search_space import load_space
+    from distributed.search_space import find_space, load_space
 
-    load_space(space_file, overrides)
+    load_space(find_space(space_file), overrides)
+    # A shipped space's name (quick, fer2013, ...) or a URI reaches the job as given; a file must be in the checkout.
+    by_name = "://" in space_file or not Path(space_file).expanduser().exists()
     if num_samples is not None and num_samples < 1:
         raise ConfigError("--num-samples must be >= 1")
     if cluster:
         node_types(cluster)  # validates it: a broken file fails here, not in the job
         storage_path = storage_path or cluster_storage_path(cluster)
-    entrypoint = shlex.join(["python", "-m", "distributed", "tune", repo_relative(space_file),
+    entrypoint = shlex.join(["python", "-m", "distributed", "tune", space_file if by_name else repo_relative(space_file),
                              "--storage-path", job_storage_path(storage_path),
                              *[f"--set={pair}" for pair in overrides],
                              *(["--num-samples", str(num_samples)] if num_samples is not None else []),
