@@ -7,7 +7,6 @@ process (in-process), which skips the worker group's start-up (measured in BENCH
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import pickle
@@ -482,8 +481,10 @@ def write_meta(exp: str, space_file: str, overrides: list[str], space: SearchSpa
 
 
 def read_meta(exp: str) -> dict:
-    path = storage.join(exp, "emotune.json")
-    if not storage.is_file(path):
+    """results.read_meta, with the fix a --resume needs when there is nothing to resume."""
+    from distributed import results
+
+    if not storage.is_file(storage.join(exp, "emotune.json")):
         raise ConfigError(f"{exp}: no emotune experiment here to resume (missing emotune.json); "
                           f"run without --resume to start it")
-    return json.loads(storage.read_text(path))
+    return results.read_meta(exp)
