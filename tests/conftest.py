@@ -44,17 +44,25 @@ def crash_when(cmd: list[str], ready, timeout: float = 420) -> None:
     real crash) as soon as ready() is true; fails if it never is within timeout seconds."""
     import signal
     import subprocess
+    import tempfile
 
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def said() -> str:
+        log.seek(0)
+        return log.read().decode(errors="replace")[-4000:]
+
     try:
         deadline = time.time() + timeout
         while time.time() < deadline and not ready():
+            assert proc.poll() is None, f"exited ({proc.returncode}) before it was ready: {' '.join(cmd)}\n{said()}"
             time.sleep(1)
-        assert ready(), f"not ready within {timeout:.0f} s: {' '.join(cmd)}"
+        assert ready(), f"not ready within {timeout:.0f} s: {' '.join(cmd)}\n{said()}"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        log.close()
 
 
 def small_space(tmp_path: Path, name: str, **changes) -> Path:
