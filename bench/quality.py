@@ -62,7 +62,8 @@ ANCHORS = {"fer2013": "published: best single network 73.28% (Khaireddin & Chen 
                       "human ~65%",
            "ckplus48": "CK+ papers report subject-wise 10-fold cross-validation (often 95%+ with 3 peak frames per "
                        "sequence); this is one person-independent 777/204 split of all frames",
-           "fer2013_small": "no published figure: a small ImageFolder sample of FER2013"}
+           "fer2013_small": "no published figure: a small ImageFolder sample of FER2013",
+           "synthetic": "procedurally drawn faces (the built-in default data); no published figure"}
 
 
 def cpu_min(run: dict) -> float:

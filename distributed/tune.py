@@ -13,6 +13,7 @@ import pickle
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -376,7 +377,7 @@ class TrialLines(tune.Callback):
         self.start = time.monotonic()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        print(trial_start_line(trial.trial_id, trial.config, self.params), flush=True)
+        say(trial_start_line(trial.trial_id, trial.config, self.params))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
@@ -385,20 +386,19 @@ class TrialLines(tune.Callback):
                 self.trial_best[trial.trial_id] = value
             if better(self.metric, value, self.best[0] if self.best else None):
                 self.best = (value, trial.trial_id)
-        print(trial_epoch_line(trial.trial_id, result, self.metric), flush=True)
+        say(trial_epoch_line(trial.trial_id, result, self.metric))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        print(trial_end_line(trial.trial_id, trial.last_result or {}, self.metric,
-                             self.trial_best.get(trial.trial_id)), flush=True)
-        print(self.count_line(trials, trial), flush=True)
+        say(trial_end_line(trial.trial_id, trial.last_result or {}, self.metric, self.trial_best.get(trial.trial_id)))
+        say(self.count_line(trials, trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"trial {trial.trial_id} failed: {last_error_line(trial.error_file)}", flush=True)
-        print(self.count_line(trials, trial), flush=True)
+        say(f"trial {trial.trial_id} failed: {last_error_line(trial.error_file)}")
+        say(self.count_line(trials, trial))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        print(f"trial {trial.trial_id} failed and is retried from its last checkpoint: "
-              f"{last_error_line(trial.error_file)}", flush=True)
+        say(f"trial {trial.trial_id} failed and is retried from its last checkpoint: "
+            f"{last_error_line(trial.error_file)}")
 
     def count_line(self, trials, ended) -> str:
         """Counted from Tune's trials, so a resumed search counts what finished before the crash too."""
@@ -406,6 +406,13 @@ class TrialLines(tune.Callback):
         took = int(time.monotonic() - self.start)
         best = f", best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})" if self.best else ""
         return f"search: {done} of {self.total} trials done{best}, {took // 60}m{took % 60:02d}s"
+
+
+def say(line: str) -> None:
+    """One write per line: print() writes the text and its newline separately, and Ray's log thread (the trials'
+    own output) could land between the two."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def trial_start_line(trial_id: str, config: dict, params: list[str]) -> str:
