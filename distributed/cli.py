@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 
@@ -167,12 +166,11 @@ def cmd_tune(args) -> int:
 def first_error(exp: str) -> str:
     """The last line of the first trial's error.txt (the exception), and where to read the rest."""
     from distributed import storage
+    from distributed.results import exception_line
 
     for trial in storage.glob(exp, "*"):
         if storage.is_file(f"{trial}/error.txt"):
-            text = re.sub(r"\x1b\[[0-9;]*m", "", storage.read_text(f"{trial}/error.txt"))  # no terminal colours
-            lines = [line for line in text.splitlines() if line.strip()]
-            return f"the first: {lines[-1].strip() if lines else '(empty)'} (all of it: {trial}/error.txt)"
+            return f"the first: {exception_line(storage.read_text(f'{trial}/error.txt'))} (all of it: {trial}/error.txt)"
     return f"see {exp}"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,13 @@ def read_trials(exp: str) -> list[dict]:
                        "rows": rows, "error": f"{tdir}/error.txt" in files, "status": status.get(trial_id),
                        "orphan": bool(status) and trial_id not in status})
     return trials
+
+
+def exception_line(error_text: str) -> str:
+    """The last non-empty line of a trial's error.txt (Ray writes the traceback there): the exception itself,
+    without terminal colours."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in error_text.splitlines() if line.strip()]
+    return lines[-1] if lines else "(no error text; see the trial's error.txt)"
 
 
 def trial_statuses(exp: str) -> dict:

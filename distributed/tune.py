@@ -10,7 +10,6 @@ import hashlib
 import logging
 import os
 import pickle
-import re
 import shutil
 import subprocess
 import sys
@@ -213,12 +212,12 @@ class GiveUpWaiting(tune.Stopper):
 
 class StudyFiles:
     """Where the Optuna study lives. SQLite cannot live on object storage, so the study is an Optuna journal
-    (JournalStorage + JournalFileBackend) in a local working file. Each time Tune saves the experiment state, the
-    searcher's save copies it into Tune's staging directory beside the searcher state, and Tune's own upload takes
-    both (and the trial states) to <exp> in one sync: the published <exp>/optuna.journal agrees with the state a
-    --resume restores, on s3:// as on a disk, even when the driver dies during an upload. (Published directly, it ran
-    one snapshot ahead of the state still being uploaded.) The end of a search publishes the final study; --resume
-    fetches it back first. A local experiment keeps its working file beside it."""
+    (JournalStorage + JournalFileBackend) in a local working file. The searcher's checkpoint carries the study in
+    the same file (DivergenceAwareOptunaSearch.save), so a --resume restores a study that agrees with the searcher
+    state even when the driver died while Tune uploaded its files one by one; a copy goes to <exp>/optuna.journal in
+    Tune's same upload (for optuna-dashboard), and the end of a search publishes the final study there. --resume
+    first fetches that copy (for Tune's unpickling of the tuner), then the searcher's own replaces it. A local
+    experiment keeps its working file beside it."""
 
     def __init__(self, exp: str):
         self.published = storage.join(exp, "optuna.journal")
@@ -340,10 +339,10 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
         self._last_step[trial_id] = result[TRAINING_ITERATION]
 
     def on_trial_complete(self, trial_id, result=None, error=False):
-        if trial_id not in self._ot_trials:
+        if trial_id not in self._ot_trials:  # see on_trial_result
             return
-        ot_trial = self._ot_trials.get(trial_id)
-        if result and not error and ot_trial is not None and trial_id not in self._completed_trials:
+        ot_trial = self._ot_trials[trial_id]
+        if result and not error and trial_id not in self._completed_trials:
             if result.get("diverged"):
                 self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
                 self._completed_trials.add(trial_id)
@@ -443,12 +442,12 @@ def trial_end_line(trial_id: str, result: dict, metric: str, best: float | None)
 
 def last_error_line(error_file: str | None) -> str:
     """The exception's own line from a trial's error file (Ray keeps the traceback there)."""
+    from distributed.results import exception_line
+
     try:
-        text = Path(error_file).read_text() if error_file else ""
+        return exception_line(Path(error_file).read_text()) if error_file else exception_line("")
     except OSError:
-        text = ""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "(no error text; see the trial's error.txt)"
+        return exception_line("")
 
 
 def fmt_value(v) -> str:
