@@ -2,14 +2,17 @@
 
 Built on pyarrow.fs, which Ray Tune and Train use for the same storage_path, so credentials and endpoints are
 read the same way (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile, AWS_ENDPOINT_URL for S3-compatible
-servers; GOOGLE_APPLICATION_CREDENTIALS for GCS). A location is a plain string; a URI is never made a `Path`
-(that would turn `s3://b/k` into `s3:/b/k`).
+servers; GOOGLE_APPLICATION_CREDENTIALS for GCS, CLOUD_STORAGE_EMULATOR_ENDPOINT for a GCS emulator, where
+`gs://anonymous@BUCKET/...` skips the credential lookup, as for a public bucket). A location is a plain string; a
+URI is never made a `Path` (that would turn `s3://b/k` into `s3:/b/k`).
 """
 from __future__ import annotations
 
 import fnmatch
 import os
 import tempfile
+
+GCS_RETRY_S = 20
 
 
 class StorageError(ValueError):
@@ -34,6 +37,13 @@ def join(base, *parts: str) -> str:
     return out
 
 
+def bucket(location) -> tuple[str, str]:
+    """A URI's bucket -> (its own URI, its name): `gs://anonymous@b/k` -> (`gs://anonymous@b`, `b`)."""
+    scheme, rest = str(location).split("://", 1)
+    authority = rest.split("/", 1)[0]
+    return f"{scheme}://{authority}", authority.rsplit("@", 1)[-1]
+
+
 def name(location) -> str:
     return str(location).rstrip("/").rsplit("/", 1)[-1]
 
@@ -41,12 +51,13 @@ def name(location) -> str:
 def problem(exc: BaseException, location: str) -> StorageError:
     """An OSError from pyarrow (or the OS) -> one line naming the problem and the fix."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    bucket = location.split("://", 1)[-1].split("/", 1)[0]
-    endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default endpoint")
+    missing = bucket(location)[1] if is_uri(location) else location
+    variable = "CLOUD_STORAGE_EMULATOR_ENDPOINT" if location.startswith("gs://") else "AWS_ENDPOINT_URL"
+    endpoint = os.environ.get(variable, "the default endpoint")
     if "NO_SUCH_BUCKET" in text or "bucket does not exist" in text.lower():
-        return StorageError(f"{location}: bucket {bucket!r} does not exist; create it or fix the location")
+        return StorageError(f"{location}: bucket {missing!r} does not exist; create it or fix the location")
     if "NETWORK_CONNECTION" in text or "connect to server" in text.lower() or "curlCode" in text:
-        return StorageError(f"{location}: cannot reach the object store at {endpoint}; check AWS_ENDPOINT_URL "
+        return StorageError(f"{location}: cannot reach the object store at {endpoint}; check {variable} "
                             f"and the network")
     if location.startswith("s3://") and not aws_credentials_set():
         return StorageError(f"{location}: no AWS credentials found ({text[:100]}); set AWS_ACCESS_KEY_ID and "
@@ -75,8 +86,13 @@ def filesystem(location):
     location = str(location)
     if not is_uri(location):
         return pafs.LocalFileSystem(), resolve(location)
+    uri = location
+    if location.startswith("gs://") and "?" not in location:
+        # google-cloud-cpp retries an unreachable endpoint for 15 minutes by default; a wrong endpoint or a network
+        # problem should be one clear line within seconds (Ray's own uploads keep the default)
+        uri = f"{location}?retry_limit_seconds={GCS_RETRY_S}"
     try:
-        return pafs.FileSystem.from_uri(location)
+        return pafs.FileSystem.from_uri(uri)
     except (OSError, ValueError) as exc:
         raise problem(exc, location) from None
 
@@ -105,9 +121,9 @@ def why_missing(location) -> str:
     """For a location that is not there: the bucket is missing, or the file."""
     location = str(location)
     if is_uri(location):
-        scheme, rest = location.split("://", 1)
-        if not exists(f"{scheme}://{rest.split('/', 1)[0]}"):
-            return f"{location}: bucket {rest.split('/', 1)[0]!r} does not exist; create it or fix the location"
+        uri, missing = bucket(location)
+        if not exists(uri):
+            return f"{location}: bucket {missing!r} does not exist; create it or fix the location"
     return f"{location}: no such file"
 
 
@@ -232,10 +248,9 @@ def check_writable(location, what: str = "--storage-path") -> None:
         return
     import pyarrow.fs as pafs
 
-    scheme, rest = location.split("://", 1)
-    bucket = rest.split("/", 1)[0]
-    if _info(f"{scheme}://{bucket}").type == pafs.FileType.NotFound:
-        raise StorageError(f"{location}: bucket {bucket!r} does not exist; create it or fix the {what}")
+    uri, missing = bucket(location)
+    if _info(uri).type == pafs.FileType.NotFound:
+        raise StorageError(f"{location}: bucket {missing!r} does not exist; create it or fix the {what}")
     probe = join(location, ".emotune-write-test")
     write_bytes(probe, b"")
     delete(probe)

@@ -69,6 +69,40 @@ def s3():
         moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")
 
 
+@pytest.fixture(scope="module")
+def gcs():
+    """A GCS emulator (gcp-storage-emulator, in memory) with one bucket on 127.0.0.1. pyarrow's GCS client (google-
+    cloud-cpp) goes to CLOUD_STORAGE_EMULATOR_ENDPOINT when it is set; `gs://anonymous@BUCKET/...` skips the Google
+    credential lookup, as for a public bucket. Yields the URI prefix."""
+    import http.server
+    from functools import partial
+
+    from gcp_storage_emulator import server as emulator
+
+    class Threaded(emulator.APIThread):  # the emulator serves one request at a time; Ray's uploads run in parallel
+        def run(self):
+            self._httpd = http.server.ThreadingHTTPServer((self._host, self._port),
+                                                          partial(emulator.RequestHandler, self._storage))
+            self.is_running.set()
+            self._httpd.serve_forever()
+
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
+    port = free_port()
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+    server._api = Threaded("127.0.0.1", port, server._storage)
+    server.start()
+    saved = os.environ.get("CLOUD_STORAGE_EMULATOR_ENDPOINT")
+    os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = f"http://127.0.0.1:{port}"
+    try:
+        yield f"gs://anonymous@{BUCKET}"
+    finally:
+        if saved is None:
+            os.environ.pop("CLOUD_STORAGE_EMULATOR_ENDPOINT", None)
+        else:
+            os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = saved
+        server.stop()
+
+
 def emotune(*argv: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**(env or os.environ), "PYTHONWARNINGS": "ignore"}
     env.pop("RAY_ADDRESS", None)
@@ -101,8 +135,8 @@ def parquet_from_synthetic(n: int = 400) -> bytes:
 
 # ------------------------------------------------------------------------------------------ the file layer
 
-def test_files_round_trip_on_s3_and_locally(s3, tmp_path):
-    for base in (f"s3://{BUCKET}/layer", str(tmp_path / "layer")):
+def test_files_round_trip_on_s3_gcs_and_locally(s3, gcs, tmp_path):
+    for base in (f"s3://{BUCKET}/layer", f"{gcs}/layer", str(tmp_path / "layer")):
         storage.write_text(storage.join(base, "a", "x.json"), '{"v": 1}')
         storage.write_bytes(storage.join(base, "a", "y.bin"), b"\x00\x01")
         storage.upload(__file__, storage.join(base, "b", "copy.py"))
@@ -165,6 +199,19 @@ def test_bad_storage_is_one_line_exit_2_before_ray(s3, tmp_path, case):
     assert done.returncode == 2 and expect in done.stderr, (case, done.stderr[-2000:])
 
 
+@pytest.mark.parametrize("case", ["missing bucket", "wrong endpoint"])
+def test_bad_gcs_location_is_one_line_exit_2_before_ray(gcs, tmp_path, case):
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "raytmp"))
+    where, expect = "gs://anonymous@no-such-bucket/x", "bucket 'no-such-bucket' does not exist"
+    if case == "wrong endpoint":
+        where, expect = f"{gcs}/x", "cannot reach the object store"
+        env["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    done = emotune("tune", "quick", "--storage-path", where, env=env, timeout=180)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and expect in lines[0], (case, done.stderr[-2000:])
+    assert not (tmp_path / "raytmp").exists(), "a Ray process was started"
+
+
 # --------------------------------------------------------------------------------------- whole workflows
 
 @pytest.mark.slow
@@ -198,10 +245,29 @@ def test_search_on_s3_with_data_from_s3_then_best_and_train(s3, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="open (issue 10): Tune uploads its experiment state as several files (trial states, the "
-                  "search generator's trial count, the searcher) one by one; this test kills the driver right after "
-                  "an upload starts, and in about 1 of 5 runs the resumed search then ran num_samples + 1 trials. The "
-                  "study/searcher mismatch seen before ('Record does not exist') is fixed and tested in test_tune.py")
+def test_search_on_gcs_then_best_and_train(gcs, tmp_path):
+    """The same workflow on gs://: a search with its data in the bucket, `best` and a re-run of the best config."""
+    data = f"{gcs}/data/fer.parquet"
+    storage.write_bytes(data, parquet_from_synthetic(300))
+    space = small_space(tmp_path, "gcloud", num_samples=2, scheduler="none",
+                        fixed={"model": "small_cnn", "epochs": 1, "train_limit": 200, "data": f"parquet:{data}"})
+    exp = f"{gcs}/g/gcloud"
+    done = emotune("tune", str(space), "--storage-path", f"{gcs}/g")
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = storage.list_dir(exp)
+    for f in ("emotune.json", "space.yaml", "leaderboard.parquet", "best_config.yaml", "optuna.journal"):
+        assert f in names, (f, names)
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(f"{exp}/leaderboard.parquet"))).to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
+    best = emotune("best", exp, "--top", "2")
+    assert best.returncode == 0 and "top 2 of 2 trials by val_acc" in best.stdout, best.stderr[-2000:]
+    run = f"{gcs}/g/rerun"
+    done = emotune("train", "--config", f"{exp}/best_config.yaml", "--output", run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {"best_model.pt", "test_metrics.json"} <= set(storage.list_dir(run))
+
+
+@pytest.mark.slow
 def test_search_on_s3_killed_then_resumed_runs_each_trial_once(s3, tmp_path):
     space = small_space(tmp_path, "resume", num_samples=3, scheduler="none",
                         fixed={"model": "small_cnn", "epochs": 2, "train_limit": 200})
