@@ -22,7 +22,9 @@ from pathlib import Path
 import optuna
 from ray import tune
 from ray.tune.result import TRAINING_ITERATION
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils import flatten_dict
 
 from distributed import storage
 from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig, better
@@ -290,9 +292,52 @@ def tune_config(space: SearchSpace, plan: Plan, study: StudyFiles):
     # In-process trials reuse their trial actor: a new trial then starts without a new Python process, torch import
     # and object-store fetch (3.3 s -> under 1 s per trial in bench/overhead.py). Every trial builds its model,
     # optimiser, RNGs and data views afresh inside train_loop_per_worker, so nothing carries over but the process.
-    return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=space.num_samples,
-                           max_concurrent_trials=plan.concurrent, trial_dirname_creator=trial_dirname,
+    return tune.TuneConfig(search_alg=ResumableSearch(ConcurrencyLimiter(searcher, max_concurrent=plan.concurrent)),
+                           scheduler=scheduler, num_samples=space.num_samples, trial_dirname_creator=trial_dirname,
                            reuse_actors=plan.in_process)
+
+
+class ResumableSearch(SearchGenerator):
+    """Tune's SearchGenerator, made to agree on --resume with the trials Tune restored.
+
+    Tune saves the trial states, this generator's trial count, the concurrency limiter's live trials and the searcher
+    (with its study) as separate files and uploads them one by one; a driver killed between two uploads leaves them
+    from different moments, and Tune restores each as found: a count behind the trials makes one trial too many, a
+    limiter that does not know a restored trial drops its completion (its Optuna trial stays RUNNING), one that holds
+    a dropped trial keeps its slot forever. The trial states (experiment_state-*.json, what Tune actually resumes)
+    are the truth; the rest is set from them here, and the searcher adopts or re-issues trials
+    (DivergenceAwareOptunaSearch.agree_with)."""
+
+    def restore_from_dir(self, dirpath: str):
+        super().restore_from_dir(dirpath)
+        trials = saved_trials(dirpath)
+        if trials is None:
+            return
+        self._counter = len(trials)
+        limiter = self.searcher
+        if isinstance(limiter, ConcurrencyLimiter):
+            limiter.live_trials = {t["trial_id"] for t in trials if t["status"] != "TERMINATED"}
+            limiter.num_unfinished_live_trials = len(limiter.live_trials)
+            limiter = limiter.searcher
+        if isinstance(limiter, DivergenceAwareOptunaSearch):
+            limiter.agree_with(trials)
+
+
+def saved_trials(dirpath: str) -> list[dict] | None:
+    """The trials of the newest experiment state in dirpath, in creation order: trial_id, status,
+    evaluated_params, last_result (plain JSON fields; nothing unpickled)."""
+    import json
+
+    states = sorted(Path(dirpath).glob("experiment_state-*.json"))
+    if not states:
+        return None
+    trials = []
+    for trial_json, runtime_json in json.loads(states[-1].read_text())["trial_data"]:
+        trial, runtime = json.loads(trial_json), json.loads(runtime_json)
+        trials.append({"trial_id": trial["trial_id"], "status": trial["status"],
+                       "evaluated_params": trial.get("evaluated_params") or {},
+                       "last_result": runtime.get("last_result") or {}})
+    return trials
 
 
 class DivergenceAwareOptunaSearch(OptunaSearch):
@@ -311,6 +356,7 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._last_step: dict[str, int] = {}  # trial id -> the last step told as an intermediate value
+        self._reissue: list[str] = []  # (after --resume) trials Tune dropped, handed to the next new trials
 
     def save(self, checkpoint_path: str):
         """The searcher state and the study in one file: Tune uploads its files one by one, so a driver killed
@@ -330,6 +376,33 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
         if saved["emotune_journal"] is not None and self.study is not None:
             self.study.restore(saved["emotune_journal"])  # before the study inside the state is unpickled
         self.__dict__.update(pickle.loads(saved["searcher"]))
+
+    def agree_with(self, trials: list[dict]) -> None:
+        """Make the study agree with the trials Tune restored (ResumableSearch): a trial Tune has but this state
+        does not gets an Optuna trial with its parameters (told its result if it had finished); an Optuna trial
+        Tune dropped is handed to the next new trial, parameters and all, so the study ends with exactly
+        num_samples trials and none left RUNNING."""
+        tune_ids = {t["trial_id"] for t in trials}
+        self._reissue = [tid for tid in self._ot_trials
+                         if tid not in tune_ids and tid not in self._completed_trials]
+        for t in trials:
+            tid = t["trial_id"]
+            if tid not in self._ot_trials:
+                if not self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+                    # (a waiting trial is the next points_to_evaluate entry: it is the one this trial was made from)
+                    self._ot_study.enqueue_trial(t["evaluated_params"])
+                if callable(self._space):
+                    self._ot_trials[tid] = self._ot_study.ask()
+                    self._suggest_from_define_by_run_func(self._space, self._ot_trials[tid])
+                else:
+                    self._ot_trials[tid] = self._ot_study.ask(fixed_distributions=self._space)
+            if t["status"] == "TERMINATED" and tid not in self._completed_trials:  # Tune will not report it again
+                self.on_trial_complete(tid, result=flatten_dict(t["last_result"]))
+
+    def suggest(self, trial_id: str):
+        if trial_id not in self._ot_trials and self._reissue:
+            self._ot_trials[trial_id] = self._ot_trials.pop(self._reissue.pop(0))
+        return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id, result):
         if trial_id not in self._ot_trials:  # a trial Tune restored from a newer state than this searcher's

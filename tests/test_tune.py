@@ -173,6 +173,64 @@ def test_searcher_state_carries_its_study_so_a_resume_agrees_with_it(tmp_path, s
         [(optuna.trial.TrialState.COMPLETE, 0.4, {1: 0.3, 2: 0.4})]
 
 
+@pytest.mark.parametrize("saved_first", ["searcher", "trials"])
+def test_a_resume_agrees_with_the_trials_tune_restored(tmp_path, saved_first):
+    """Tune saves the trial states and the generator (trial count, live trials, searcher) as separate files; a driver
+    killed between uploads leaves them from different moments. Restored, the generator's count, the limiter's live
+    trials and the study follow the trial states: no trial too many or too few, none left RUNNING."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from distributed.tune import DivergenceAwareOptunaSearch, ResumableSearch, StudyFiles
+
+    def generator():
+        study = StudyFiles(str(tmp_path / "exp"))
+        s = DivergenceAwareOptunaSearch(space={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)},
+                                        metric="val_acc", mode="max", study_name="s", storage=study.storage())
+        s.study = study
+        gen = ResumableSearch(ConcurrencyLimiter(s, max_concurrent=2))
+        gen._total_samples = 3  # (num_samples; Tune sets it from the experiment)
+        return gen, s
+
+    def done(epoch, acc):
+        return {"epoch": epoch, "training_iteration": epoch, "val_acc": acc, "train_config/epochs": 1}
+
+    first, searcher = generator()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    params = {"a": first.searcher.suggest("a"), "b": None}
+    first._counter = 1
+    if saved_first == "searcher":  # the generator was saved knowing only a; the trial states then also hold b
+        first.save_to_dir(str(staging), "1")
+        params["b"] = first.searcher.suggest("b")
+        first.searcher.on_trial_complete("a", done(1, 0.5))
+        trials = [("a", "TERMINATED", done(1, 0.5)), ("b", "RUNNING", {})]
+    else:  # the generator was saved after b was asked for; the trial states hold only a, still running
+        params["b"] = first.searcher.suggest("b")
+        first._counter = 2
+        first.save_to_dir(str(staging), "1")
+        trials = [("a", "RUNNING", {})]
+    (staging / "experiment_state-1.json").write_text(json.dumps({"trial_data": [
+        [json.dumps({"trial_id": tid, "status": status, "evaluated_params": params[tid]}),
+         json.dumps({"last_result": last})] for tid, status, last in trials]}))
+
+    restored, searcher = generator()
+    restored.restore_from_dir(str(staging))
+    assert restored._counter == len(trials)  # Tune makes num_samples - this many new trials
+    assert restored.searcher.live_trials == {tid for tid, status, _ in trials if status != "TERMINATED"}
+    if saved_first == "searcher":
+        restored.on_trial_complete("b", done(1, 0.6))
+        restored.searcher.suggest("c")
+        restored.on_trial_complete("c", done(1, 0.7))
+    else:
+        restored.on_trial_complete("a", done(1, 0.5))
+        assert restored.searcher.suggest("c") == params["b"]  # the dropped trial's Optuna trial, asked again
+        restored.on_trial_complete("c", done(1, 0.6))
+    study = searcher._ot_study
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3 if saved_first == "searcher" \
+        else [optuna.trial.TrialState.COMPLETE] * 2
+    assert [t.params["lr"] for t in study.trials][:2] == [params["a"]["lr"], params["b"]["lr"]]
+
+
 @pytest.mark.slow
 def test_asha_stopped_trials_are_pruned_in_the_study_with_their_epoch_values(ray_local, tmp_path):
     # One trial at a time, so Ray's ASHA (grace 1, rf 2) stops a later trial whose epoch-1 accuracy is below the
