@@ -58,7 +58,7 @@ def load_predictor(path: str | Path, device="cpu") -> Ensemble:
 # ------------------------------------------------------------------------------------------- from a search
 
 def trial_model(exp: Path, trial_id: str) -> Path | None:
-    """A trial's best model: in its last checkpoint (Tune keeps one per trial) under the trial's directory, or for
+    """A trial's best model: in its newest checkpoint (each carries the best weights so far) under its directory, or for
     worker-group trials under train_runs/<trial_id>/ where Ray Train keeps it."""
     for pattern in (f"{trial_id}/checkpoint_*/{BEST_FILE}", f"train_runs/{trial_id}/**/checkpoint_*/{BEST_FILE}"):
         found = sorted(exp.glob(pattern))

@@ -159,7 +159,7 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
                   + ", ".join(f"{t.name} (up to {t.max_workers})" for t in plan.launched))
         # Plain lines (TrialLines); with --verbose Ray's classic table, sorted by the metric, not a box per result.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-        # One kept checkpoint per trial makes each checkpoint snapshot the (small) experiment state; that is the
+        # A limit on kept checkpoints makes each checkpoint snapshot the (small) experiment state; that is the
         # point (restore sees state and checkpoints agree), so Tune's warning about it is noise here.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         if resume:
@@ -170,8 +170,11 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
                                                          verbose=1 if verbose else 0,
                                                          callbacks=[] if verbose else [TrialLines(space, space.num_samples)],
                                                          failure_config=tune.FailureConfig(max_failures=2),
-                                                         # resume needs only the latest; each carries the best weights
-                                                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                                         # Each carries the best weights. Two, not one: Tune deletes
+                                                         # the older when it registers a newer, and a driver killed
+                                                         # before the state naming the newer is uploaded leaves a
+                                                         # state that --resume restores from the older.
+                                                         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                                          progress_reporter=progress_table(space) if verbose else None,
                                                          stop=GiveUpWaiting(waiting)))  # (autoscaling)
         tuner.fit()
@@ -503,7 +506,9 @@ def trial_epoch_line(trial_id: str, result: dict, metric: str) -> str:
 
 def trial_end_line(trial_id: str, result: dict, metric: str, best: float | None) -> str:
     epoch, planned = result.get("epoch"), (result.get("train_config") or {}).get("epochs")
-    best = f"best {metric} {best:.4f}" if best is not None else "no result"
+    if best is None:  # a trial resumed at its end reports nothing new: its last result carries the best so far
+        best = result.get(f"best_{metric}")
+    best = f"best {metric} {best:.4f}" if isinstance(best, (int, float)) else "no result"
     if result.get("diverged"):
         return f"trial {trial_id} diverged at epoch {epoch}: stopped (a lower learning rate may help)"
     if result.get("early_stopped"):

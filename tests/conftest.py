@@ -39,9 +39,10 @@ def remove(root: Path) -> None:
             return
 
 
-def crash_when(cmd: list[str], ready, timeout: float = 420) -> None:
+def crash_when(cmd: list[str], ready=None, timeout: float = 420, printed: str | None = None) -> None:
     """Run cmd in its own process group and SIGKILL the whole group (the driver and every process it started: a
-    real crash) as soon as ready() is true; fails if it never is within timeout seconds."""
+    real crash) as soon as ready() is true, or the command has printed `printed`; fails if neither happens within
+    timeout seconds."""
     import signal
     import subprocess
     import tempfile
@@ -49,16 +50,19 @@ def crash_when(cmd: list[str], ready, timeout: float = 420) -> None:
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def said() -> str:
+    def said(tail: int = 4000) -> str:
         log.seek(0)
-        return log.read().decode(errors="replace")[-4000:]
+        return log.read().decode(errors="replace")[-tail:]
+
+    def is_ready() -> bool:
+        return (printed is not None and printed in said(tail=10**7)) or (ready is not None and ready())
 
     try:
         deadline = time.time() + timeout
-        while time.time() < deadline and not ready():
+        while time.time() < deadline and not is_ready():
             assert proc.poll() is None, f"exited ({proc.returncode}) before it was ready: {' '.join(cmd)}\n{said()}"
-            time.sleep(1)
-        assert ready(), f"not ready within {timeout:.0f} s: {' '.join(cmd)}\n{said()}"
+            time.sleep(0.2 if printed else 1)
+        assert is_ready(), f"not ready within {timeout:.0f} s: {' '.join(cmd)}\n{said()}"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -92,6 +92,9 @@ def test_tune_trial_lines_read_plainly():
         "trial a_00001 stopped by ASHA after epoch 2 of 6: best val_acc 0.5000"
     assert trial_end_line("a_00001", dict(row, epoch=6), "val_acc", 0.625) == \
         "trial a_00001 finished 6 epochs: best val_acc 0.6250"
+    # a trial resumed at its end reports nothing new: the best comes from its last result
+    assert trial_end_line("a_00001", dict(row, epoch=6, best_val_acc=0.7), "val_acc", None) == \
+        "trial a_00001 finished 6 epochs: best val_acc 0.7000"
     assert "early-stopped at epoch 2" in trial_end_line("a_00001", dict(row, early_stopped=True), "val_acc", 0.5)
     assert "diverged at epoch 2" in trial_end_line("a_00001", dict(row, diverged=True), "val_acc", None)
     assert last_error_line(None).startswith("(no error text")

@@ -269,13 +269,15 @@ def test_search_on_gcs_then_best_and_train(gcs, tmp_path):
 
 @pytest.mark.slow
 def test_search_on_s3_killed_then_resumed_runs_each_trial_once(s3, tmp_path):
-    space = small_space(tmp_path, "resume", num_samples=3, scheduler="none",
+    space = small_space(tmp_path, "resume", num_samples=4, scheduler="none",
                         fixed={"model": "small_cnn", "epochs": 2, "train_limit": 200})
     exp = f"s3://{BUCKET}/k/resume"
     cmd = [sys.executable, "-m", "distributed", "tune", str(space), "--storage-path", f"s3://{BUCKET}/k"]
-    crash_when(cmd, lambda: finished(exp))
+    # killed as the driver says a first trial finished (Tune is then saving and uploading its state); the bucket
+    # lags the driver (trial files are uploaded with checkpoints), so the driver's word is the sure moment
+    crash_when(cmd, printed="finished 2 epochs")
     before = finished(exp)
-    assert len(before) < 3
+    assert len(before) < 4
 
     done = emotune("tune", str(space), "--storage-path", f"s3://{BUCKET}/k", "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -283,14 +285,14 @@ def test_search_on_s3_killed_then_resumed_runs_each_trial_once(s3, tmp_path):
     errors = [storage.read_text(f"{t}/error.txt")[-2000:] for t in storage.glob(exp, "*")
               if storage.is_file(f"{t}/error.txt")]
     why = ([(r["trial_id"], r["status"], r["epochs_run"]) for r in rows], before, errors, done.stdout[-3000:])
-    assert len(rows) == 3 == len({r["trial_id"] for r in rows}), why
+    assert len(rows) == 4 == len({r["trial_id"] for r in rows}), why
     assert all(r["status"] == "completed" and r["epochs_run"] == 2 for r in rows), why
     for row in rows:  # each epoch of each trial reported once: nothing was run twice (a trial directory the saved
         # state did not know, started just before the kill, is not a trial of the search: the leaderboard leaves it out)
         assert epochs(f"{exp}/{row['trial_id']}/result.json") == [1, 2], row["trial_id"]
     journal = tmp_path / "optuna.journal"
     storage.download(f"{exp}/optuna.journal", journal)
-    check_study(journal, "resume", 3)
+    check_study(journal, "resume", 4)
 
 
 def finished(exp: str) -> list[str]:
