@@ -5,7 +5,8 @@ Optuna study runs each strategy: its sampler proposes a config, the replay answe
 (categoricals must match; numeric parameters by normalised distance, log-scaled learning rates and weight decay)
 and walks that config's curve epoch by epoch (`trial.report(val_acc, epoch)`, `trial.should_prune()`), counting
 the epochs spent. Simplifications: trials run one after another (no concurrency, so no asynchronous stragglers),
-and a proposal gets the nearest recorded config's curve (a finite table: repeats give the same curve).
+and a proposal gets the nearest recorded config's curve (a finite table: repeats give the same curve; `--answer
+unused` gives each proposal the nearest config the search has not run yet).
 
 Random search (N trials, every one trained to the end) sets the budget and the target per seed. Reported per
 strategy and data set, median [IQR] over seeds:
@@ -64,7 +65,8 @@ class Table:
                 cols.append([(f(p[name]) - f(dist.low)) / (f(dist.high) - f(dist.low)) for p in params])
         return np.array(cols, dtype=float).T.reshape(len(params), -1)
 
-    def nearest(self, proposal: dict) -> int:
+    def nearest(self, proposal: dict, used: set | None = None) -> int:
+        """The nearest recorded config; with `used`, the nearest not used yet in this search (all used: any)."""
         if not hasattr(self, "_coords"):
             self._coords = self.coords(self.params)
             self._cats = [(n, np.array([p[n] for p in self.params], dtype=object)) for n, d in self.space.items()
@@ -72,6 +74,11 @@ class Table:
         d = ((self._coords - self.coords([proposal])) ** 2).sum(axis=1)
         for name, got in self._cats:
             d[got != proposal[name]] = np.inf
+        if used and len(used) < len(d):
+            fresh = d.copy()
+            fresh[list(used)] = np.inf
+            if np.isfinite(fresh).any():  # (else every config of this model and batch size is used)
+                d = fresh
         return int(np.argmin(d))
 
 
@@ -187,17 +194,21 @@ STRATEGIES = {
 
 # ------------------------------------------------------------------------------------------ a search
 
-def search(table: Table, strategy: str, seed: int, budget: int | None = None, trials: int | None = None) -> dict:
+def search(table: Table, strategy: str, seed: int, budget: int | None = None, trials: int | None = None,
+           answer: str = "nearest") -> dict:
     """One study: run trials until `budget` epochs are spent (or `trials` trials ran). Returns the trace: after
-    each epoch, the best val_acc so far and the config holding it."""
+    each epoch, the best val_acc so far and the config holding it. answer="unused": each proposal gets the nearest
+    recorded config this search has not run yet (a proposal next to one already run is a new run, as in the real
+    service, rather than the same curve again; it exhausts the table's configs of a cell first)."""
     sampler, pruner, stopped_as = STRATEGIES[strategy]
     study = optuna.create_study(direction="maximize", sampler=sampler(seed),
                                 pruner=pruner(table.epochs) if pruner else optuna.pruners.NopPruner())
     best, pick, trace = -1.0, -1, []  # trace[e] = (best so far, its config) after e + 1 epochs
-    n = 0
+    n, used = 0, set()
     while (budget is None or len(trace) < budget) and (trials is None or n < trials):
         trial = study.ask(table.space)
-        cid = table.nearest(trial.params)
+        cid = table.nearest(trial.params, used if answer == "unused" else None)
+        used.add(cid)
         n += 1
         state, value = TrialState.COMPLETE, None
         for epoch, acc in enumerate(table.val_acc[cid], start=1):
@@ -218,8 +229,8 @@ def search(table: Table, strategy: str, seed: int, budget: int | None = None, tr
     return {"trace": trace, "trials": n}
 
 
-def measure(table: Table, strategy: str, seed: int, target: float, budget: int) -> dict:
-    trace = search(table, strategy, seed, budget=budget)["trace"]
+def measure(table: Table, strategy: str, seed: int, target: float, budget: int, answer: str = "nearest") -> dict:
+    trace = search(table, strategy, seed, budget=budget, answer=answer)["trace"]
     oracle = float(np.nanmax(table.val_acc))
     reach = next((e + 1 for e, (b, _) in enumerate(trace) if b >= target - 1 / table.n_val + 1e-9), None)
     row = {"dataset": table.dataset, "strategy": strategy, "seed": seed, "random_epochs": budget,
@@ -231,16 +242,17 @@ def measure(table: Table, strategy: str, seed: int, target: float, budget: int) 
     return row
 
 
-def replay(tables: list[Table], seeds: int, trials: int | None, strategies: list[str]) -> list[dict]:
+def replay(tables: list[Table], seeds: int, trials: int | None, strategies: list[str],
+           answer: str = "nearest") -> list[dict]:
     rows = []
     for table in tables:
         n = trials or max(8, len(table.params) // 2)
         for seed in range(seeds):
-            ran = search(table, "random", seed, trials=n)
+            ran = search(table, "random", seed, trials=n, answer=answer)
             target, budget = ran["trace"][-1][0], len(ran["trace"])
             for strategy in strategies:
                 tic = time.perf_counter()
-                rows.append({**measure(table, strategy, seed, target, budget), "random_trials": n,
+                rows.append({**measure(table, strategy, seed, target, budget, answer), "random_trials": n,
                              "random_best": target, "n_val": table.n_val,
                              "wall_s": round(time.perf_counter() - tic, 3)})
     return rows
@@ -286,6 +298,8 @@ def main(argv=None) -> None:
     ap.add_argument("--trials", type=int, default=None,
                     help="random search's trials, which set the budget (default: half the recorded configs, >= 8)")
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES), metavar="NAME")
+    ap.add_argument("--answer", choices=("nearest", "unused"), default="nearest",
+                    help="a proposal gets the nearest recorded config, or the nearest this search has not run")
     ap.add_argument("--out", type=Path, required=True, help="directory for replay.csv and replay.md")
     args = ap.parse_args(argv)
     missing = [p for p in args.curves if not p.is_file()]
@@ -293,7 +307,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"{missing[0]}: no such curves file; record one with bench/record_curves.py")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tic = time.perf_counter()
-    rows = replay([t for p in args.curves for t in read_tables(p)], args.seeds, args.trials, args.strategies)
+    rows = replay([t for p in args.curves for t in read_tables(p)], args.seeds, args.trials, args.strategies,
+                  args.answer)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "replay.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
