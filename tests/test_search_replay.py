@@ -61,6 +61,9 @@ def test_replay_reads_the_table_and_measures_against_random_search(tmp_path, cap
     # a recorded config is its own nearest; batch size must match, so a proposal is never answered across it
     assert [table.nearest(p) for p in table.params] == list(range(12))
     assert table.nearest({**table.params[3], "batch_size": 64, "lr_head": table.params[3]["lr_head"] * 1.01}) in (2, 4)
+    # without repeats: a used config is passed over for the nearest unused one of the same cell, until none is left
+    assert table.nearest(table.params[3], used={3}) in (1, 5)
+    assert table.nearest(table.params[3], used={1, 3, 5, 7, 9, 11}) == 3
 
     search_replay.main([str(tmp_path / "toy.parquet"), "--seeds", "3", "--out", str(tmp_path / "out"),
                         "--strategies", "random", "asha g1 rf4", "tpe + ray-asha g3 rf3, PRUNED (shipped)"])
