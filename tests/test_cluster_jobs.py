@@ -2,10 +2,11 @@
 real cluster.
 
 The cluster is two `ray start --block` processes on this machine (a head with 1 CPU and the driver resource, and a
-worker node with 2 CPUs), with Ray's token auth on and a token of its own. Everything Ray-side runs in those
-processes and in the `emotune`/`ray` commands the tests run, never in the pytest process. Teardown stops exactly
-what the fixture started: the two `ray start` processes (which stop their nodes), then any process left from their
-process trees or naming the fixture's private temp directory.
+worker node with 2 CPUs), with Ray's token auth on and a token of its own, and an S3 bucket (moto's server on
+127.0.0.1) whose endpoint and keys are in the nodes' environment, as a cloud node has them from its instance.
+Everything Ray-side runs in those processes and in the `emotune`/`ray` commands the tests run, never in the pytest
+process. Teardown stops exactly what the fixture started: the two `ray start` processes (which stop their nodes),
+then any process left from their process trees or naming the fixture's private temp directory.
 """
 from __future__ import annotations
 
@@ -117,8 +118,30 @@ class RayCluster:
 
 
 
+BUCKET = "emo-jobs"
+
+
 @pytest.fixture(scope="module")
-def ray_cluster():
+def bucket():
+    """A local S3 server with one bucket -> the variables that reach it (no IAM: any key is accepted)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "jobs", "AWS_SECRET_ACCESS_KEY": "jobs",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="jobs",
+                 aws_secret_access_key="jobs").create_bucket(Bucket=BUCKET)
+    try:
+        yield env
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(bucket):
     # Short and private: Ray's socket paths live under it (a Unix socket path is limited to 107 bytes), and with
     # RAY_TMPDIR pointing here, Ray processes that look for "the local cluster" find this one, not another
     # engineer's in /tmp/ray.
@@ -131,7 +154,7 @@ def ray_cluster():
     env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                RAY_TMPDIR=str(root), RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
                # Ray Train gives a worker group 60 s to start; importing torch on a busy 2-core box can take longer.
-               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300")
+               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300", **bucket)
     gcs, dashboard = free_port(), free_port()
     procs = []
     try:
@@ -190,6 +213,25 @@ def test_submit_runs_a_search_as_a_job_and_results_land_in_storage(ray_cluster):
     assert listed.returncode == 0 and job in listed.stdout and "SUCCEEDED" in listed.stdout, listed.stderr[-2000:]
     logs = run([str(BIN / "ray"), "job", "logs", job, "--address", ray_cluster.dashboard], ray_cluster.env, 120)
     assert logs.returncode == 0 and "leaderboard" in logs.stdout, logs.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_submit_to_a_bucket_leaves_the_results_in_it(ray_cluster, bucket):
+    """`emotune submit ... --storage-path s3://...`: the job (on the head, with the node's S3 settings) writes the
+    leaderboard, best config and study to the bucket, where `emotune best` on this machine reads them."""
+    import boto3
+
+    r = emotune("submit", "--address", ray_cluster.dashboard, "quick", "--num-samples", "2", "--set", "epochs=1",
+                "--storage-path", f"s3://{BUCKET}/jobs", env=ray_cluster.env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "SUCCEEDED" in out, out[-6000:]
+    s3 = boto3.client("s3", endpoint_url=bucket["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id="jobs", aws_secret_access_key="jobs")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="jobs/quick/")["Contents"]}
+    for name in ("emotune.json", "leaderboard.parquet", "leaderboard.csv", "best_config.yaml", "optuna.journal"):
+        assert f"jobs/quick/{name}" in keys, (name, sorted(keys)[:40])
+    best = emotune("best", f"s3://{BUCKET}/jobs/quick", "--top", "2", env=ray_cluster.env, timeout=180)
+    assert best.returncode == 0 and "top 2 of 2 trials by val_acc" in best.stdout, best.stderr[-2000:]
 
 
 @pytest.mark.slow
