@@ -121,7 +121,8 @@ def read_trials(exp: str) -> list[dict]:
     """Every trial of an experiment (a local path or a URI), finished or not, from the files Tune writes (so this
     also works on an interrupted search). A trial directory that Tune's saved experiment state does not know is
     marked `orphan`: a crashed driver started it after its last saved state, so a --resume ran a new trial instead."""
-    status = trial_statuses(exp)
+    saved = {t["trial_id"]: t for t in saved_trials(exp)}
+    status = {tid: t["status"] for tid, t in saved.items()}
     files = set(storage.list_files(exp))
     trials = []
     for params_file in sorted(f for f in files if f.count("/") == 1 and f.endswith("/params.json")):
@@ -135,6 +136,11 @@ def read_trials(exp: str) -> list[dict]:
                     pass
         rows = [r for r in rows if "epoch" in r]
         trial_id = rows[-1]["trial_id"] if rows else tdir
+        last = saved.get(trial_id, {}).get("last_result", {})
+        if isinstance(last.get("epoch"), int) and last["epoch"] > (rows[-1]["epoch"] if rows else 0):
+            # Tune uploads the experiment state and the trials' result.json one by one: a driver killed in between
+            # leaves a finished trial whose result.json lacks its last epochs; the state's last result has the end
+            rows.append(last)
         trials.append({"trial_id": trial_id, "dir": storage.join(exp, tdir),
                        "params": json.loads(storage.read_text(storage.join(exp, params_file))),
                        "rows": rows, "error": f"{tdir}/error.txt" in files, "status": status.get(trial_id),
@@ -149,15 +155,20 @@ def exception_line(error_text: str) -> str:
     return lines[-1] if lines else "(no error text; see the trial's error.txt)"
 
 
-def trial_statuses(exp: str) -> dict:
+def saved_trials(exp: str) -> list[dict]:
+    """Tune's newest saved experiment state in exp (an experiment, or Tune's local staging copy of it), its trials
+    in creation order: trial_id, status, evaluated_params, last_result. Plain JSON fields only, nothing unpickled;
+    [] without a state."""
     states = storage.glob(exp, "experiment_state-*.json")
     if not states:
-        return {}
-    out = {}
+        return []
+    out = []
     for entry in json.loads(storage.read_text(states[-1])).get("trial_data", []):
         try:
-            info = json.loads(entry[0])
-            out[info["trial_id"]] = info.get("status")
+            info, runtime = json.loads(entry[0]), json.loads(entry[1])
+            out.append({"trial_id": info["trial_id"], "status": info.get("status"),
+                        "evaluated_params": info.get("evaluated_params") or {},
+                        "last_result": runtime.get("last_result") or {}})
         except (json.JSONDecodeError, KeyError, TypeError, IndexError):
             continue
     return out

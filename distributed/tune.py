@@ -29,6 +29,7 @@ from ray.tune.utils import flatten_dict
 from distributed import storage
 from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig, better
 from distributed.plan import NodeWait, Plan, autoscaler_node_types, cluster_nodes, local_nodes, plan_trials
+from distributed.results import saved_trials
 from distributed.run import check_reachable, cpu_for_reserved_gpu, make_trainer, passed_env, ray_session
 from distributed.search_space import SearchSpace, find_space, load_space
 from distributed.train import Run, load_state, train_loop
@@ -314,7 +315,7 @@ class ResumableSearch(SearchGenerator):
     def restore_from_dir(self, dirpath: str):
         super().restore_from_dir(dirpath)
         trials = saved_trials(dirpath)
-        if trials is None:
+        if not trials:
             return
         self._counter = len(trials)
         limiter = self.searcher
@@ -324,23 +325,6 @@ class ResumableSearch(SearchGenerator):
             limiter = limiter.searcher
         if isinstance(limiter, DivergenceAwareOptunaSearch):
             limiter.agree_with(trials)
-
-
-def saved_trials(dirpath: str) -> list[dict] | None:
-    """The trials of the newest experiment state in dirpath, in creation order: trial_id, status,
-    evaluated_params, last_result (plain JSON fields; nothing unpickled)."""
-    import json
-
-    states = sorted(Path(dirpath).glob("experiment_state-*.json"))
-    if not states:
-        return None
-    trials = []
-    for trial_json, runtime_json in json.loads(states[-1].read_text())["trial_data"]:
-        trial, runtime = json.loads(trial_json), json.loads(runtime_json)
-        trials.append({"trial_id": trial["trial_id"], "status": trial["status"],
-                       "evaluated_params": trial.get("evaluated_params") or {},
-                       "last_result": runtime.get("last_result") or {}})
-    return trials
 
 
 class DivergenceAwareOptunaSearch(OptunaSearch):

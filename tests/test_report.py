@@ -97,6 +97,21 @@ def test_report_rebuilds_for_an_interrupted_search(experiment, tmp_path, capsys)
     assert "2 trials (" in source and "incomplete" in source
 
 
+def test_a_finished_trial_whose_result_file_lags_the_saved_state_ends_from_the_state(experiment, tmp_path):
+    """Tune uploads the experiment state and each trial's result.json one by one: a driver killed in between leaves
+    a trial the state calls TERMINATED with a result.json that stops an epoch short. The state's last result ends
+    it, so the leaderboard says completed, not asha_stopped."""
+    copy = tmp_path / "lagging"
+    shutil.copytree(experiment, copy)
+    trial = sorted(p.parent for p in copy.glob("*/result.json"))[0]
+    lines = (trial / "result.json").read_text().splitlines()
+    assert len(lines) == 2
+    (trial / "result.json").write_text(lines[0] + "\n")  # the copy uploaded after epoch 1
+    assert main(["best", str(copy)]) == 0
+    rows = {r["trial_id"]: r for r in csv.DictReader((copy / "leaderboard.csv").open())}
+    assert all(r["status"] == "completed" and r["epochs_run"] == "2" for r in rows.values()), rows
+
+
 def test_a_trial_the_saved_state_does_not_know_is_left_out(experiment, tmp_path, capsys):
     """A driver that crashed after starting a trial but before Tune saved its state leaves that trial's directory;
     --resume runs a new trial in its place, so the leaderboard must not count the old one."""
