@@ -216,13 +216,19 @@ def test_bad_gcs_location_is_one_line_exit_2_before_ray(gcs, tmp_path, case):
 # --------------------------------------------------------------------------------------- whole workflows
 
 @pytest.mark.slow
-def test_search_on_s3_with_data_from_s3_then_best_and_train(s3, tmp_path):
-    data = f"s3://{BUCKET}/data/fer.parquet"
+@pytest.mark.parametrize("store", ["s3", "gcs"])
+def test_search_on_object_storage_with_data_there_then_best_and_train(store, request, tmp_path):
+    """On s3:// (moto) and gs:// (the GCS emulator) alike: a search with its data in the bucket, `best`, and a re-run
+    of the best config from the bucket that leaves its files there."""
+    bucket = f"s3://{BUCKET}" if store == "s3" else request.getfixturevalue("gcs")
+    if store == "s3":
+        request.getfixturevalue("s3")
+    data = f"{bucket}/data/fer.parquet"
     storage.write_bytes(data, parquet_from_synthetic(400))
     space = small_space(tmp_path, "cloud", num_samples=2, scheduler="none",
                         fixed={"model": "small_cnn", "epochs": 1, "train_limit": 200, "data": f"parquet:{data}"})
-    exp = f"s3://{BUCKET}/x/cloud"
-    done = emotune("tune", str(space), "--storage-path", f"s3://{BUCKET}/x")
+    exp = f"{bucket}/x/cloud"
+    done = emotune("tune", str(space), "--storage-path", f"{bucket}/x")
     assert done.returncode == 0, done.stderr[-3000:]
     names = storage.list_dir(exp)
     for f in ("emotune.json", "space.yaml", "leaderboard.parquet", "leaderboard.csv", "best_config.yaml",
@@ -237,35 +243,13 @@ def test_search_on_s3_with_data_from_s3_then_best_and_train(s3, tmp_path):
     assert "top 2 of 2 trials by val_acc" in best.stdout and rows[0]["trial_id"] in best.stdout
 
     # The best config re-runs from the bucket, with its data from the bucket, and leaves its files there.
-    run = f"s3://{BUCKET}/x/rerun"
+    run = f"{bucket}/x/rerun"
     done = emotune("train", "--config", f"{exp}/best_config.yaml", "--output", run)
     assert done.returncode == 0, done.stderr[-3000:]
-    names = storage.list_dir(run)
-    for f in ("config.yaml", "best_model.pt", "final_model.pt", "metrics.parquet", "test_metrics.json", "run"):
-        assert f in names, (f, names)
-
-
-@pytest.mark.slow
-def test_search_on_gcs_then_best_and_train(gcs, tmp_path):
-    """The same workflow on gs://: a search with its data in the bucket, `best` and a re-run of the best config."""
-    data = f"{gcs}/data/fer.parquet"
-    storage.write_bytes(data, parquet_from_synthetic(300))
-    space = small_space(tmp_path, "gcloud", num_samples=2, scheduler="none",
-                        fixed={"model": "small_cnn", "epochs": 1, "train_limit": 200, "data": f"parquet:{data}"})
-    exp = f"{gcs}/g/gcloud"
-    done = emotune("tune", str(space), "--storage-path", f"{gcs}/g")
-    assert done.returncode == 0, done.stderr[-3000:]
-    names = storage.list_dir(exp)
-    for f in ("emotune.json", "space.yaml", "leaderboard.parquet", "best_config.yaml", "optuna.journal"):
-        assert f in names, (f, names)
-    rows = pq.read_table(io.BytesIO(storage.read_bytes(f"{exp}/leaderboard.parquet"))).to_pylist()
-    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
-    best = emotune("best", exp, "--top", "2")
-    assert best.returncode == 0 and "top 2 of 2 trials by val_acc" in best.stdout, best.stderr[-2000:]
-    run = f"{gcs}/g/rerun"
-    done = emotune("train", "--config", f"{exp}/best_config.yaml", "--output", run)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert {"best_model.pt", "test_metrics.json"} <= set(storage.list_dir(run))
+    # (each name looked up on its own: the GCS emulator's listing leaves out prefixes such as run/)
+    missing = [f for f in ("config.yaml", "best_model.pt", "final_model.pt", "metrics.parquet", "test_metrics.json",
+                           "run") if not (storage.is_file(f"{run}/{f}") or storage.is_dir(f"{run}/{f}"))]
+    assert not missing, (missing, storage.list_files(run)[:40])
 
 
 @pytest.mark.slow
