@@ -29,7 +29,7 @@ from ray.tune.utils import flatten_dict
 from distributed import storage
 from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig, better
 from distributed.plan import NodeWait, Plan, autoscaler_node_types, cluster_nodes, local_nodes, plan_trials
-from distributed.results import saved_trials
+from distributed.results import exception_line, saved_trials, write_json
 from distributed.run import check_reachable, cpu_for_reserved_gpu, make_trainer, passed_env, ray_session
 from distributed.search_space import SearchSpace, find_space, load_space
 from distributed.train import Run, load_state, train_loop
@@ -504,8 +504,6 @@ def trial_end_line(trial_id: str, result: dict, metric: str, best: float | None)
 
 def last_error_line(error_file: str | None) -> str:
     """The exception's own line from a trial's error file (Ray keeps the traceback there)."""
-    from distributed.results import exception_line
-
     try:
         return exception_line(Path(error_file).read_text()) if error_file else exception_line("")
     except OSError:
@@ -539,8 +537,6 @@ def git_commit() -> str:
 
 def write_meta(exp: str, space_file: str, overrides: list[str], space: SearchSpace) -> None:
     """emotune.json: what `emotune best` and --resume need, so results.py never re-reads the search space."""
-    from distributed.results import write_json
-
     write_json({"space_file": str(space_file), "overrides": list(overrides), "num_samples": space.num_samples,
                 "metric": space.metric, "mode": space.mode, "objectives": [list(o) for o in space.objectives],
                 "models": space.model_choices(), "model": space.fixed.get("model", TrainConfig().model),
