@@ -39,9 +39,13 @@ def s3():
     import moto.settings
     from moto.server import ThreadedMotoServer
 
+    from moto.core.authorization import ActionAuthenticatorMixin
+
     # The first 4 requests (creating the user, its key, its policy, the bucket) go unauthenticated; every later
-    # request must be signed with that user's key.
+    # request must be signed with that user's key. moto counts requests per process, across servers: another
+    # module's server (tests/test_cluster_jobs.py's bucket) has already counted its own, so start from 0.
     moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 4
+    ActionAuthenticatorMixin.request_count = 0
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
