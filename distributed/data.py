@@ -329,6 +329,8 @@ def load_fer2013_csv(path: str, in_channels: int, size: int, seed: int) -> Decod
             pixels.append(values.astype(np.uint8))
             emotions.append(int(row[at_e]))
             usages.append(row[at_u].strip())
+            if len(pixels) % PROGRESS_FROM == 0:  # Kaggle's file: 35,887 rows, no count before the end
+                print(f"decoding {file}: {len(pixels):,} rows", file=sys.stderr, flush=True)
     is_train = np.array([u == "Training" for u in usages], dtype=bool)
     if not is_train.any() or is_train.all():
         raise DataError(f"{file}: Usage must hold both Training and test rows (PublicTest/PrivateTest)")

@@ -11,6 +11,7 @@ ensemble of one, so predict takes either.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -57,13 +58,17 @@ def load_predictor(path: str | Path, device="cpu") -> Ensemble:
 
 # ------------------------------------------------------------------------------------------- from a search
 
-def trial_model(exp: Path, trial_id: str) -> Path | None:
-    """A trial's best model: in its newest checkpoint (each carries the best weights so far) under its directory, or for
-    worker-group trials under train_runs/<trial_id>/ where Ray Train keeps it."""
-    for pattern in (f"{trial_id}/checkpoint_*/{BEST_FILE}", f"train_runs/{trial_id}/**/checkpoint_*/{BEST_FILE}"):
-        found = sorted(exp.glob(pattern))
+def best_model_file(exp: str | Path, trial_id: str) -> str | None:
+    """A trial's best model, local or on object storage: in its newest checkpoint (each carries the best weights so
+    far) under the trial's directory, or for worker-group trials under train_runs/<trial_id>/ where Ray Train keeps
+    its checkpoints (the trial's directory then has none)."""
+    from distributed import storage
+
+    for base in (storage.join(str(exp), trial_id), storage.join(str(exp), "train_runs", trial_id)):
+        found = sorted((f for f in storage.list_files(base) if re.search(rf"(^|/)checkpoint_[^/]+/{BEST_FILE}$", f)),
+                       key=lambda f: f.rsplit("/", 2)[-2])
         if found:
-            return found[-1]
+            return storage.join(base, found[-1])
     return None
 
 
@@ -76,7 +81,7 @@ def top_trials(exp: str | Path, k: int) -> list[tuple[dict, dict, Path]]:
         raise ConfigError(f"--top {k}: an ensemble needs at least 1 member")
     meta = read_meta(str(exp))
     rows, configs = leaderboard_rows(read_trials(str(exp)), meta)
-    usable = [(r, configs[r["trial_id"]], trial_model(exp, r["trial_id"])) for r in rows
+    usable = [(r, configs[r["trial_id"]], best_model_file(exp, r["trial_id"])) for r in rows
               if r[f"best_{meta['metric']}"] is not None and r["status"] not in ("error", "diverged")]
     usable = [u for u in usable if u[2] is not None]
     if k > len(usable):

@@ -159,10 +159,15 @@ def export(model: str, fmt: str, output: str | None = None) -> tuple[Path, Path]
     import torch
 
     from distributed.models import native_size
-    from distributed.train import MEAN, STD, load_model
+    from distributed.train import MEAN, MODEL_FORMAT, STD, load_file, load_model
 
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    from distributed.ensemble import ENSEMBLE_FORMAT
+
+    if load_file(model, (MODEL_FORMAT, ENSEMBLE_FORMAT))["format"] == ENSEMBLE_FORMAT:
+        raise ConfigError(f"{model}: is an ensemble of several networks; export exports one: export a member's "
+                          f"best_model.pt (ensemble.json lists their files)")
     net, cfg, names, metrics = load_model(model)
     size = cfg.image_size or native_size(cfg.model)
     out = Path(output) if output else Path(model).with_suffix(EXPORT_FORMATS[fmt])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 import math
 import os
-import re
+import warnings
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def write_report(exp: str, meta: dict, rows: list[dict]) -> str:
     if len(objectives) > 1:
         front = pareto_front([r for r in rows if r.get(f"best_{metric}") is not None], objectives, metric)
         sections.append(("Pareto front", figure_html(pareto_figure(rows, front, objectives, metric))))
-    sections.append(("Best trial on the validation split", best_trial_html(exp, rows, trials, metric)))
+    sections.append(("Best trial on the validation split", best_trial_html(exp, rows, metric)))
 
     import plotly.offline
 
@@ -147,7 +147,9 @@ def curves_figure(trials: list[dict], rows: list[dict], metric: str):
 
 
 def importances_html(exp: str, metric: str, multi_objective: bool) -> str:
-    """Optuna's fANOVA evaluator over the study's completed trials (for the first objective)."""
+    """Two of Optuna's importance evaluators over the study's completed trials, side by side: fANOVA (the share of
+    the metric's variance each parameter explains; the first objective of a multi-objective study) and PED-ANOVA
+    (what sets the top 10% of trials apart; for a multi-objective study, reaching the Pareto front)."""
     import optuna
     import plotly.graph_objects as go
 
@@ -155,22 +157,30 @@ def importances_html(exp: str, metric: str, multi_objective: bool) -> str:
     if study is None:
         return "<p class='note'>no Optuna study in this experiment (optuna.journal): importances need it</p>"
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    # fANOVA named explicitly (and seeded): it splits the metric's variance, so the direction does not matter, and
-    # the page does not change when Optuna changes its default evaluator.
-    kw = {"target": (lambda t: t.values[0])} if multi_objective else {}
-    try:
-        imp = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), **kw)
-    except (RuntimeError, ValueError) as exc:  # too few completed trials, or no parameter varied
-        return f"<p class='note'>importances not computable yet ({len(done)} completed trials): {html.escape(str(exc))}</p>"
-    if not imp:
+    # Evaluators named explicitly (fANOVA seeded): the page does not change when Optuna changes its default.
+    evaluators = {
+        "fANOVA (share of the variance)": (optuna.importance.FanovaImportanceEvaluator(seed=0),
+                                           {"target": (lambda t: t.values[0])} if multi_objective else {}),
+        "PED-ANOVA (top 10% against the rest)": (optuna.importance.PedAnovaImportanceEvaluator(), {})}
+    found = {}
+    for name, (evaluator, kw) in evaluators.items():
+        try:
+            with warnings.catch_warnings():  # PED-ANOVA warns when its top quantile holds a single trial
+                warnings.simplefilter("ignore")
+                found[name] = optuna.importance.get_param_importances(study, evaluator=evaluator, **kw)
+        except (RuntimeError, ValueError) as exc:  # too few completed trials, or no parameter varied
+            return (f"<p class='note'>importances not computable yet ({len(done)} completed trials): "
+                    f"{html.escape(str(exc))}</p>")
+    if not any(found.values()):
         return f"<p class='note'>importances need at least two completed trials ({len(done)} so far)</p>"
-    names = list(imp)[::-1]
-    fig = go.Figure(go.Bar(x=[imp[n] for n in names], y=names, orientation="h"))
-    fig.update_layout(xaxis_title=f"importance for {metric} (fANOVA)", height=120 + 30 * len(names),
-                      margin={"t": 20})
-    return (f"<p class='note'>Optuna's fANOVA evaluator over {len(done)} completed trials, on the value each trial "
-            f"ended with</p>" + figure_html(fig))
+    names = list(found[next(iter(found))])[::-1]  # fANOVA's order, most important on top
+    fig = go.Figure([go.Bar(x=[imp.get(n, 0.0) for n in names], y=names, orientation="h", name=name)
+                     for name, imp in found.items()])
+    fig.update_layout(barmode="group", xaxis_title=f"importance for {metric}", height=140 + 45 * len(names),
+                      margin={"t": 20}, legend={"orientation": "h", "y": -0.25})
+    return (f"<p class='note'>Optuna's fANOVA and PED-ANOVA evaluators over {len(done)} completed trials, on the "
+            f"value each trial ended with (a trial ASHA stopped is PRUNED in the study and not counted)</p>"
+            + figure_html(fig))
 
 
 def parallel_figure(rows: list[dict], trials: list[dict], metric: str, flatten_params):
@@ -225,25 +235,18 @@ def pareto_figure(rows: list[dict], front: list[dict], objectives: list[tuple[st
     return fig
 
 
-def best_checkpoint(trial_dir: str) -> str | None:
-    """The best_model.pt of the trial's newest checkpoint (each checkpoint carries the best weights so far)."""
-    found = sorted((f for f in storage.list_files(trial_dir) if re.search(r"(^|/)checkpoint_\d+/best_model\.pt$", f)),
-                   key=lambda f: f.rsplit("/", 2)[-2])
-    return storage.join(trial_dir, found[-1]) if found else None
-
-
-def best_trial_html(exp: str, rows: list[dict], trials: list[dict], metric: str) -> str:
+def best_trial_html(exp: str, rows: list[dict], metric: str) -> str:
     ranked = [r for r in rows if r.get(f"best_{metric}") is not None]
     if not ranked:
         return "<p class='note'>no trial has reported a metric yet</p>"
     best = ranked[0]
-    tdir = next(t["dir"] for t in trials if t["trial_id"] == best["trial_id"])
-    ckpt = best_checkpoint(tdir)
-    if ckpt is None:
-        return f"<p class='note'>{best['trial_id']}: no checkpoint with best_model.pt in {html.escape(str(tdir))}</p>"
     from distributed.data import DataError
+    from distributed.ensemble import best_model_file
     from distributed.train import ModelFileError
 
+    ckpt = best_model_file(exp, best["trial_id"])
+    if ckpt is None:
+        return f"<p class='note'>{best['trial_id']}: no checkpoint with best_model.pt in {html.escape(str(exp))}</p>"
     try:
         y_true, y_pred, names = score_on_validation(ckpt)
     except (DataError, ModelFileError) as exc:  # e.g. a copied experiment whose data lives on another machine

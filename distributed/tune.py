@@ -29,7 +29,7 @@ from ray.tune.utils import flatten_dict
 from distributed import storage
 from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig, better
 from distributed.plan import NodeWait, Plan, autoscaler_node_types, cluster_nodes, local_nodes, plan_trials
-from distributed.results import exception_line, saved_trials, write_json
+from distributed.results import collect, exception_line, saved_trials, write_json
 from distributed.run import check_reachable, cpu_for_reserved_gpu, make_trainer, passed_env, ray_session
 from distributed.search_space import SearchSpace, find_space, load_space
 from distributed.train import Run, load_state, train_loop
@@ -180,8 +180,9 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
                                                          stop=GiveUpWaiting(waiting)))  # (autoscaling)
         tuner.fit()
     study.publish()
-    if waiting.gave_up:  # (autoscaling)
-        raise ConfigError(f"{exp}: {waiting.gave_up}")
+    if waiting.gave_up:  # (autoscaling): what did run is still collected (leaderboard, report.html)
+        collect(exp)
+        raise ConfigError(f"{exp}: {waiting.gave_up}; what ran is in its leaderboard.csv and report.html")
     return exp
 
 

@@ -55,6 +55,8 @@ def materialise(case: dict, tmp: Path) -> None:
     for rel, columns in case.get("parquet", {}).items():
         table = {k: [png_bytes() if v == "png" else v for v in vals] for k, vals in columns.items()}
         pq.write_table(pa.table(table), tmp / rel)
+    for rel, blob in case.get("torch_files", {}).items():  # plain dicts, as torch.save writes our files
+        torch.save(blob, tmp / rel)
     for rel, target in case.get("pickled_code", {}).items():
         torch.save({"format": "emotune-model/1", "payload": Payload(str(tmp / target))}, tmp / rel)
 

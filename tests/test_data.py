@@ -277,6 +277,23 @@ def test_fer2013_csv(tmp_path):
     assert decode_data(f"fer2013_csv:{path}", in_channels=3, size=64).train_x.shape == (30, 3, 64, 64)
 
 
+def test_long_decodes_say_how_far_they_are(tmp_path, monkeypatch, capsys):
+    """On stderr, every ~10% of an image decode and every PROGRESS_FROM rows of a CSV (lowered here from 5,000)."""
+    import distributed.data
+
+    monkeypatch.setattr(distributed.data, "PROGRESS_FROM", 10)
+    decode_data(f"fer2013_csv:{write_fer_csv(tmp_path / 'fer2013.csv', n=45)}")
+    assert capsys.readouterr().err.splitlines() == [f"decoding {tmp_path / 'fer2013.csv'}: {n} rows"
+                                                     for n in (10, 20, 30, 40)]
+    root = tmp_path / "folder"
+    for split, n in (("train", 12), ("test", 4)):
+        for i in range(n):
+            (root / split / ("happy" if i % 2 else "sad")).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (48, 48), i * 10).save(root / split / ("happy" if i % 2 else "sad") / f"{i}.png")
+    decode_data(f"imagefolder:{root}")
+    assert capsys.readouterr().err.splitlines() == [f"decoding {root}/train: 12/12 images"]  # one chunk; test < 10
+
+
 def test_fer2013_csv_errors(tmp_path):
     path = write_fer_csv(tmp_path / "short.csv", short_row=7)
     with pytest.raises(DataError, match=r"row 8 \(line 9\) has 2303 pixel values, expected 2304"):

@@ -70,7 +70,7 @@ def test_faces_in_a_photo_are_found_classified_and_drawn(model_file, tmp_path, c
 def test_face_crops_photos_without_faces_and_folders(model_file, tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
-    crop = Image.open(min((DATA / "ckplus48" / "test" / "happy").glob("*.png")))  # 48x48: a crop already
+    crop = Image.open(min(need(DATA / "ckplus48" / "test" / "happy").glob("*.png")))  # 48x48: a crop already
     crop.save(folder / "a_crop.png")
     Image.fromarray(background(300, 400)).save(folder / "b_wall.png")
     assert main(["predict", str(model_file), str(folder)]) == 0

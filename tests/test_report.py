@@ -15,8 +15,8 @@ from conftest import SPACES
 from PIL import Image
 
 from distributed.cli import main
-
-pytestmark = pytest.mark.slow
+from distributed.report import curves_figure
+from distributed.results import leaderboard_rows
 
 
 def chromium() -> str:
@@ -37,7 +37,8 @@ def open_page(page, tmp_path) -> tuple[str, list[str], np.ndarray]:
                          capture_output=True, text=True, timeout=300)
     # Console lines: `...:CONSOLE:LINE] "message", source: URL`. Chromium's own WebGL driver notes (software
     # rendering, no GPU) come through the same channel, prefixed with "[.WebGL-" or "[]".
-    console = [m for m in re.findall(r':CONSOLE[^\]]*\] "(.*)", source:', dom.stderr) if not m.startswith("[")]
+    console = [m for m in re.findall(r':CONSOLE[^\]]*\] "(.*)", source:', dom.stderr)
+               if not m.startswith(("[.WebGL-", "[]"))]
     shot = tmp_path / "shot.png"
     subprocess.run([*args, f"--screenshot={shot}", url], capture_output=True, timeout=300, check=True)
     return dom.stdout, console, np.asarray(Image.open(shot).convert("RGB"))
@@ -57,6 +58,7 @@ def experiment(ray_local, tmp_path_factory):
     return tmp / "report"
 
 
+@pytest.mark.slow
 def test_search_report_renders_in_a_browser(experiment, tmp_path):
     page = experiment / "report.html"
     source = page.read_text()
@@ -65,7 +67,12 @@ def test_search_report_renders_in_a_browser(experiment, tmp_path):
     for title in ("Leaderboard", "Learning curves", "Parameter importances", "Parameters against the metric",
                   "Pareto front", "Best trial on the validation split"):
         assert f"<h2>{title}</h2>" in source
-    assert figures >= 5  # curves, parallel coordinates, Pareto front, confusion matrix, per-class F1
+    # curves, importances, parallel coordinates, Pareto front, confusion matrix, per-class F1: each is there
+    assert figures == 6
+    for drawn in ('"xaxis":{"title":{"text":"epoch"}', '"name":"fANOVA (share of the variance)"',
+                  '"name":"PED-ANOVA (top 10% against the rest)"', '"type":"parcoords"', '"name":"Pareto front"',
+                  '"text":"confusion matrix (accuracy ', '"text":"per-class F1 (macro '):
+        assert drawn in source, drawn
 
     dom, console, shot = open_page(page, tmp_path)
     assert console == [], console
@@ -83,6 +90,7 @@ def test_page_errors_are_caught_by_this_check(tmp_path):
     assert any("undefined_function is not defined" in m for m in console), console
 
 
+@pytest.mark.slow
 def test_report_rebuilds_for_an_interrupted_search(experiment, tmp_path, capsys):
     copy = tmp_path / "cut"
     shutil.copytree(experiment, copy)
@@ -97,6 +105,7 @@ def test_report_rebuilds_for_an_interrupted_search(experiment, tmp_path, capsys)
     assert "2 trials (" in source and "incomplete" in source
 
 
+@pytest.mark.slow
 def test_a_finished_trial_whose_result_file_lags_the_saved_state_ends_from_the_state(experiment, tmp_path):
     """Tune uploads the experiment state and each trial's result.json one by one: a driver killed in between leaves
     a trial the state calls TERMINATED with a result.json that stops an epoch short. The state's last result ends
@@ -112,6 +121,7 @@ def test_a_finished_trial_whose_result_file_lags_the_saved_state_ends_from_the_s
     assert all(r["status"] == "completed" and r["epochs_run"] == "2" for r in rows.values()), rows
 
 
+@pytest.mark.slow
 def test_a_trial_the_saved_state_does_not_know_is_left_out(experiment, tmp_path, capsys):
     """A driver that crashed after starting a trial but before Tune saved its state leaves that trial's directory;
     --resume runs a new trial in its place, so the leaderboard must not count the old one."""
@@ -129,3 +139,20 @@ def test_a_trial_the_saved_state_does_not_know_is_left_out(experiment, tmp_path,
     rows = list(csv.DictReader((copy / "leaderboard.csv").open()))
     assert len(rows) == 1 and rows[0]["trial_id"] != dropped, rows
     assert "left out: 1 trial directories newer than the saved experiment state" in out and dropped in out
+
+
+def test_the_curves_mark_where_asha_stopped_a_trial():
+    """The learning-curve figure puts an X at the last epoch of each trial ASHA stopped, and only there."""
+    def trial(tid, accs, status):
+        return {"trial_id": tid, "params": {"lr_head": 0.01}, "error": False, "status": status, "orphan": False,
+                "rows": [{"epoch": e, "val_acc": a} for e, a in enumerate(accs, 1)]}
+
+    trials = [trial("done", [0.2, 0.3, 0.4, 0.5], "TERMINATED"), trial("cut", [0.1, 0.15], "TERMINATED"),
+              trial("running", [0.1, 0.2], "RUNNING")]
+    rows, _ = leaderboard_rows(trials, {"metric": "val_acc", "mode": "max", "model": "small_cnn", "epochs": 4})
+    assert {r["trial_id"]: r["status"] for r in rows} == {"done": "completed", "cut": "asha_stopped",
+                                                           "running": "incomplete"}
+    fig = curves_figure(trials, rows, "val_acc")
+    stops = [t for t in fig.data if t.name == "stopped by ASHA"]
+    assert len(stops) == 1 and list(stops[0].x) == [2] and list(stops[0].y) == [0.15] and list(stops[0].text) == ["cut"]
+    assert sorted(t.name for t in fig.data if t.name != "stopped by ASHA") == ["cut", "done", "running"]

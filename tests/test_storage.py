@@ -37,9 +37,8 @@ def s3():
     the module (and so in every subprocess it starts). Yields the server's endpoint URL."""
     import boto3
     import moto.settings
-    from moto.server import ThreadedMotoServer
-
     from moto.core.authorization import ActionAuthenticatorMixin
+    from moto.server import ThreadedMotoServer
 
     # The first 4 requests (creating the user, its key, its policy, the bucket) go unauthenticated; every later
     # request must be signed with that user's key. moto counts requests per process, across servers: another
@@ -236,7 +235,7 @@ def test_search_on_object_storage_with_data_there_then_best_and_train(store, req
     assert done.returncode == 0, done.stderr[-3000:]
     names = storage.list_dir(exp)
     for f in ("emotune.json", "space.yaml", "leaderboard.parquet", "leaderboard.csv", "best_config.yaml",
-              "optuna.journal"):
+              "optuna.journal", "report.html"):
         assert f in names, (f, names)
     rows = pq.read_table(io.BytesIO(storage.read_bytes(f"{exp}/leaderboard.parquet"))).to_pylist()
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
@@ -245,6 +244,12 @@ def test_search_on_object_storage_with_data_there_then_best_and_train(store, req
     best = emotune("best", exp, "--top", "2")
     assert best.returncode == 0, best.stderr[-2000:]
     assert "top 2 of 2 trials by val_acc" in best.stdout and rows[0]["trial_id"] in best.stdout
+    # the report rebuilds from the bucket alone, with the best trial's weights (and its data) read from there
+    storage.delete(f"{exp}/report.html")
+    report = emotune("report", exp)
+    assert report.returncode == 0 and report.stdout.strip() == f"wrote {exp}/report.html", report.stderr[-2000:]
+    page = storage.read_text(f"{exp}/report.html")
+    assert f"{rows[0]['trial_id']}'s best weights" in page and '"text":"confusion matrix (accuracy ' in page
 
     # The best config re-runs from the bucket, with its data from the bucket, and leaves its files there.
     run = f"{bucket}/x/rerun"

@@ -69,6 +69,10 @@ def test_two_workers_per_trial_complete_without_deadlock(ray_local, tmp_path):
     assert [r["status"] for r in rows] == ["completed", "completed"]
     # each trial ran as a 2-worker Ray Train run named after its trial id
     assert {p.name for p in (tmp_path / "out" / "ddp" / "train_runs").iterdir()} == {r["trial_id"] for r in rows}
+    # ...where its checkpoints are too: the report finds the best trial's weights there and scores them again
+    page = (tmp_path / "out" / "ddp" / "report.html").read_text()
+    assert f"{rows[0]['trial_id']}'s best weights (train_runs/{rows[0]['trial_id']}/checkpoint_" in page
+    assert '"text":"confusion matrix (accuracy ' in page
 
 
 @pytest.mark.slow
