@@ -4,9 +4,10 @@ Each Parquet file (bench/record_curves.py writes one) holds full curves: one row
 Optuna study runs each strategy: its sampler proposes a config, the replay answers with the NEAREST recorded one
 (categoricals must match; numeric parameters by normalised distance, log-scaled learning rates and weight decay)
 and walks that config's curve epoch by epoch (`trial.report(val_acc, epoch)`, `trial.should_prune()`), counting
-the epochs spent. Simplifications: trials run one after another (no concurrency, so no asynchronous stragglers),
-and a proposal gets the nearest recorded config's curve (a finite table: repeats give the same curve; `--answer
-unused` gives each proposal the nearest config the search has not run yet).
+the epochs spent. Simplifications: every epoch takes the same time (so `--concurrency K` trials at once advance in
+step; with K = 1, the default, trials run one after another and no straggler exists), and a proposal gets the
+nearest recorded config's curve (a finite table: repeats give the same curve; `--answer unused` gives each proposal
+the nearest config the search has not run yet).
 
 Random search (N trials, every one trained to the end) sets the budget and the target per seed. Reported per
 strategy and data set, median [IQR] over seeds:
@@ -142,8 +143,9 @@ class RayAshaPruner(optuna.pruners.BasePruner):
 
 
 def tpe(seed: int):
-    # As the service (tune.py): multivariate TPE; constant_liar has nothing to do when trials run one at a time.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True)
+    # As the service (tune.py): multivariate TPE with the constant liar (it changes nothing when trials run one at
+    # a time: no trial is running when the next is asked for).
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True, constant_liar=True)
 
 
 def random(seed: int):
@@ -195,45 +197,68 @@ STRATEGIES = {
 # ------------------------------------------------------------------------------------------ a search
 
 def search(table: Table, strategy: str, seed: int, budget: int | None = None, trials: int | None = None,
-           answer: str = "nearest") -> dict:
+           answer: str = "nearest", concurrency: int = 1) -> dict:
     """One study: run trials until `budget` epochs are spent (or `trials` trials ran). Returns the trace: after
     each epoch, the best val_acc so far and the config holding it. answer="unused": each proposal gets the nearest
     recorded config this search has not run yet (a proposal next to one already run is a new run, as in the real
-    service, rather than the same curve again; it exhausts the table's configs of a cell first)."""
+    service, rather than the same curve again; it exhausts the table's configs of a cell first).
+
+    concurrency=K: K trials run at once, as in the service (one epoch = one unit of time for every config; within
+    a unit, trials report in the order they started). A new trial is asked for as soon as one ends, while the
+    others are still running (TPE's constant liar sees them), and each rung sees results in the order they
+    arrive: the first arrivals at a rung always continue under Ray's rule."""
     sampler, pruner, stopped_as = STRATEGIES[strategy]
-    study = optuna.create_study(direction="maximize", sampler=sampler(seed),
+    # A fixed study name: Optuna's HyperbandPruner assigns trials to brackets by a hash of it (a generated name made
+    # Hyperband and BOHB rows differ from run to run before 2026-11-26)
+    study = optuna.create_study(direction="maximize", sampler=sampler(seed), study_name=f"{strategy} seed {seed}",
                                 pruner=pruner(table.epochs) if pruner else optuna.pruners.NopPruner())
     best, pick, trace = -1.0, -1, []  # trace[e] = (best so far, its config) after e + 1 epochs
-    n, used = 0, set()
-    while (budget is None or len(trace) < budget) and (trials is None or n < trials):
-        trial = study.ask(table.space)
-        cid = table.nearest(trial.params, used if answer == "unused" else None)
-        used.add(cid)
-        n += 1
-        state, value = TrialState.COMPLETE, None
-        for epoch, acc in enumerate(table.val_acc[cid], start=1):
+    n, used, running = 0, set(), []  # running: [trial, config, epochs run], in the order they started
+
+    def spent() -> bool:
+        return budget is not None and len(trace) >= budget
+
+    while not spent():
+        while len(running) < concurrency and (trials is None or n < trials):
+            trial = study.ask(table.space)
+            cid = table.nearest(trial.params, used if answer == "unused" else None)
+            used.add(cid)
+            n += 1
+            running.append([trial, cid, 0])
+        if not running:
+            break
+        for slot in list(running):  # one epoch of every running trial
+            trial, cid, ran = slot
+            acc = table.val_acc[cid][ran]
             if not math.isfinite(acc):  # the recorded run diverged here: the service tells FAIL
-                state = TrialState.FAIL
-                break
+                study.tell(trial, state=TrialState.FAIL)
+                running.remove(slot)
+                continue
             if acc > best:
                 best, pick = float(acc), cid
             trace.append((best, pick))
-            value = float(acc)
-            trial.report(value, epoch)
-            if budget is not None and len(trace) >= budget:
+            slot[2] = ran = ran + 1
+            trial.report(float(acc), ran)
+            if spent():
                 break
             if trial.should_prune():
                 state = TrialState.PRUNED if stopped_as == "pruned" else TrialState.COMPLETE
-                break
-        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+            elif ran == table.epochs:
+                state = TrialState.COMPLETE
+            else:
+                continue
+            study.tell(trial, float(acc) if state == TrialState.COMPLETE else None, state=state)
+            running.remove(slot)
     return {"trace": trace, "trials": n}
 
 
-def measure(table: Table, strategy: str, seed: int, target: float, budget: int, answer: str = "nearest") -> dict:
-    trace = search(table, strategy, seed, budget=budget, answer=answer)["trace"]
+def measure(table: Table, strategy: str, seed: int, target: float, budget: int, answer: str = "nearest",
+            concurrency: int = 1) -> dict:
+    trace = search(table, strategy, seed, budget=budget, answer=answer, concurrency=concurrency)["trace"]
     oracle = float(np.nanmax(table.val_acc))
     reach = next((e + 1 for e, (b, _) in enumerate(trace) if b >= target - 1 / table.n_val + 1e-9), None)
-    row = {"dataset": table.dataset, "strategy": strategy, "seed": seed, "random_epochs": budget,
+    row = {"dataset": table.dataset, "strategy": strategy, "concurrency": concurrency, "seed": seed,
+           "random_epochs": budget,
            "reach": reach / budget if reach else math.inf}
     for share in BUDGETS:
         b, pick = trace[min(len(trace), max(1, round(share * budget))) - 1]
@@ -243,18 +268,21 @@ def measure(table: Table, strategy: str, seed: int, target: float, budget: int, 
 
 
 def replay(tables: list[Table], seeds: int, trials: int | None, strategies: list[str],
-           answer: str = "nearest") -> list[dict]:
+           answer: str = "nearest", concurrency: tuple[int, ...] = (1,)) -> list[dict]:
+    """Random search with N trials (run to the end; its order does not change its result) sets each seed's
+    target and budget; every strategy runs at every concurrency against them."""
     rows = []
     for table in tables:
         n = trials or max(8, len(table.params) // 2)
         for seed in range(seeds):
             ran = search(table, "random", seed, trials=n, answer=answer)
             target, budget = ran["trace"][-1][0], len(ran["trace"])
-            for strategy in strategies:
-                tic = time.perf_counter()
-                rows.append({**measure(table, strategy, seed, target, budget, answer), "random_trials": n,
-                             "random_best": target, "n_val": table.n_val,
-                             "wall_s": round(time.perf_counter() - tic, 3)})
+            for k in concurrency:
+                for strategy in strategies:
+                    tic = time.perf_counter()
+                    rows.append({**measure(table, strategy, seed, target, budget, answer, k), "random_trials": n,
+                                 "random_best": target, "n_val": table.n_val,
+                                 "wall_s": round(time.perf_counter() - tic, 3)})
     return rows
 
 
@@ -271,18 +299,18 @@ def spread(values: list[float], fmt: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [("| data (val images, random trials x epochs) | strategy | epochs to random's best / random's "
+    lines = [("| data (val images, random trials x epochs) | strategy | at once | epochs to random's best / random's "
               "| reached | regret @25% (pt) | regret @50% (pt) | regret @100% (pt) | pick test @25% | pick test @100% |"),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         mine = [r for r in rows if r["dataset"] == dataset]
         first = mine[0]
         label = (f"{dataset} ({first['n_val']}, {first['random_trials']} x "
                  f"{first['random_epochs'] // first['random_trials']})")
-        for strategy in dict.fromkeys(r["strategy"] for r in mine):
-            rs = [r for r in mine if r["strategy"] == strategy]
+        for strategy, k in dict.fromkeys((r["strategy"], r["concurrency"]) for r in mine):
+            rs = [r for r in mine if r["strategy"] == strategy and r["concurrency"] == k]
             lines.append("| " + " | ".join([
-                label, strategy, spread([r["reach"] for r in rs], ".2f"),
+                label, strategy, str(k), spread([r["reach"] for r in rs], ".2f"),
                 f"{sum(math.isfinite(r['reach']) for r in rs)}/{len(rs)}",
                 *(spread([r[f"regret_{s:g}"] for r in rs], ".1f") for s in BUDGETS),
                 spread([r["pick_test_0.25"] for r in rs], ".3f"), spread([r["pick_test_1"] for r in rs], ".3f"),
@@ -300,6 +328,8 @@ def main(argv=None) -> None:
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES), metavar="NAME")
     ap.add_argument("--answer", choices=("nearest", "unused"), default="nearest",
                     help="a proposal gets the nearest recorded config, or the nearest this search has not run")
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1], metavar="K",
+                    help="trials running at once (each value replays every strategy; default: 1)")
     ap.add_argument("--out", type=Path, required=True, help="directory for replay.csv and replay.md")
     args = ap.parse_args(argv)
     missing = [p for p in args.curves if not p.is_file()]
@@ -307,8 +337,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"{missing[0]}: no such curves file; record one with bench/record_curves.py")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tic = time.perf_counter()
+    if min(args.concurrency) < 1:
+        raise SystemExit("--concurrency: each value must be >= 1 (trials running at once)")
     rows = replay([t for p in args.curves for t in read_tables(p)], args.seeds, args.trials, args.strategies,
-                  args.answer)
+                  args.answer, tuple(args.concurrency))
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "replay.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
