@@ -1,7 +1,7 @@
 """Per-epoch checkpoint cost by model: what train.train_loop writes after every epoch, timed.
 
-Every epoch the loop writes one checkpoint with train.save_state: state.pt (weights + AdamW state + history) and
-best_model.pt (train.model_blob of the best weights so far, re-serialised even when unchanged) into a temporary
+Every epoch the loop writes one checkpoint with modelfile.save_state: state.pt (weights + AdamW state + history) and
+best_model.pt (modelfile.model_blob of the best weights so far, re-serialised even when unchanged) into a temporary
 directory, and Ray then copies that directory into the run's storage path. This times save_state and one directory
 copy (standing in for Ray's persist to a local storage path) for each model, next to its size, so the per-epoch
 cost can be set against an epoch's training time.
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from distributed.config import TrainConfig
+from distributed.modelfile import model_blob, model_state, save_state, training_state
 from distributed.models import create_model, native_size
-from distributed.train import model_blob, save_state
 
 
 def cost(name: str, repeat: int, where: str | None) -> dict:
@@ -38,8 +38,7 @@ def cost(name: str, repeat: int, where: str | None) -> dict:
     opt.step()  # AdamW state (exp_avg, exp_avg_sq) exists from the first step on
     history = [{"val_acc": 0.5, "epoch": e} for e in range(1, 31)]
     # the training state as the loop hands it to save_state (one fold, no EMA)
-    state = {"epoch": 30, "model": net.state_dict(), "optimizer": opt.state_dict(), "ema": None, "other_folds": [],
-             "best": {"value": 0.5, "epoch": 1}, "bad_epochs": 0, "history": history}
+    state = training_state(30, [model_state(net, opt)], {"value": 0.5, "epoch": 1}, 0, history)
     blob = model_blob(net, cfg, classes, history[-1])  # made only on an improving epoch: not timed
     save_s, copy_s, total = [], [], 0
     for _ in range(repeat):

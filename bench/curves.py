@@ -66,9 +66,10 @@ def train_config(task: dict) -> dict:
 
     from distributed.config import TrainConfig
     from distributed.data import decode_data
+    from distributed.modelfile import BEST_FILE, load_model
     from distributed.models import native_size
     from distributed.splits import make_splits
-    from distributed.train import BEST_FILE, load_model, predict, train_loop
+    from distributed.train import predict, train_loop
 
     torch.set_num_threads(task["threads"])
     data = task["data"]
@@ -93,7 +94,8 @@ def train_config(task: dict) -> dict:
 def KeepBest(directory: str):
     """A LocalRun that keeps only the best model file of each checkpoint, hard-linked (no copy): every checkpoint
     carries the best weights so far, so the last one's is the best-validation model."""
-    from distributed.train import BEST_FILE, LocalRun
+    from distributed.modelfile import BEST_FILE
+    from distributed.train import LocalRun
 
     class _KeepBest(LocalRun):
         def report(self, metrics, checkpoint_dir):

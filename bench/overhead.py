@@ -3,12 +3,12 @@
 Three kinds of run of the same N configurations x E epochs (bench/spaces/overhead.yaml: small_cnn, synthetic data,
 fixed points_to_evaluate, no scheduler, no early stopping, one trial at a time), side by side in one invocation:
 
-  plain   the configurations one after another in one process, each by the real loop,
-          `train.train_loop(cfg, data, LocalRun(device="cpu"))`, with the trial's torch threads: exactly the loop's
-          work (checkpoints included) without Ray, Tune or the trial process
-  direct  `emotune tune bench/spaces/overhead.yaml`: one-worker trials run in the trial process
-  group   the same space with scaling.worker_group: always (a copy written into OUT/spaces): each trial in a
-          one-worker Ray Train worker group
+  plain       the configurations one after another in one process, each by the real loop,
+              `train.train_loop(cfg, data, LocalRun(device="cpu"))`, with the trial's torch threads: exactly the
+              loop's work (checkpoints included) without Ray, Tune or the trial process
+  in-process  `emotune tune bench/spaces/overhead.yaml`: one-worker trials run in the trial process
+  group       the same space with scaling.worker_group: always (a copy written into OUT/spaces): each trial in a
+              one-worker Ray Train worker group
 
 Each run is a fresh process (interpreter start and imports included on both sides). Every mode runs --repeats
 times (default 3), the order rotating each round so no mode always goes first; each ratio is taken against the
@@ -18,7 +18,7 @@ CPU seconds of every process in each run's tree are read from /proc, split into 
 driver and Ray's system processes.
 
     python -m bench.overhead                                  # short (4 x 2 epochs) and long (3 x 10 epochs) trials
-    python -m bench.overhead --scales 3x10 --modes plain direct --repeats 5
+    python -m bench.overhead --scales 3x10 --modes plain in-process --repeats 5
     python -m bench.overhead --scales 1x1 --modes plain --repeats 1 --ray-init 0   # a smoke run, seconds
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from bench import proc
 from bench.common import REPO, SPACES, derived_space, out_dir, spread, tune
 
 SPACE = SPACES / "overhead.yaml"
-MODES = ("plain", "direct", "group")
+MODES = ("plain", "in-process", "group")
 
 
 # ------------------------------------------------------------------------------------------ the plain loop
@@ -137,7 +137,7 @@ def run_one(mode: str, n: int, epochs: int, tag: str, out: Path, cfg_file: Path,
         if run["rc"]:
             raise SystemExit(f"plain loop failed; see {out / f'{tag}.log'}")
         return summarise_plain(run, out / f"{tag}.log")
-    space = SPACE if mode == "direct" else derived_space(SPACE, out, "group", {"scaling.worker_group": "always"})
+    space = SPACE if mode == "in-process" else derived_space(SPACE, out, "group", {"scaling.worker_group": "always"})
     run, exp = tune(space, out / tag, out / f"{tag}.log", "--num-samples", str(n), "--set", f"epochs={epochs}")
     return summarise_tune(run, exp, n, epochs)
 
@@ -177,20 +177,20 @@ def print_table(rows: list[dict]) -> None:
     rounds = len({r["round"] for r in rows})
     print(f"\n{n} trials x {e} epochs, one at a time; {rounds} rounds; median (min-max) over rounds; ratios against "
           f"the plain run of the same round")
-    print(f"{'mode':<7}{'wall s':>20}{'wall/plain':>20}{'CPU s':>20}{'CPU/plain':>20}{'loop s':>8}{'img/s':>7}"
+    print(f"{'mode':<11}{'wall s':>20}{'wall/plain':>20}{'CPU s':>20}{'CPU/plain':>20}{'loop s':>8}{'img/s':>7}"
           f"{'start-up':>9}{'report':>8}{'outside':>9}{'trial':>7}{'driver':>7}{'ray sys':>8}")
     for mode in modes:
         mine = [r for r in rows if r["mode"] == mode]
         m = lambda key: statistics.median(r[key] for r in mine)  # noqa: E731
         c = lambda key: statistics.median(r["cpu"][key] for r in mine)  # noqa: E731
         wall = med(ratios(rows, mode, lambda r: r["wall_s"]), "{:.3f}")
-        print(f"{mode:<7}{med([r['wall_s'] for r in mine]):>20}{wall:>20}"
+        print(f"{mode:<11}{med([r['wall_s'] for r in mine]):>20}{wall:>20}"
               f"{med([cpu(r) for r in mine]):>20}{med(ratios(rows, mode, cpu), '{:.3f}'):>20}{m('loop_s'):>8.1f}"
               f"{m('img_s'):>7.0f}{m('startup_s'):>9.2f}{m('report_s'):>8.3f}{m('outside_trials_s'):>9.1f}"
               f"{c('trial'):>7.1f}{c('driver'):>7.1f}{c('ray_system'):>8.1f}")
     print("final val_acc per trial (the same work gives the same figures in every mode):")
     for r in rows:
-        print(f"  {r['mode']:<7} round {r['round']}: " + " ".join(f"{v:.4f}" for v in r["final_val_acc"]))
+        print(f"  {r['mode']:<11} round {r['round']}: " + " ".join(f"{v:.4f}" for v in r["final_val_acc"]))
 
 
 RAY_INIT_CHILD = """

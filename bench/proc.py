@@ -39,7 +39,7 @@ def kind(comm: str, cmdline: str, root: int, pid: int) -> str:
     if pid == root:
         return "driver"
     if "ImplicitFunc" in cmdline or "ImplicitFunc" in comm or "RayTrainWorker" in cmdline or "TrainWorker" in comm:
-        return "trial"  # the trial process (direct mode) or the Ray Train worker (worker-group mode)
+        return "trial"  # the trial process (in-process trials) or the Ray Train worker (worker-group mode)
     return "ray_system"  # gcs_server, raylet, dashboard, agents, idle workers, Train controller, ...
 
 

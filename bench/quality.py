@@ -75,9 +75,9 @@ def score_trials(exp: Path) -> dict:
     from distributed.config import TrainConfig
     from distributed.data import load_data
     from distributed.ensemble import Ensemble, top_trials
+    from distributed.modelfile import MODEL_FORMAT, load_file
     from distributed.results import leaderboard_rows, read_meta, read_trials
     from distributed.splits import make_splits
-    from distributed.train import MODEL_FORMAT, load_file
 
     meta = read_meta(str(exp))
     rows, _ = leaderboard_rows(read_trials(str(exp)), meta)

@@ -20,9 +20,10 @@ import torch
 
 from distributed.config import TrainConfig
 from distributed.data import load_data
+from distributed.modelfile import load_model
 from distributed.models import native_size
 from distributed.splits import make_splits
-from distributed.train import LocalRun, load_model, predict, train_loop
+from distributed.train import LocalRun, predict, train_loop
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # The searched knobs (the bench_search spaces' ranges); lr_backbone follows lr_head (one learning rate).

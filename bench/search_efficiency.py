@@ -58,9 +58,10 @@ def pick_test_acc(exp: Path, trial_id: str) -> float:
     import torch
 
     from distributed.data import load_data
+    from distributed.modelfile import load_model
     from distributed.models import native_size
     from distributed.splits import make_splits
-    from distributed.train import load_model, predict
+    from distributed.train import predict
 
     ckpt = max((exp / trial_id).glob("checkpoint_*"), key=lambda p: p.name)
     net, cfg, _, _ = load_model(ckpt / "best_model.pt")

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from distributed.config import ConfigError, TrainConfig
+from distributed.modelfile import BEST_FILE, MODEL_FORMAT, ModelFileError, load_file, model_from_blob
 from distributed.models import native_size
-from distributed.train import BEST_FILE, MODEL_FORMAT, ModelFileError, load_file, model_from_blob, predict
+from distributed.train import predict
 
 ENSEMBLE_FORMAT = "emotune-ensemble/1"
 MODEL_FILE = "ensemble_model.pt"

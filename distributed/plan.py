@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from distributed.config import DRIVER_RESOURCE
+from distributed.config import DRIVER_RESOURCE, ConfigError
 from distributed.search_space import SearchSpace, SpaceError
 
 EPS = 1e-9
@@ -126,6 +126,23 @@ def autoscaler_node_types() -> list[NodeType]:
         return []
     return [NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, g.max_count if g.max_count >= 0 else 10**6)
             for g in config.node_group_configs if g.max_count and not g.resources.get(DRIVER_RESOURCE)]
+
+
+def cluster_node_types(cluster: str | None, address: str | None, wait_timeout_min: float) -> list[NodeType]:
+    """The node types of --cluster FILE (validated), [] without one; checks that the address answers."""
+    from distributed.run import check_reachable
+
+    if wait_timeout_min <= 0:
+        raise ConfigError("--wait-timeout must be > 0 minutes")
+    if address:
+        check_reachable(address)
+    if not cluster:
+        return []
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError(f"--cluster {cluster}: describes a running cluster; give its --address too")
+    from distributed.cluster.files import node_types
+
+    return node_types(cluster)
 
 
 class NodeWait:

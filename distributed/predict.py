@@ -158,8 +158,9 @@ def export(model: str, fmt: str, output: str | None = None) -> tuple[Path, Path]
     logits; any batch size) and, beside it, a JSON file with the class names and the preprocessing."""
     import torch
 
+    from distributed.modelfile import MODEL_FORMAT, load_file, load_model
     from distributed.models import native_size
-    from distributed.train import MEAN, MODEL_FORMAT, STD, load_file, load_model
+    from distributed.train import MEAN, STD
 
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")

@@ -44,7 +44,7 @@ table.sortable td, table.sortable th { border: 1px solid #ddd; padding: 3px 6px;
 
 
 def load_study(exp: str):
-    """The experiment's Optuna study (tune.StudyFiles publishes it as <exp>/optuna.journal, on any storage), or None
+    """The experiment's Optuna study (study.StudyFiles publishes it as <exp>/optuna.journal, on any storage), or None
     when there is none. A copy is opened, so a search writing to the journal is never disturbed."""
     import tempfile
 
@@ -216,8 +216,10 @@ def pareto_figure(rows: list[dict], front: list[dict], objectives: list[tuple[st
 
     (a, da), (b, db) = objectives[0], objectives[1]
 
+    from distributed.results import objective_value
+
     def val(r, m):
-        return r.get(f"best_{metric}") if m == metric else r.get(m)
+        return objective_value(r, m, metric)
 
     scored = [r for r in rows if val(r, a) is not None and val(r, b) is not None]
     if not scored:
@@ -242,7 +244,7 @@ def best_trial_html(exp: str, rows: list[dict], metric: str) -> str:
     best = ranked[0]
     from distributed.data import DataError
     from distributed.ensemble import best_model_file
-    from distributed.train import ModelFileError
+    from distributed.modelfile import ModelFileError
 
     ckpt = best_model_file(exp, best["trial_id"])
     if ckpt is None:
@@ -263,9 +265,10 @@ def score_on_validation(ckpt: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     import torch
 
     from distributed.data import load_data
+    from distributed.modelfile import load_model
     from distributed.models import native_size
     from distributed.splits import make_splits
-    from distributed.train import load_model, predict
+    from distributed.train import predict
 
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "best_model.pt")

@@ -9,7 +9,10 @@ import io
 import json
 import math
 import re
+import subprocess
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +22,9 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 
 from distributed import storage
 from distributed.config import METRICS
+
+if TYPE_CHECKING:
+    from distributed.search_space import SearchSpace
 
 
 def write_table(rows: list[dict], stem, parquet: bool = True) -> None:
@@ -129,11 +135,14 @@ def read_trials(exp: str) -> list[dict]:
         tdir = params_file.split("/")[0]
         rows = []
         if f"{tdir}/result.json" in files:
-            for line in storage.read_text(storage.join(exp, tdir, "result.json")).splitlines():
+            lines = storage.read_text(storage.join(exp, tdir, "result.json")).splitlines()
+            for i, line in enumerate(lines, 1):
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a crash
-                    pass
+                except json.JSONDecodeError:
+                    if i < len(lines) and line.strip():  # the last line may be cut short by a crash; others not
+                        warnings.warn(f"{storage.join(exp, tdir, 'result.json')}: line {i} is not JSON, skipped "
+                                      f"(the file was damaged after Tune wrote it)", stacklevel=2)
         rows = [r for r in rows if "epoch" in r]
         trial_id = rows[-1]["trial_id"] if rows else tdir
         last = saved.get(trial_id, {}).get("last_result", {})
@@ -206,7 +215,9 @@ def leaderboard_rows(trials: list[dict], meta: dict) -> tuple[list[dict], dict]:
         diverged = bool(last.get("diverged", False))
         early = bool(last.get("early_stopped", False))
         finished = epochs_run >= cfg["epochs"] or early or diverged
-        if t["error"]:
+        # error.txt stays after a failed attempt (Ray appends to it and never removes it), also when a retry or a
+        # --resume (resume_errored) then ran the trial to its end: the saved state's status decides where there is one
+        if t["status"] == "ERROR" or (t["error"] and t["status"] is None):
             status = "error"
         elif diverged:
             status = "diverged"
@@ -231,10 +242,18 @@ def leaderboard_rows(trials: list[dict], meta: dict) -> tuple[list[dict], dict]:
     return rows, configs
 
 
+def objective_value(row: dict, name: str, metric: str):
+    """A leaderboard row's value of an objective: the search metric's best; another metric (val_loss, ...) as the
+    trial ended, which is what Optuna was told; num_params and epoch_s from their columns."""
+    if name == metric:
+        return row.get(f"best_{metric}")
+    return row[name] if name in row else row.get(f"last_{name}")
+
+
 def pareto_front(rows: list[dict], objectives: list[tuple[str, str]], metric: str) -> list[dict]:
-    """Non-dominated trials under all objectives (the first is read from best_<metric>, the rest from the row)."""
+    """Non-dominated trials under all objectives (each read by objective_value)."""
     def key(row, m):
-        return row[f"best_{metric}"] if m == metric else row.get(m)
+        return objective_value(row, m, metric)
 
     scored = [r for r in rows if all(key(r, m) is not None for m, _ in objectives)]
 
@@ -245,13 +264,37 @@ def pareto_front(rows: list[dict], objectives: list[tuple[str, str]], metric: st
                                          any(key(o, m) != key(r, m) for m, _ in objectives) for o in scored)]
 
 
-def read_meta(exp: str) -> dict:
-    """An experiment's emotune.json: what the search was (metric, mode, objectives, models), so nothing here needs
-    the search space."""
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_meta(exp: str, space_file: str, overrides: list[str], space: SearchSpace) -> None:
+    """emotune.json: what `emotune best` and --resume need, so nothing here re-reads the search space."""
+    from datetime import datetime, timezone
+
+    from distributed.config import TrainConfig
+
+    write_json({"space_file": str(space_file), "overrides": list(overrides), "num_samples": space.num_samples,
+                "metric": space.metric, "mode": space.mode, "objectives": [list(o) for o in space.objectives],
+                "models": space.model_choices(), "model": space.fixed.get("model", TrainConfig().model),
+                "epochs": space.epochs(), "git_commit": git_commit(),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, storage.join(exp, "emotune.json"))
+
+
+def read_meta(exp: str, resuming: bool = False) -> dict:
+    """An experiment's emotune.json (write_meta): what the search was (metric, mode, objectives, models), so
+    nothing here needs the search space. resuming: a missing file is a --resume with nothing to resume."""
     from distributed.config import ConfigError
 
     meta_file = storage.join(exp, "emotune.json")
     if not storage.is_file(meta_file):
+        if resuming:
+            raise ConfigError(f"{exp}: no emotune experiment here to resume (missing emotune.json); "
+                              f"run without --resume to start it")
         raise ConfigError(f"{exp}: not an emotune experiment directory (no emotune.json); pass the directory "
                           f"printed by `emotune tune`")
     meta = json.loads(storage.read_text(meta_file))

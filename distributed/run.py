@@ -13,7 +13,8 @@ from pathlib import Path
 
 from distributed import storage
 from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, ConfigError, Scaling, TrainConfig
-from distributed.train import Run, load_state, train_loop
+from distributed.modelfile import load_state
+from distributed.train import Run, train_loop
 
 
 class TrainWorkerRun(Run):
@@ -292,14 +293,15 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
 
     from distributed import results
     from distributed.data import load_data
+    from distributed.modelfile import BEST_FILE, FINAL_FILE, final_weights, load_model, save_model
     from distributed.models import check_weights, native_size
     from distributed.splits import make_splits
-    from distributed.train import BEST_FILE, final_weights, load_model, predict
+    from distributed.train import predict
 
     out = storage.resolve(output)
-    check_weights(cfg)
     data = load_data(cfg)
     splits = make_splits(data, cfg)
+    check_weights(cfg, num_classes=len(splits.class_names))  # a scratch model's head must fit the data's classes
     check_same_run(out, cfg)
     storage.check_writable(out, "--output")
     # Ray Train checkpoints straight to `out` (a path or a URI); the final files are written here, then uploaded.
@@ -317,9 +319,8 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
         with result.checkpoint.as_directory() as d:
             state, best = load_state(d)
 
-    torch.save(best, local / BEST_FILE)
-    final = dict(best, state_dict=final_weights(state), metrics=state["history"][-1])
-    torch.save(final, local / "final_model.pt")
+    save_model(local / BEST_FILE, best)
+    save_model(local / FINAL_FILE, dict(best, state_dict=final_weights(state), metrics=state["history"][-1]))
     results.write_table(state["history"], local / "metrics")
     results.plot_curves(state["history"], local / "curves.png")
 

@@ -147,16 +147,21 @@ def read_text(location) -> str:
     return read_bytes(location).decode()
 
 
+def write_atomic(path, data: bytes) -> None:
+    """A local file that readers never see half written: a temporary file beside it, then a rename."""
+    path = resolve(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def write_bytes(location, data: bytes) -> None:
-    """Readers never see half a file: locally a temporary file and a rename; an object store's PUT is atomic."""
+    """Readers never see half a file: locally write_atomic; an object store's PUT is atomic."""
     location = str(location)
     if not is_uri(location):
-        path = resolve(location)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_atomic(location, data)
         return
     fs, path = filesystem(location)
     try:
@@ -216,12 +221,7 @@ def upload(local_file, location) -> None:
 
 
 def download(location, local_file) -> None:
-    data = read_bytes(location)
-    os.makedirs(os.path.dirname(os.path.abspath(local_file)), exist_ok=True)
-    tmp = f"{local_file}.part"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, local_file)
+    write_atomic(local_file, read_bytes(location))
 
 
 def upload_dir(local_dir, location) -> None:

@@ -3,13 +3,11 @@ where reports go. Ray Train runs it on every DDP worker (run.py), a one-worker T
 process (tune.py), and tests, benchmarks and machines without Ray run it in one process (LocalRun).
 
 It reads top to bottom: data, model, optimizer, schedule; then for each epoch train, evaluate, checkpoint,
-report. Model files and checkpoints are plain dicts of tensors and numbers so `torch.load(weights_only=True)`
-can read them and nothing in them executes.
+report. What a checkpoint and a model file hold, and how they are written and read: modelfile.py.
 """
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 import time
 import warnings
@@ -25,15 +23,24 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms.v2 import functional as TF
 
+from distributed import storage
 from distributed.augment import augment, mix_transform
 from distributed.config import TrainConfig, better
 from distributed.data import Decoded, load_data
+from distributed.modelfile import (
+    BEST_FILE,
+    STATE_FILE,
+    fold_states,
+    load_model_state,
+    load_state,
+    model_blob,
+    model_state,
+    save_state,
+    training_state,
+)
 from distributed.models import create_model, native_size, stages
 from distributed.splits import Splits, class_weights, make_splits
 
-MODEL_FORMAT = "emotune-model/1"
-STATE_FORMAT = "emotune-state/1"
-STATE_FILE, BEST_FILE = "state.pt", "best_model.pt"  # one checkpoint directory: save_state / load_state
 MIN_BATCH = 2  # BatchNorm cannot train on a batch of one: epoch_batches skips it, steps_per_epoch does not count it
 # ImageNet statistics; grey input uses their mean, which matches backbones whose first conv sums RGB filters.
 MEAN = {1: (0.449,), 3: (0.485, 0.456, 0.406)}
@@ -70,8 +77,8 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
     resumed = run.resume()
     if resumed:  # a restarted worker group (or trial) resumes from its last epoch
         state, best_blob = resumed
-        for m, saved in zip(members, [state] + state.get("other_folds", [])):
-            m.load(saved)
+        for m, saved in zip(members, fold_states(state)):
+            load_model_state(saved, m.net, m.optimizer, m.ema)
         start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
     # Built after any resume and fast-forwarded, so a run resumed with more epochs stretches its schedule.
     for m, n in zip(members, steps):
@@ -124,9 +131,8 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
             best_blob = model_blob(members[0].scored, cfg, class_names, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             if run.rank == 0:
-                first, *others = [m.state() for m in members]
-                save_state(tmp, {"epoch": epoch, **first, "other_folds": others, "best": best,
-                                 "bad_epochs": bad_epochs, "history": history}, best_blob)
+                states = [model_state(m.net, m.optimizer, m.ema) for m in members]
+                save_state(tmp, training_state(epoch, states, best, bad_epochs, history), best_blob)
             run.report({**metrics, "train_config": cfg.to_dict()}, tmp)  # the resolved config, with every result
         if stop:
             break
@@ -152,16 +158,6 @@ class Member:
     @property
     def scored(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.net
-
-    def state(self) -> dict:
-        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None}
-
-    def load(self, state: dict) -> None:
-        self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
 
 
 def build_member(cfg: TrainConfig, splits: Splits, run: "Run") -> Member:
@@ -275,17 +271,15 @@ class LocalRun(Run):
         self.reports: list[dict] = []
 
     def resume(self):
-        if self.checkpoint_dir and (self.checkpoint_dir / "state.pt").is_file():
+        if self.checkpoint_dir and (self.checkpoint_dir / STATE_FILE).is_file():
             return load_state(self.checkpoint_dir)
         return None
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir and self.checkpoint_dir:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             for name in (STATE_FILE, BEST_FILE):
-                shutil.copyfile(Path(checkpoint_dir) / name, self.checkpoint_dir / f".{name}.tmp")
-                (self.checkpoint_dir / f".{name}.tmp").replace(self.checkpoint_dir / name)
+                storage.write_atomic(self.checkpoint_dir / name, (Path(checkpoint_dir) / name).read_bytes())
 
 
 # ------------------------------------------------------------------------------------------- the pieces
@@ -416,70 +410,3 @@ def evaluate(net, x, y, cfg, size, run: Run, prefix: str) -> dict:
             f"{prefix}_acc": float(accuracy_score(y_true, y_pred)),
             f"{prefix}_macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
             f"{prefix}_count": int(len(y_true))}
-
-
-# ------------------------------------------------------------------------------------------ model files
-
-def model_blob(net: nn.Module, cfg: TrainConfig, class_names: list[str], metrics: dict) -> dict:
-    """A self-describing model file: weights (copied to CPU), the config that made them and the class names."""
-    net = getattr(net, "module", net)
-    return {"format": MODEL_FORMAT, "model": cfg.model,
-            "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()},
-            "config": cfg.to_dict(), "class_names": list(class_names),
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}}
-
-
-class ModelFileError(ValueError):
-    """A file that is not an emotune model/checkpoint, or that carries pickled code."""
-
-
-def save_state(directory: str | Path, state: dict, best_blob: dict) -> None:
-    """One checkpoint: the training state (to resume) and the best model so far (to keep)."""
-    torch.save({"format": STATE_FORMAT, **state}, Path(directory) / STATE_FILE)
-    torch.save(best_blob, Path(directory) / BEST_FILE)
-
-
-def load_state(directory: str | Path) -> tuple[dict, dict]:
-    """The pair save_state wrote: (training state, best model blob)."""
-    return load_file(Path(directory) / STATE_FILE, STATE_FORMAT), load_file(Path(directory) / BEST_FILE, MODEL_FORMAT)
-
-
-def final_weights(state: dict) -> dict:
-    """The last epoch's weights; its EMA weights when EMA was on (what evaluation used)."""
-    if state.get("ema") is None:
-        return state["model"]
-    return {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
-
-
-def load_file(path: str | Path, expected: str | tuple[str, ...]) -> dict:
-    """weights_only=True: a file carrying pickled code is refused and nothing in it executes. `expected`: the
-    format string(s) accepted."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such file; pass the best_model.pt or final_model.pt of an `emotune train` run")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError for code, RuntimeError for non-torch files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        what = "it holds pickled objects or code" if "Weights only load failed" in reason else reason[:120]
-        raise ModelFileError(f"{path}: not an emotune file, refused by safe (weights_only) loading ({what}); pass a "
-                             f"best_model.pt or final_model.pt written by `emotune train`") from None
-    formats = (expected,) if isinstance(expected, str) else expected
-    if not isinstance(obj, dict) or obj.get("format") not in formats:
-        raise ModelFileError(f"{path}: not an emotune file (expected format {' or '.join(formats)}); pass a "
-                             f"best_model.pt or final_model.pt written by `emotune train`")
-    return obj
-
-
-def load_model(path: str | Path, device="cpu"):
-    """-> (model in eval mode, TrainConfig, class names, saved metrics)."""
-    return model_from_blob(load_file(path, MODEL_FORMAT), device)
-
-
-def model_from_blob(blob: dict, device="cpu"):
-    """A model_blob dict -> (model in eval mode, TrainConfig, class names, saved metrics)."""
-    cfg = TrainConfig.from_dict(blob["config"])
-    # pretrained/weights_path are irrelevant here: the state dict carries every weight.
-    net = create_model(cfg.model, len(blob["class_names"]), in_channels=cfg.in_channels, dropout=cfg.dropout)
-    net.load_state_dict(blob["state_dict"])
-    return net.to(device).eval(), cfg, blob["class_names"], blob.get("metrics", {})

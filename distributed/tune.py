@@ -6,17 +6,11 @@ process (in-process), which skips the worker group's start-up (measured in BENCH
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
@@ -28,11 +22,22 @@ from ray.tune.utils import flatten_dict
 
 from distributed import storage
 from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig, better
-from distributed.plan import NodeWait, Plan, autoscaler_node_types, cluster_nodes, local_nodes, plan_trials
-from distributed.results import collect, exception_line, saved_trials, write_json
-from distributed.run import check_reachable, cpu_for_reserved_gpu, make_trainer, passed_env, ray_session
+from distributed.modelfile import load_state
+from distributed.plan import (
+    NodeWait,
+    Plan,
+    autoscaler_node_types,
+    cluster_node_types,
+    cluster_nodes,
+    local_nodes,
+    plan_trials,
+)
+from distributed.results import collect, read_meta, saved_trials, write_meta
+from distributed.run import cpu_for_reserved_gpu, make_trainer, passed_env, ray_session
 from distributed.search_space import SearchSpace, find_space, load_space
-from distributed.train import Run, load_state, train_loop
+from distributed.study import StudyFiles
+from distributed.train import Run, train_loop
+from distributed.trial_lines import last_error_line, say, trial_end_line, trial_epoch_line, trial_start_line
 
 # ------------------------------------------------------------------------------------------------ a trial
 
@@ -105,7 +110,7 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
     space_file = find_space(space_file)
     if resume:
         exp = experiment_dir(storage_path, load_space(space_file, overrides).name)
-        meta = read_meta(exp)
+        meta = read_meta(exp, resuming=True)
         space = load_space(storage.join(exp, "space.yaml"), meta["overrides"])
         space.num_samples = meta["num_samples"]
     else:
@@ -122,8 +127,8 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
         warnings.warn(w, stacklevel=1)
     for model in space.model_choices():  # weights a trial will load are fetched (or refused) before Ray starts
         check_weights(TrainConfig.from_dict({**space.fixed, "model": model,
-                                             "pretrained": True in space.value_span("pretrained", model),
-                                             "weights_path": space.value_span("weights_path", model)[0]}))
+                                             "pretrained": True in space.value_span("pretrained", model)}),
+                      weights_paths=space.value_span("weights_path", model))
     fixed = TrainConfig.from_dict({k: v for k, v in space.fixed.items()})
     data = None
     if not space.searches(DECODE_FIELDS):  # decode once here: bad data fails before Ray starts, trials share it
@@ -188,21 +193,6 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
 
 # -------------------------------------------------------------------------------- autoscaling clusters
 
-def cluster_node_types(cluster: str | None, address: str | None, wait_timeout_min: float) -> list:
-    """The node types of --cluster FILE (validated), [] without one; checks that the address answers."""
-    if wait_timeout_min <= 0:
-        raise ConfigError("--wait-timeout must be > 0 minutes")
-    if address:
-        check_reachable(address)
-    if not cluster:
-        return []
-    if not (address or os.environ.get("RAY_ADDRESS")):
-        raise ConfigError(f"--cluster {cluster}: describes a running cluster; give its --address too")
-    from distributed.cluster.files import node_types
-
-    return node_types(cluster)
-
-
 class GiveUpWaiting(tune.Stopper):
     """Ends the search once NodeWait has waited for nodes longer than --wait-timeout (Tune asks stop_all() at
     every step of its loop)."""
@@ -217,60 +207,7 @@ class GiveUpWaiting(tune.Stopper):
         return self.waiting.check()
 
 
-class StudyFiles:
-    """Where the Optuna study lives. SQLite cannot live on object storage, so the study is an Optuna journal
-    (JournalStorage + JournalFileBackend) in a local working file. The searcher's checkpoint carries the study in
-    the same file (DivergenceAwareOptunaSearch.save), so a --resume restores a study that agrees with the searcher
-    state even when the driver died while Tune uploaded its files one by one; a copy goes to <exp>/optuna.journal in
-    Tune's same upload (for optuna-dashboard), and the end of a search publishes the final study there. --resume
-    first fetches that copy (for Tune's unpickling of the tuner), then the searcher's own replaces it. A local
-    experiment keeps its working file beside it."""
-
-    def __init__(self, exp: str):
-        self.published = storage.join(exp, "optuna.journal")
-        if storage.is_uri(exp):
-            key = hashlib.sha1(exp.encode()).hexdigest()[:16]
-            self.working = os.path.join(tempfile.gettempdir(), "emotune-optuna", key, "optuna.journal")
-        else:
-            self.working = os.path.join(exp, ".optuna-working.journal")
-
-    def storage(self):
-        from optuna.storages.journal import JournalFileBackend
-
-        os.makedirs(os.path.dirname(self.working), exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(self.working))
-
-    def publish(self) -> None:
-        if os.path.exists(self.working):
-            storage.upload(self.working, self.published)
-
-    def restore(self, journal: bytes) -> None:
-        """The study saved with the searcher state becomes the working file."""
-        os.makedirs(os.path.dirname(self.working), exist_ok=True)
-        tmp = self.working + ".tmp"
-        Path(tmp).write_bytes(journal)
-        os.replace(tmp, self.working)
-
-    def snapshot(self, staging_dir: str) -> None:
-        if os.path.exists(self.working):
-            tmp = os.path.join(staging_dir, "optuna.journal.tmp")
-            shutil.copyfile(self.working, tmp)
-            os.replace(tmp, os.path.join(staging_dir, "optuna.journal"))
-
-    def fresh(self) -> None:
-        """A new search starts from an empty study: a working file left by an earlier search of the same location
-        (its path is derived from the location, so a restored searcher finds it) must not leak trials into it."""
-        if os.path.exists(self.working):
-            os.remove(self.working)
-
-    def fetch(self) -> None:
-        """The working file becomes the published study: trials asked after the last saved state are dropped,
-        exactly as Tune drops them, so nothing is left RUNNING or counted twice."""
-        if os.path.exists(self.working):
-            os.remove(self.working)
-        if storage.is_file(self.published):
-            storage.download(self.published, self.working)
-
+# --------------------------------------------------------------------------------------------- the searcher
 
 def tune_config(space: SearchSpace, plan: Plan, study: StudyFiles):
     from ray import tune
@@ -296,7 +233,8 @@ def tune_config(space: SearchSpace, plan: Plan, study: StudyFiles):
         scheduler = ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, **space.asha)
     # In-process trials reuse their trial actor: a new trial then starts without a new Python process, torch import
     # and object-store fetch (3.3 s -> under 1 s per trial in bench/overhead.py). Every trial builds its model,
-    # optimiser, RNGs and data views afresh inside train_loop_per_worker, so nothing carries over but the process.
+    # optimiser, RNGs and data views afresh inside train_loop(cfg, data, run), so nothing carries over but the
+    # process.
     return tune.TuneConfig(search_alg=ResumableSearch(ConcurrencyLimiter(searcher, max_concurrent=plan.concurrent)),
                            scheduler=scheduler, num_samples=space.num_samples, trial_dirname_creator=trial_dirname,
                            reuse_actors=plan.in_process)
@@ -468,53 +406,6 @@ class TrialLines(tune.Callback):
         return f"search: {done} of {self.total} trials done{best}, {took // 60}m{took % 60:02d}s"
 
 
-def say(line: str) -> None:
-    """One write per line: print() writes the text and its newline separately, and Ray's log thread (the trials'
-    own output) could land between the two."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def trial_start_line(trial_id: str, config: dict, params: list[str]) -> str:
-    shown = "  ".join(f"{k} {fmt_value(config[k])}" for k in params if k in config)
-    return f"trial {trial_id} started: {shown}".rstrip()
-
-
-def trial_epoch_line(trial_id: str, result: dict, metric: str) -> str:
-    planned = (result.get("train_config") or {}).get("epochs", "?")
-    if result.get("diverged"):
-        return f"trial {trial_id} epoch {result.get('epoch', '?')}/{planned}  diverged (the loss is not finite)"
-    shown = [metric] + [k for k in ("val_loss", "train_loss") if k != metric]
-    values = "  ".join(f"{k} {result[k]:.4f}" for k in shown if isinstance(result.get(k), (int, float)))
-    return f"trial {trial_id} epoch {result.get('epoch', '?')}/{planned}  {values}  {result.get('epoch_s', 0):.1f}s"
-
-
-def trial_end_line(trial_id: str, result: dict, metric: str, best: float | None) -> str:
-    epoch, planned = result.get("epoch"), (result.get("train_config") or {}).get("epochs")
-    if best is None:  # a trial resumed at its end reports nothing new: its last result carries the best so far
-        best = result.get(f"best_{metric}")
-    best = f"best {metric} {best:.4f}" if isinstance(best, (int, float)) else "no result"
-    if result.get("diverged"):
-        return f"trial {trial_id} diverged at epoch {epoch}: stopped (a lower learning rate may help)"
-    if result.get("early_stopped"):
-        return f"trial {trial_id} early-stopped at epoch {epoch} (no improvement): {best}"
-    if epoch is not None and planned is not None and epoch < planned:
-        return f"trial {trial_id} stopped by ASHA after epoch {epoch} of {planned}: {best}"
-    return f"trial {trial_id} finished {epoch} epochs: {best}"
-
-
-def last_error_line(error_file: str | None) -> str:
-    """The exception's own line from a trial's error file (Ray keeps the traceback there)."""
-    try:
-        return exception_line(Path(error_file).read_text()) if error_file else exception_line("")
-    except OSError:
-        return exception_line("")
-
-
-def fmt_value(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
 def progress_table(space: SearchSpace):
     from ray.tune import CLIReporter
 
@@ -526,30 +417,3 @@ def progress_table(space: SearchSpace):
 
 def trial_dirname(trial) -> str:
     return trial.trial_id
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def write_meta(exp: str, space_file: str, overrides: list[str], space: SearchSpace) -> None:
-    """emotune.json: what `emotune best` and --resume need, so results.py never re-reads the search space."""
-    write_json({"space_file": str(space_file), "overrides": list(overrides), "num_samples": space.num_samples,
-                "metric": space.metric, "mode": space.mode, "objectives": [list(o) for o in space.objectives],
-                "models": space.model_choices(), "model": space.fixed.get("model", TrainConfig().model),
-                "epochs": space.epochs(), "git_commit": git_commit(),
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, storage.join(exp, "emotune.json"))
-
-
-def read_meta(exp: str) -> dict:
-    """results.read_meta, with the fix a --resume needs when there is nothing to resume."""
-    from distributed import results
-
-    if not storage.is_file(storage.join(exp, "emotune.json")):
-        raise ConfigError(f"{exp}: no emotune experiment here to resume (missing emotune.json); "
-                          f"run without --resume to start it")
-    return results.read_meta(exp)

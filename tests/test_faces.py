@@ -15,10 +15,11 @@ from distributed.cli import main
 from distributed.config import TrainConfig
 from distributed.data import DataError, Decoded, decode_data, load_data
 from distributed.ensemble import ENSEMBLE_FORMAT, Ensemble, load_predictor
+from distributed.modelfile import model_blob
 from distributed.models import create_model
 from distributed.search_space import load_space
 from distributed.splits import make_splits
-from distributed.train import LocalRun, model_blob, predict, train_loop, tta_views
+from distributed.train import LocalRun, predict, train_loop, tta_views
 
 # -- group-aware validation on CK+48 (person split) ----------------------------------------------------------
 

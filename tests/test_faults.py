@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed.config import Scaling, TrainConfig
+from distributed.modelfile import STATE_FORMAT, load_file
 from distributed.run import train_run
-from distributed.train import STATE_FORMAT, load_file
 
 
 def train_worker_pids() -> list[int]:

@@ -9,15 +9,8 @@ import torch
 
 from distributed.config import TrainConfig
 from distributed.data import decode_data
-from distributed.train import (
-    LocalRun,
-    epoch_batches,
-    load_model,
-    load_state,
-    make_schedule,
-    steps_per_epoch,
-    train_loop,
-)
+from distributed.modelfile import load_model, load_state
+from distributed.train import LocalRun, epoch_batches, make_schedule, steps_per_epoch, train_loop
 
 TINY = dict(model="small_cnn", epochs=2, batch_size=64, train_limit=280, augment=False, lr_head=3e-3,
             lr_backbone=3e-3, seed=0)
@@ -61,9 +54,10 @@ def test_resume_continues_from_the_checkpoint(synthetic, tmp_path):
 
 
 def test_best_model_file_loads_and_scores_like_the_loop(synthetic, tmp_path):
+    from distributed.modelfile import BEST_FILE
     from distributed.models import native_size
     from distributed.splits import make_splits
-    from distributed.train import BEST_FILE, predict
+    from distributed.train import predict
 
     cfg = TrainConfig(**TINY)
     run = LocalRun(device="cpu", checkpoint_dir=tmp_path)
@@ -150,7 +144,7 @@ def test_loop_on_cuda_with_amp_and_channels_last(synthetic, tmp_path):
     model file loads back on the CPU."""
     import math
 
-    from distributed.train import BEST_FILE
+    from distributed.modelfile import BEST_FILE
 
     cfg = TrainConfig(**{**TINY, "epochs": 1, "amp": True, "channels_last": True, "augment": True,
                          "mixup_alpha": 0.2})

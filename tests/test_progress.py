@@ -79,7 +79,7 @@ def test_live_bar_on_a_terminal_only(tmp_path, monkeypatch):
 
 def test_tune_trial_lines_read_plainly():
     """What `emotune tune` prints per trial event (instead of Ray's table, which --verbose keeps)."""
-    from distributed.tune import last_error_line, trial_end_line, trial_epoch_line, trial_start_line
+    from distributed.trial_lines import last_error_line, trial_end_line, trial_epoch_line, trial_start_line
 
     assert trial_start_line("a_00001", {"lr_head": 0.003125, "dropout": 0.25, "other": 1}, ["lr_head", "dropout"]) \
         == "trial a_00001 started: lr_head 0.00313  dropout 0.25"
@@ -101,7 +101,7 @@ def test_tune_trial_lines_read_plainly():
 
 
 def test_tune_error_line_is_the_exception(tmp_path):
-    from distributed.tune import last_error_line
+    from distributed.trial_lines import last_error_line
 
     f = tmp_path / "error.txt"
     f.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
