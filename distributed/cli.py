@@ -8,14 +8,16 @@ import argparse
 import os
 import sys
 
+from distributed.config import TTA_MODES
+
 
 def input_errors() -> tuple[type[Exception], ...]:
     """Every exception class that means "the user's input is wrong" (exit 2), as opposed to a bug (traceback)."""
     from distributed.config import ConfigError
     from distributed.data import DataError
+    from distributed.modelfile import ModelFileError
     from distributed.models import ModelError
     from distributed.storage import StorageError
-    from distributed.train import ModelFileError
 
     return ConfigError, DataError, ModelError, ModelFileError, StorageError  # (ClusterFileError is a ConfigError)
 
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per face, with its box")
     p.add_argument("--annotate", metavar="OUT.png", default=None,
                    help="draw boxes and labels: into OUT.png for one photo, into the folder OUT for several")
-    p.add_argument("--tta", choices=TTA_CHOICES, default=None,
+    p.add_argument("--tta", choices=TTA_MODES, default=None,
                    help="test-time augmentation (default: the model's own tta setting)")
     p.set_defaults(func=cmd_predict)
 
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="members: the K best trials (default: 5)")
     p.add_argument("--retrain", action="store_true",
                    help="first train each member's config to its full epoch budget (emotune train)")
-    p.add_argument("--tta", choices=TTA_CHOICES, default=None,
+    p.add_argument("--tta", choices=TTA_MODES, default=None,
                    help="test-time augmentation (default: the best trial's tta setting)")
     p.add_argument("--output", default=None, help="default: EXPERIMENT/ensemble_topK")
     p.add_argument("--address", default=None, help="with --retrain: join this Ray cluster")
@@ -145,7 +147,6 @@ def add_autoscaling_args(p: argparse.ArgumentParser) -> None:
 
 
 DEFAULT_SPACE = "quick"  # a space shipped in the package (search_space.find_space)
-TTA_CHOICES = ("none", "flip", "tencrop")  # config.TTA_MODES, spelled here so --help needs no import of torch
 
 
 def cmd_tune(args) -> int:

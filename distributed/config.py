@@ -154,17 +154,8 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     def with_overrides(self, pairs: list[str]) -> "TrainConfig":
-        """Apply `--set key=value` strings; values are parsed as YAML scalars (so `1e-4` is a number)."""
-        changes = {}
-        for pair in pairs:
-            key, sep, text = pair.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set lr_head=3e-4")
-            try:
-                changes[key.strip()] = yaml.safe_load(text) if text.strip() else ""
-            except yaml.YAMLError:
-                changes[key.strip()] = text
-        return TrainConfig.from_dict({**self.to_dict(), **changes}, where="--set")
+        """Apply `--set key=value` strings (see parse_overrides)."""
+        return TrainConfig.from_dict({**self.to_dict(), **parse_overrides(pairs)}, where="--set")
 
     def save(self, path: str | Path, header: str = "") -> None:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -184,6 +175,28 @@ def check_model_name(name: str, where: str) -> None:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set key=value` strings -> {key: value}, each checked as TrainConfig checks it. Values are parsed as YAML
+    scalars (so `1e-4` is a number)."""
+    changes = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set lr_head=3e-4")
+        try:
+            changes[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            changes[key.strip()] = text
+    checked = TrainConfig.from_dict(changes, where="--set")
+    return {key: getattr(checked, key) for key in changes}
+
+
+def check_field(name: str, value, where: str):
+    """One value of a TrainConfig field, checked as from_dict checks it: for code that takes a field's value
+    outside a TrainConfig (create_model, decode_data), so each field's range lives only in its knob()."""
+    return check_value(field_spec(name), value, where)
+
+
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
@@ -192,9 +205,14 @@ def field_spec(name: str) -> dataclasses.Field:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
 
 
-def did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
+def did_you_mean(word: str, options, choose_from: bool = False) -> str:
+    """"; did you mean 'x'?" for a near miss, else "; valid keys: ..." (choose_from: the hint, then always the
+    list, for names like models where seeing the others helps)."""
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else ""
+    if choose_from:
+        return f"; {hint + ' ' if hint else ''}choose from {', '.join(sorted(options))}"
+    return f"; {hint}" if hint else f"; valid keys: {', '.join(sorted(options))}"
 
 
 NUMBER_FIX = "write a plain number, e.g. 64, 0.5 or 3e-4"
@@ -226,7 +244,8 @@ def check_value(f: dataclasses.Field, raw: Any, where: str):
         value = raw
     elif kind is str:
         if not isinstance(raw, str):
-            raise ConfigError(f"{where}: expected a string, got {raw!r}")
+            example = raw[0] if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str) else "..."
+            raise ConfigError(f"{where}: expected one string, got {raw!r}; write it as {f.name}: {example}")
         value = raw
     elif kind is list:
         if isinstance(raw, str):

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from distributed import storage
+from distributed.config import check_field
 from distributed.synthetic import draw_dataset
 
 PROGRESS_FROM = 5000  # decodes of at least this many images report their progress
@@ -366,8 +367,7 @@ def decode_data(data: str = "synthetic", in_channels: int = 1, size: int = 48, s
                         f"{', '.join(k if k == 'synthetic' else k + ':PATH' for k in DATASETS)}") from None
     if kind != "synthetic" and not path:
         raise DataError(f"data={data!r}: {kind} needs a path, e.g. {kind}:/data/fer2013")
-    if in_channels not in (1, 3):
-        raise DataError(f"in_channels={in_channels}: use 1 (grayscale) or 3 (RGB)")
+    check_field("in_channels", in_channels, "in_channels")  # the knob's rule: 1 or 3
     return loader(path if storage.is_uri(path) else os.path.expanduser(path), in_channels, size, seed)
 
 

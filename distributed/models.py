@@ -7,7 +7,6 @@ unfreeze one at a time) and for differential learning rates (stages[0] gets lr_h
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Callable
 import torch
 import torchvision
 from torch import nn
+
+from distributed.config import check_field, did_you_mean
 
 
 class ModelError(ValueError):
@@ -176,8 +177,6 @@ BACKBONES = {
 
 
 def build_backbone(name, num_classes, in_channels, dropout, pretrained, weights_path) -> nn.Module:
-    if in_channels not in (1, 3):
-        raise ModelError(f"{name}: in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels}")
     net = getattr(torchvision.models, name)(weights=None)
     # weights go into torchvision's own module names, before the head is replaced and the stem made grey
     if weights_path:
@@ -215,21 +214,40 @@ def download_imagenet(name: str) -> tuple[dict, str]:
     return state, f"ImageNet weights {cache / file_name}"
 
 
-def check_weights(cfg) -> None:
+def check_weights(cfg, weights_paths: list[str] | None = None, num_classes: int | None = None) -> None:
     """Make sure the weights a run will load exist and fit, before any worker starts (exit 2, not a traceback in a
-    worker); N workers on a node then share one downloaded file instead of racing to fetch it."""
+    worker); N workers on a node then share one downloaded file instead of racing to fetch it.
+
+    weights_paths: every value a search may give weights_path for cfg.model ("" = none), checked instead of
+    cfg.weights_path. num_classes: the size of a scratch model's head, which its file holds too; before the data is
+    decoded it is len(cfg.classes) when classes are listed, else unknown and any head size in the file passes."""
     builder(cfg.model)
-    if cfg.weights_path:
-        state = read_state_dict(cfg.weights_path)
-        if cfg.model in BACKBONES:  # a scratch model's file includes its head, whose size the data decides
-            with torch.device("meta"):  # shapes only: nothing allocated
-                net = getattr(torchvision.models, cfg.model)(weights=None)
-            check_fit(net, state, cfg.model, f"weights_path {cfg.weights_path}")
-    elif cfg.pretrained:
-        if cfg.model not in BACKBONES:
-            raise ModelError(f"pretrained: {cfg.model} has no ImageNet weights (it is trained from scratch); set "
-                             f"pretrained: false, or choose one of {', '.join(BACKBONES)}")
-        download_imagenet(cfg.model)
+    for path in dict.fromkeys([cfg.weights_path] if weights_paths is None else weights_paths):
+        if path:
+            state = read_state_dict(path)
+            check_fit(fit_skeleton(cfg, state, num_classes), state, cfg.model, f"weights_path {path}")
+        elif cfg.pretrained:
+            if cfg.model not in BACKBONES:
+                raise ModelError(f"pretrained: {cfg.model} has no ImageNet weights (it is trained from scratch); "
+                                 f"set pretrained: false, or choose one of {', '.join(BACKBONES)}")
+            download_imagenet(cfg.model)
+
+
+def fit_skeleton(cfg, state: dict, num_classes: int | None) -> nn.Module:
+    """cfg.model as it stands when weights_path is loaded into it, on the meta device (shapes only: nothing is
+    allocated or initialised, so even VGG19 takes milliseconds)."""
+    with torch.device("meta"):
+        if cfg.model in BACKBONES:  # build_backbone loads the file into torchvision's own model, before the new head
+            return getattr(torchvision.models, cfg.model)(weights=None)
+        classes = num_classes or len(cfg.classes)
+        model = create_model(cfg.model, max(classes, 2), in_channels=cfg.in_channels)
+        if classes >= 2:
+            return model
+        # the data decides the head's size and is not decoded yet: take the file's, so only the rest is checked
+        head = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1] + ".weight"
+        if head not in state or state[head].dim() != 2 or state[head].shape[0] < 2:
+            return model
+        return create_model(cfg.model, state[head].shape[0], in_channels=cfg.in_channels)
 
 
 def to_grayscale(model: nn.Module) -> None:
@@ -283,7 +301,12 @@ def check_fit(model: nn.Module, state: dict, name: str, source: str) -> None:
     if any(problems.values()):
         summary = "; ".join(f"{len(keys)} {kind} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
                             for kind, keys in problems.items() if keys)
-        raise ModelError(f"{source}: does not fit {name}: {summary}; pass torchvision's {name} weights")
+        if problems["wrong shape"]:
+            key = problems["wrong shape"][0]
+            summary += f"; {key} is {list(state[key].shape)} in the file, {list(own[key].shape)} in {name}"
+        fix = (f"pass torchvision's {name} weights" if name in BACKBONES else
+               f"pass a state_dict() saved from {name} with the same in_channels and classes, or remove weights_path")
+        raise ModelError(f"{source}: does not fit {name}: {summary}; {fix}")
 
 
 def first_line(exc: Exception) -> str:
@@ -306,9 +329,7 @@ def builder(name: str) -> Callable[..., nn.Module]:
     try:
         return MODELS[name]
     except KeyError:
-        close = difflib.get_close_matches(str(name), MODELS, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ModelError(f"unknown model {name!r}; {hint}choose from {', '.join(sorted(MODELS))}") from None
+        raise ModelError(f"unknown model {name!r}{did_you_mean(name, MODELS, choose_from=True)}") from None
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 1, dropout: float = 0.5,
@@ -317,8 +338,9 @@ def create_model(name: str, num_classes: int, in_channels: int = 1, dropout: flo
     build = builder(name)
     if num_classes < 2:
         raise ModelError(f"{name}: num_classes must be >= 2, got {num_classes}")
-    if not 0 <= dropout < 1:
-        raise ModelError(f"{name}: dropout must be in [0, 1), got {dropout}")
+    # the ranges TrainConfig allows, from its knobs: a direct call cannot build what no config could ask for
+    check_field("in_channels", in_channels, f"{name}: in_channels")
+    check_field("dropout", dropout, f"{name}: dropout")
     return build(num_classes=num_classes, in_channels=in_channels, dropout=dropout,
                  pretrained=pretrained, weights_path=weights_path)
 

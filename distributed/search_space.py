@@ -25,6 +25,7 @@ from distributed.config import (
     did_you_mean,
     field_names,
     field_spec,
+    parse_overrides,
     read_yaml,
 )
 
@@ -192,15 +193,12 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
     doc = read_yaml(path)
     if not isinstance(doc, dict):
         raise SpaceError(f"{where}: expected a mapping with keys like name, metric, space; got {type(doc).__name__}")
-    for key in doc:
-        if key not in TOP_KEYS:
-            raise SpaceError(f"{where}: unknown key {key!r}{did_you_mean(key, TOP_KEYS)}")
+    known_keys(doc, TOP_KEYS, where)
     if "space" not in doc and "by_model" not in doc:
         raise SpaceError(f"{where}: no `space` section; add at least one parameter to search, e.g. "
                          f"space: {{lr_head: {{loguniform: [1.0e-4, 1.0e-2]}}}}")
 
-    pins = TrainConfig().with_overrides(list(overrides))  # validates types and ranges of --set values
-    pinned = {p.partition("=")[0].strip(): getattr(pins, p.partition("=")[0].strip()) for p in overrides}
+    pinned = parse_overrides(list(overrides))
 
     fixed = dict(mapping(doc.get("fixed", {}), f"{where}: fixed"))
     fixed.update(pinned)
@@ -215,7 +213,9 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
 
     by_model = {}
     for model, own in mapping(doc.get("by_model", {}), f"{where}: by_model").items():
-        if "model" not in params or model not in params["model"].choices:
+        if "model" in pinned and model != pinned["model"]:
+            continue  # --set model=X: the other models' sections are not searched
+        if "model" not in pinned and ("model" not in params or model not in params["model"].choices):
             raise SpaceError(f"{where}: by_model.{model}: {model!r} is not among space.model's choices; "
                              f"add it there or remove this section")
         by_model[model] = {}
@@ -225,6 +225,8 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
             w = f"{where}: by_model.{model}.{name}"
             if name == "model" or name in params:
                 raise SpaceError(f"{w}: already searched in space; a conditional parameter must be only here")
+            if name in fixed:
+                raise SpaceError(f"{w}: also given in fixed; keep it in one of the two")
             if isinstance(spec, dict):
                 by_model[model][name] = parse_param(name, spec, w)
             else:
@@ -237,16 +239,14 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
     parse_scaling(s, mapping(doc.get("scaling", {}), f"{where}: scaling"), f"{where}: scaling")
     parse_scheduler(s, doc.get("scheduler", "none"), f"{where}: scheduler")
     search = mapping(doc.get("search", {}), f"{where}: search")
-    for key in search:
-        if key not in ("seed", "n_startup_trials", "algorithm"):
-            raise SpaceError(f"{where}: search.{key}: unknown key{did_you_mean(key, ('seed', 'n_startup_trials', 'algorithm'))}")
+    known_keys(search, ("seed", "n_startup_trials", "algorithm"), f"{where}: search")
     s.seed = int(bounded(search.get("seed", 0), int, 0, 2**31, f"{where}: search.seed"))
     s.n_startup_trials = int(bounded(search.get("n_startup_trials", min(8, s.num_samples)), int, 0, 100_000,
                                      f"{where}: search.n_startup_trials"))
     s.algorithm = search.get("algorithm", "tpe")
     if s.algorithm not in ("tpe", "random"):
         raise SpaceError(f"{where}: search.algorithm: {s.algorithm!r} is not one of tpe, random")
-    s.points = parse_points(s, doc.get("points_to_evaluate", []), f"{where}: points_to_evaluate")
+    s.points = parse_points(s, doc.get("points_to_evaluate", []), f"{where}: points_to_evaluate", pinned)
     return s
 
 
@@ -256,6 +256,13 @@ def mapping(value, where: str) -> dict:
     if not isinstance(value, dict):
         raise SpaceError(f"{where}: expected a mapping, got {value!r}")
     return value
+
+
+def known_keys(section: dict, allowed, where: str) -> None:
+    """Unknown keys are an error, never ignored: a typo would silently keep the default."""
+    for key in section:
+        if key not in allowed:
+            raise SpaceError(f"{where}: unknown key {key!r}{did_you_mean(key, allowed)}")
 
 
 def known_field(name: str, where: str):
@@ -315,16 +322,24 @@ def parse_objectives(s: SearchSpace, doc: dict, where: str) -> None:
     if "objectives" in doc:
         objs = doc["objectives"]
         if not isinstance(objs, list) or not objs:
-            raise SpaceError(f"{where}: objectives: expected a list like [{{val_acc: max}}, {{params: min}}]")
+            raise SpaceError(f"{where}: objectives: expected a list like [{{val_acc: max}}, {{num_params: min}}]")
+        given = [k for k in ("metric", "mode") if k in doc]
+        if given:
+            raise SpaceError(f"{where}: {given[0]}: not used with objectives (the first objective is the metric); "
+                             f"remove {' and '.join(given)}, or put it first in objectives")
         for item in objs:
             if not isinstance(item, dict) or len(item) != 1:
                 raise SpaceError(f"{where}: objectives: each entry is one {{metric: max|min}}, got {item!r}")
             (metric, mode), = item.items()
             check_metric(metric, mode, f"{where}: objectives", OBJECTIVE_METRICS)
+            if metric in [m for m, _ in s.objectives]:
+                raise SpaceError(f"{where}: objectives: {metric} is named twice; keep one {{{metric}: max|min}}")
             s.objectives.append((metric, mode))
         s.metric, s.mode = s.objectives[0]
     else:
         s.metric, s.mode = doc.get("metric", "val_acc"), doc.get("mode", None)
+        if not isinstance(s.metric, str):
+            raise SpaceError(f"{where}: metric: expected one name, e.g. metric: val_acc, got {s.metric!r}")
         if s.mode is None:
             s.mode = METRIC_MODES.get(s.metric, "max")
         check_metric(s.metric, s.mode, f"{where}: metric", METRICS)
@@ -341,10 +356,7 @@ def check_metric(metric, mode, where: str, allowed) -> None:
 
 
 def parse_scaling(s: SearchSpace, scaling: dict, where: str) -> None:
-    allowed = ("workers", "cpus_per_worker", "gpus_per_worker", "worker_group")
-    for key in scaling:
-        if key not in allowed:
-            raise SpaceError(f"{where}.{key}: unknown key{did_you_mean(key, allowed)}")
+    known_keys(scaling, ("workers", "cpus_per_worker", "gpus_per_worker", "worker_group"), where)
     values = dict(workers=int(bounded(scaling.get("workers", 1), int, 1, 4096, f"{where}.workers")),
                   cpus_per_worker=bounded(scaling.get("cpus_per_worker", 1), float, 0, 1024, f"{where}.cpus_per_worker"),
                   gpus_per_worker=bounded(scaling.get("gpus_per_worker", 0), float, 0, 64, f"{where}.gpus_per_worker"))
@@ -365,9 +377,7 @@ def parse_scheduler(s: SearchSpace, spec, where: str) -> None:
     if not isinstance(spec, dict) or set(spec) != {"asha"}:
         raise SpaceError(f"{where}: expected `none` or {{asha: {{max_t, grace_period, reduction_factor}}}}")
     asha = mapping(spec["asha"], f"{where}.asha")
-    for key in asha:
-        if key not in ("max_t", "grace_period", "reduction_factor"):
-            raise SpaceError(f"{where}.asha.{key}: unknown key{did_you_mean(key, ('max_t', 'grace_period', 'reduction_factor'))}")
+    known_keys(asha, ("max_t", "grace_period", "reduction_factor"), f"{where}.asha")
     max_t = int(bounded(asha.get("max_t", s.epochs()), int, 1, 100_000, f"{where}.asha.max_t"))
     grace = int(bounded(asha.get("grace_period", 1), int, 1, 100_000, f"{where}.asha.grace_period"))
     rf = bounded(asha.get("reduction_factor", 3), float, 1.01, 100, f"{where}.asha.reduction_factor")
@@ -376,19 +386,24 @@ def parse_scheduler(s: SearchSpace, spec, where: str) -> None:
     s.asha = {"max_t": max_t, "grace_period": grace, "reduction_factor": rf}
 
 
-def parse_points(s: SearchSpace, points, where: str) -> list[dict]:
+def parse_points(s: SearchSpace, points, where: str, pinned=()) -> list[dict]:
+    """The points checked against the space; a parameter pinned by --set is left out of each (the --set wins)."""
     if not isinstance(points, list):
         raise SpaceError(f"{where}: expected a list of {{param: value}} mappings")
     out = []
     for i, point in enumerate(points):
         w = f"{where}[{i}]"
-        point = mapping(point, w)
+        point = {k: v for k, v in mapping(point, w).items() if k not in pinned}
         model = point.get("model", s.fixed.get("model"))
-        own = s.by_model.get(model, {})
+        own = s.by_model.get(model, {}) if isinstance(model, str) else {}
         checked = {}
         for key, value in point.items():
             spec = s.params.get(key) or own.get(key)
             if not isinstance(spec, Param):
+                owners = [m for m, params in s.by_model.items() if isinstance(params.get(key), Param)]
+                if owners:  # searched, but only for some models: the point must say which
+                    raise SpaceError(f"{w}.{key}: searched only for {', '.join(owners)} (by_model); add "
+                                     f"model: {owners[0]} to this point")
                 raise SpaceError(f"{w}.{key}: not a searched parameter of this space"
                                  f"{did_you_mean(key, list(s.params) + list(own))}")
             checked[key] = check_value(field_spec(key), value, f"{w}.{key}")

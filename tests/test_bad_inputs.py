@@ -19,8 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, Payload
 from PIL import Image
+
+from distributed.models import create_model
 
 CASES = sorted((Path(__file__).parent / "bad_inputs").glob("*.yaml"))
 
@@ -29,14 +31,6 @@ def png_bytes(seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48), dtype=np.uint8), "L").save(buf, "PNG")
     return buf.getvalue()
-
-
-class Payload:
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def materialise(case: dict, tmp: Path) -> None:
@@ -57,6 +51,8 @@ def materialise(case: dict, tmp: Path) -> None:
         pq.write_table(pa.table(table), tmp / rel)
     for rel, blob in case.get("torch_files", {}).items():  # plain dicts, as torch.save writes our files
         torch.save(blob, tmp / rel)
+    for rel, model in case.get("model_weights", {}).items():  # model.state_dict() of a fresh MODEL, as users save it
+        torch.save(create_model(model, num_classes=7).state_dict(), tmp / rel)
     for rel, target in case.get("pickled_code", {}).items():
         torch.save({"format": "emotune-model/1", "payload": Payload(str(tmp / target))}, tmp / rel)
 

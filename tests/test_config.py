@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from distributed.config import ConfigError, TrainConfig
+from distributed.config import ConfigError, TrainConfig, did_you_mean, parse_overrides
 
 
 def test_yaml_round_trip(tmp_path):
@@ -44,6 +44,21 @@ def test_overrides():
         TrainConfig().with_overrides(["lr_head"])
     with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
         TrainConfig().with_overrides(["batchsize=3"])
+
+
+def test_overrides_are_parsed_once_into_checked_values():
+    # the search space pins exactly these values: only the keys given, typed as TrainConfig types them
+    assert parse_overrides(["lr_head=1e-4", "epochs=2", "weights_path="]) == {
+        "lr_head": 1e-4, "epochs": 2, "weights_path": ""}
+    with pytest.raises(ConfigError, match="--set: epochs: expected a number, got 'two'"):
+        parse_overrides(["epochs=two"])
+
+
+def test_did_you_mean_hints_then_lists():
+    assert did_you_mean("epoch", ["epochs", "seed"]) == "; did you mean 'epochs'?"
+    assert did_you_mean("zzz", ["seed", "epochs"]) == "; valid keys: epochs, seed"
+    assert did_you_mean("epoch", ["seed", "epochs"], choose_from=True) == "; did you mean 'epochs'? choose from epochs, seed"
+    assert did_you_mean("zzz", ["seed", "epochs"], choose_from=True) == "; choose from epochs, seed"
 
 
 def test_yaml_syntax_error_names_line(tmp_path):

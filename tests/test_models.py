@@ -4,9 +4,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Payload
 from torch import nn
 
-from distributed.models import ModelError, create_model, describe_models, list_models, native_size, stages
+from distributed.config import ConfigError, TrainConfig
+from distributed.models import (
+    ModelError,
+    check_weights,
+    create_model,
+    describe_models,
+    list_models,
+    native_size,
+    stages,
+)
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2-b0353104.pth"
 needs_weights = pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason=f"{SHARED_WEIGHTS} is absent")
@@ -136,24 +146,73 @@ def test_missing_weights_file(tmp_path):
 
 def test_weights_file_that_does_not_fit(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "other.pth")
-    expected = r"does not fit resnet18: \d+ missing keys \(bn1.weight, .*; 1 wrong shape keys \(conv1.weight\)"
+    expected = (r"does not fit resnet18: \d+ missing keys \(bn1.weight, .*; 1 wrong shape keys \(conv1.weight\); "
+                r"conv1.weight is \[1\] in the file, \[64, 3, 7, 7\] in resnet18; pass torchvision's resnet18 weights")
     with pytest.raises(ModelError, match=expected) as info:
         create_model("resnet18", 7, weights_path=str(tmp_path / "other.pth"))
     assert "\n" not in str(info.value)
 
 
-def touch(path):
-    Path(path).touch()
+def saved(tmp_path, name: str, num_classes: int = 7, in_channels: int = 1) -> str:
+    """A state dict of a fresh `name`, as torch.save(model.state_dict()) writes it."""
+    path = tmp_path / f"{name}-{num_classes}-{in_channels}.pt"
+    torch.save(create_model(name, num_classes, in_channels=in_channels).state_dict(), path)
+    return str(path)
 
 
-class Payload:
-    """Unpickling this calls touch(marker): what a malicious .pth could do with os.system instead."""
+@pytest.mark.parametrize("name", ["small_cnn", "baseline_cnn", "emotion_cnn48"])
+def test_check_weights_accepts_a_scratch_models_own_file_whatever_its_head_before_the_data_is_known(tmp_path, name):
+    # before decoding, the number of classes is unknown unless `classes` lists them: any head size passes
+    for k in (3, 7):
+        check_weights(TrainConfig(model=name, weights_path=saved(tmp_path, name, k)))
+    check_weights(TrainConfig(model=name, weights_path=saved(tmp_path, name, 3), classes=["a", "b", "c"]))
 
-    def __init__(self, marker):
-        self.marker = marker
 
-    def __reduce__(self):
-        return touch, (str(self.marker),)
+@pytest.mark.parametrize("cfg, key", [
+    ({"model": "small_cnn"}, "block1.0.weight is [64, 1, 3, 3] in the file, [16, 1, 3, 3] in small_cnn"),
+    ({"model": "baseline_cnn", "in_channels": 3}, "block1.0.weight is [64, 1, 3, 3] in the file, [64, 3, 3, 3]"),
+    ({"model": "baseline_cnn", "classes": ["happy", "sad"]}, "classifier.10.weight is [7, 256] in the file, [2, 256]"),
+    ({"model": "emotion_cnn48"}, "50 missing keys (block3.6.weight, block3.7.weight, block3.7.bias, ...)"),
+])
+def test_check_weights_refuses_a_scratch_file_that_does_not_fit_before_any_worker(tmp_path, cfg, key):
+    weights = saved(tmp_path, "baseline_cnn")
+    with pytest.raises(ModelError) as info:
+        check_weights(TrainConfig(**cfg, weights_path=weights))
+    message = str(info.value)
+    assert key in message and f"does not fit {cfg['model']}" in message and "\n" not in message
+    assert message.endswith(f"pass a state_dict() saved from {cfg['model']} with the same in_channels and classes, "
+                            f"or remove weights_path")
+    with pytest.raises(ModelError, match="does not fit"):  # the worker would have refused it the same way
+        create_model(cfg["model"], len(cfg.get("classes", [])) or 7, in_channels=cfg.get("in_channels", 1),
+                     weights_path=weights)
+
+
+def test_check_weights_checks_every_weights_path_a_search_may_give(tmp_path):
+    good, bad = saved(tmp_path, "small_cnn"), saved(tmp_path, "baseline_cnn")
+    cfg = TrainConfig(model="small_cnn")
+    check_weights(cfg, weights_paths=["", good])
+    with pytest.raises(ModelError, match=f"weights_path {bad}: does not fit small_cnn"):
+        check_weights(cfg, weights_paths=["", good, bad])
+    with pytest.raises(ModelError, match="no such file"):
+        check_weights(cfg, weights_paths=[good, str(tmp_path / "missing.pt")])
+
+
+def test_check_weights_refuses_pretrained_for_a_model_without_imagenet_weights(tmp_path):
+    with pytest.raises(ModelError, match="pretrained: small_cnn has no ImageNet weights.*set pretrained: false"):
+        check_weights(TrainConfig(model="small_cnn", pretrained=True))
+    # a search that may draw pretrained with no file is refused too, even if one of its choices names a file
+    with pytest.raises(ModelError, match="has no ImageNet weights"):
+        check_weights(TrainConfig(model="small_cnn", pretrained=True), weights_paths=[saved(tmp_path, "small_cnn"), ""])
+    check_weights(TrainConfig(model="small_cnn", pretrained=True, weights_path=saved(tmp_path, "small_cnn")))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"in_channels": 2}, "resnet18: in_channels: 2 is not one of 1, 3"),
+    ({"dropout": 0.99}, "resnet18: dropout: 0.99 is out of range; it must be <= 0.95"),
+])
+def test_create_model_takes_its_ranges_from_the_config(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        create_model("resnet18", 7, **kw)
 
 
 def test_weights_file_with_arbitrary_pickle_is_refused(tmp_path):

@@ -98,6 +98,11 @@ def test_multi_objective_space(tmp_path):
     ("space: {model: {choice: [resnet50, resnet500]}}", "unknown model 'resnet500'"),
     ("space: {epochs: {uniform: [1, 3]}}\nfixed: {epochs: 3}", "space.epochs: also given in fixed"),
     ("spaces: {}", "unknown key 'spaces'; did you mean 'space'?"),
+    ("search: {seeds: 1}\nspace: {dropout: {uniform: [0.1, 0.2]}}", "search: unknown key 'seeds'; did you mean 'seed'?"),
+    ("scaling: {worker: 2}\nspace: {dropout: {uniform: [0.1, 0.2]}}",
+     "scaling: unknown key 'worker'; did you mean 'workers'?"),
+    ("scheduler: {asha: {max_time: 3}}\nspace: {dropout: {uniform: [0.1, 0.2]}}",
+     "scheduler.asha: unknown key 'max_time'; did you mean 'max_t'?"),
     ("metric: val_accuracy\nspace: {dropout: {uniform: [0.1, 0.2]}}", "unknown metric 'val_accuracy'"),
     ("scheduler: {asha: {max_t: 3, grace_period: 5}}\nspace: {dropout: {uniform: [0.1, 0.2]}}",
      "grace_period (5) must be <= max_t (3)"),
@@ -113,17 +118,53 @@ def test_bad_spaces_are_refused_with_the_key(tmp_path, capsys, text, message):
     assert err.count("\n") == 0 and message in err
 
 
-@pytest.mark.parametrize("section, shared", [
-    ("space: {lr_head: {loguniform: [1.0e-4, 1.0e-2]}}", True),
-    ("space: {in_channels: {choice: [1, 3]}}", False),
-    ("space: {data_size: {choice: [48, 64]}}", False),
-    ("space: {seed: {int: [0, 3]}}", False),
-    ("space: {model: {choice: [small_cnn, baseline_cnn]}}\nby_model: {small_cnn: {data_size: 64}}", False),
-])
-def test_decoded_data_is_shared_only_when_nothing_that_shapes_it_is_searched(tmp_path, section, shared):
+# (the field searched, the space's section, whether the launcher may decode once and share the images)
+SHARING = [
+    ("lr_head", "space: {lr_head: {loguniform: [1.0e-4, 1.0e-2]}}", True),
+    ("data", "space: {data: {choice: [synthetic, 'imagefolder:/data/faces']}}", False),
+    ("in_channels", "space: {in_channels: {choice: [1, 3]}}", False),
+    ("data_size", "space: {data_size: {choice: [48, 64]}}", False),
+    ("seed", "space: {seed: {int: [0, 3]}}", False),
+    ("group_by", "space: {group_by: {choice: ['', 're:^(S[0-9]+)_']}}", False),
+    ("data_size", "space: {model: {choice: [small_cnn, baseline_cnn]}}\nby_model: {small_cnn: {data_size: 64}}", False),
+    # splits are made per trial from the shared images: searching them does not change what is decoded
+    ("classes", "space: {classes: {choice: ['happy,sad', 'happy,sad,neutral']}}", True),
+    ("val_fraction", "space: {val_fraction: {uniform: [0.1, 0.3]}}", True),
+]
+
+
+@pytest.mark.parametrize("searched, section, shared", SHARING, ids=[f"{k}-{'shared' if v else 'own'}"
+                                                                    for k, _, v in SHARING])
+def test_decoded_data_is_shared_only_when_nothing_that_shapes_it_is_searched(tmp_path, searched, section, shared):
     """The launcher decodes once and hands every trial the same images only when no trial could want others."""
     from distributed.config import DECODE_FIELDS
 
     path = tmp_path / "s.yaml"
     path.write_text(f"fixed: {{epochs: 2}}\n{section}\n")
-    assert load_space(path).searches(DECODE_FIELDS) is not shared
+    space = load_space(path)
+    assert space.searches([searched])
+    assert space.searches(DECODE_FIELDS) is not shared
+
+
+def test_every_field_that_shapes_the_data_is_a_sharing_case():
+    from distributed.config import DECODE_FIELDS
+
+    assert {searched for searched, _, shared in SHARING if not shared} == set(DECODE_FIELDS)
+
+
+def test_decode_fields_are_the_fields_load_data_reads():
+    """DECODE_FIELDS is what load_data reads: a field it read but the list missed would let trials that searched
+    it share images decoded for another value."""
+    from distributed.config import DECODE_FIELDS
+    from distributed.data import load_data
+
+    read = []
+
+    class Recording(TrainConfig):
+        def __getattribute__(self, name):
+            if name in TrainConfig.__dataclass_fields__:
+                read.append(name)
+            return super().__getattribute__(name)
+
+    load_data(Recording(data="synthetic", data_size=16))
+    assert set(read) == set(DECODE_FIELDS)
