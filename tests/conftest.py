@@ -85,6 +85,17 @@ def need(path: Path) -> Path:
     return path
 
 
+class Payload:
+    """Pickled code: unpickling it creates the file `marker` (what a malicious .pt could do with os.system instead).
+    Safe loading (weights_only=True) refuses it before anything runs, so the marker's absence is the check."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One in-process local Ray instance (2 CPUs, the driver resource) for the tests that run real trials."""

@@ -85,7 +85,9 @@ def test_broken_case_is_caught(case):
 def test_validate_cluster_files_takes_a_directory():
     assert validate_cluster_files([ROOT / "cluster"]) == []
     problems = validate_cluster_files([ROOT / "tests" / "cluster_cases"])
-    assert len(problems) >= len(CASES)
+    # every case in the directory is checked, and says what it says when checked alone
+    assert sorted(problems) == sorted(p for case in CASES for p in validate_cluster_files([case]))
+    assert {p.split(": ", 1)[0] for p in problems} == {str(case) for case in CASES}
 
 
 def test_check_cluster_files_raises_one_line_per_problem():

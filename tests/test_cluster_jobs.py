@@ -23,14 +23,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, remove
+from conftest import REPO, free_port, remove
 from ray_procs import start_node, stop, wait_for_dashboard
 
 from distributed import cli
 from distributed.cluster.jobs import JOB_EXCLUDES, REPO_ROOT
 from distributed.config import DRIVER_RESOURCE
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's bin: `ray`, and the `python` a job's entrypoint runs
 QUICK = "search_spaces/quick.yaml"  # relative: the commands below run in the repository
 JOB_TIMEOUT = 540  # seconds for one small search; the machine is shared and may be busy

@@ -20,15 +20,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, remove
+from conftest import REPO, SPACES, free_port, remove
 
 from distributed import cli
 from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS
 from distributed.plan import plan_trials
 from distributed.search_space import load_space
 
-REPO = Path(__file__).resolve().parents[1]
-QUICK = REPO / "search_spaces" / "quick.yaml"
+QUICK = SPACES / "quick.yaml"
 SEARCH_TIMEOUT = 540  # seconds for one small search; the machine is shared and may be busy
 
 # The cluster below, as Ray reports real machines of the same shape (a GPU node with 2 physical GPUs).

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, SPACES
 
 from distributed.cluster.files import node_types
 from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, Scaling
 from distributed.plan import NodeType, NodeWait, plan_trials
 from distributed.search_space import SpaceError, load_space
 
-REPO = Path(__file__).resolve().parents[1]
-QUICK = REPO / "search_spaces" / "quick.yaml"
+QUICK = SPACES / "quick.yaml"
 
 HEAD = {DRIVER_RESOURCE: float(DRIVER_SLOTS)}              # a head that runs drivers only
 CPU_NODE = {"CPU": 1.0}

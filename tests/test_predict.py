@@ -12,7 +12,8 @@ from PIL import Image
 
 from distributed.cli import main
 from distributed.config import TrainConfig
-from distributed.train import BEST_FILE, LocalRun, load_model, train_loop
+from distributed.modelfile import BEST_FILE, load_model
+from distributed.train import LocalRun, train_loop
 
 FACE_PX = 144  # CK+48 crops upscaled so the Haar cascade (trained on ~24 px and up, with context) finds them
 
@@ -99,3 +100,33 @@ def test_export_matches_pytorch_on_any_batch_size(model_file, tmp_path, fmt, cap
     else:
         got = torch.jit.load(str(out)).eval()(x).detach().numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_an_rgb_model_classifies_each_face_as_its_training_images_were_decoded(tmp_path, capsys):
+    """A 3-channel model trained at 64 px: each face found in a photo is cut out, decoded by the training decoder
+    (data._decode: RGB, bilinear to data_size) and scored; predict's probabilities are exactly that model's."""
+    from distributed.data import _decode
+    from distributed.models import native_size
+    from distributed.train import predict
+
+    out = tmp_path / "rgb"
+    cfg = TrainConfig(model="small_cnn", data="synthetic", epochs=1, train_limit=100, batch_size=32, in_channels=3,
+                      data_size=64)
+    train_loop(cfg, None, LocalRun(device="cpu", checkpoint_dir=out))
+    photo = background(400, 600)
+    tint = np.array([1.0, 0.8, 0.6], np.float32)  # colour, so a grey crop would score differently
+    photo[100:100 + FACE_PX, 200:200 + FACE_PX] = (np.asarray(ck_faces(1)[0]) * tint).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "one.png")
+    assert main(["predict", str(out / BEST_FILE), str(tmp_path / "one.png"), "--json"]) == 0
+    (rec,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    x, y, w, h = rec["box"]
+    assert iou(rec["box"], (200, 100, FACE_PX, FACE_PX)) > 0.5, rec["box"]
+
+    Image.fromarray(photo[y:y + h, x:x + w]).save(tmp_path / "face.png")
+    face = _decode(str(tmp_path / "face.png"), "RGB", 64)
+    net, loaded, names, _ = load_model(out / BEST_FILE)
+    size = loaded.image_size or native_size(loaded.model)  # the model's input: a second resize, as in training
+    probs = predict(net, torch.from_numpy(face[None].copy()), loaded, size, torch.device("cpu")).softmax(1)[0]
+    top = probs.topk(3)
+    assert [(names[i], round(float(v), 5)) for v, i in zip(top.values, top.indices)] == \
+        [(t["class"], round(t["p"], 5)) for t in rec["top3"]]

@@ -26,9 +26,11 @@ def test_a_config_file_alone_is_no_run(tmp_path):
 
 
 def test_one_machine_train_uses_every_cpu():
-    args = build_parser().parse_args(["train"])
-    scaling = scaling_from(args)
-    assert scaling.workers == 1 and scaling.cpus_per_worker == local_cpus()
+    import torch
+
+    scaling = scaling_from(build_parser().parse_args(["train"]))
+    workers = max(1, torch.cuda.device_count())  # auto: one per GPU here, else one on the CPUs
+    assert scaling.workers == workers and scaling.cpus_per_worker == max(1, local_cpus() // workers)
     two = scaling_from(build_parser().parse_args(["train", "--workers", "2"]))
     assert two.workers == 2 and two.cpus_per_worker == max(1, local_cpus() // 2)
     on_cluster = scaling_from(build_parser().parse_args(["train", "--address", "127.0.0.1:6379"]))

@@ -12,9 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import remove
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, remove
 
 # Inside the session: the auth mode Ray runs with, and what its dashboard answers a request without a token.
 PROBE = """
