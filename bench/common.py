@@ -125,6 +125,15 @@ class Deadline:
         return self.left() <= 0
 
 
+def sync(device) -> None:
+    """Wait for the work queued on `device`, so a timer read next counts it (CUDA runs asynchronously; on the CPU
+    there is nothing to wait for)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def cpu_threads(n: int) -> None:
     """Cap torch's intra-op threads (concurrent processes would otherwise each take every core)."""
     import torch

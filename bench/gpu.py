@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import REPO, Deadline, free_port, read_results, record, spread
+from bench.common import REPO, Deadline, free_port, read_results, record, spread, sync
 from distributed.augment import mix_transform
 from distributed.config import TrainConfig
 from distributed.data import decode_data
@@ -31,11 +31,6 @@ from distributed.train import LocalRun, Run, prepare_batch, train_loop
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------------------------------------------ 1. env

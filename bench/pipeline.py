@@ -1,13 +1,18 @@
-"""Input-pipeline throughput: the training step as the loop runs it against the model step alone.
+"""Input-pipeline throughput: the loop's training epoch against the model step alone.
 
-full = the loop's sampler (epoch_batches: seeded per-epoch permutation, this rank's share) -> uint8 gather
-       (train_x[idx]) -> prepare_batch (to float, resize, augment, normalise) -> MixUp/CutMix -> forward +
-       backward + AdamW step        (the pieces of distributed.train.train_loop, run for a one-process LocalRun;
-       with one worker the loop does not wrap the model in DDP, so neither does this)
-raw  = forward + backward + AdamW step on a ready float batch of the same shape
+full = the loop's own `train_epoch` on a member built by its `build_member` (model, per-stage AdamW, loss, OneCycle
+       schedule): its sampler (epoch_batches: seeded per-epoch permutation, this rank's share) -> uint8 gather
+       -> prepare_batch (to float, resize, augment, normalise) -> MixUp/CutMix -> forward + backward + optimizer
+       and schedule step, the loss summed on the device and read once at the end of the epoch. The training set
+       is capped (train_limit) so that an epoch is the row's `steps` batches. With one worker the loop does not
+       wrap the model in DDP, so neither does this. What train_loop does around train_epoch (evaluation,
+       checkpoint, report) is not timed.
+raw  = the same member's step (its model, loss, optimizer and schedule) `steps` times on one batch that is
+       already prepared, augmented and mixed, with the same single read of the summed loss at the end
 
-Both run on the same model, batch size and thread count, interleaved round by round (full, raw, full, raw, ...)
-so background load hits both alike; the ratio is taken per round and the median reported. Goal: full/raw >= 0.95.
+Both run on the same member, batch size and thread count, interleaved block by block (full epoch, raw block, full,
+raw, ...) so background load hits both alike; the ratio is taken per round and the median reported. Goal:
+full/raw >= 0.95.
 
     python -m bench.pipeline                 # the default rows (about 3-5 minutes on 2 CPU cores)
     python -m bench.pipeline --rows emotion_cnn48:48:64 --steps 10 --rounds 5
@@ -29,88 +34,82 @@ import torch
 import torch.nn.functional as F
 
 from bench import proc
+from bench.common import sync
 from distributed.augment import augment, mix_transform
 from distributed.config import TrainConfig
 from distributed.data import Decoded, decode_data
-from distributed.models import create_model
-from distributed.train import LocalRun, epoch_batches, prepare_batch
+from distributed.splits import make_splits
+from distributed.train import (
+    LocalRun,
+    build_member,
+    make_schedule,
+    prepare_batch,
+    shared_tensor,
+    steps_per_epoch,
+    train_epoch,
+)
 
 # model:image_size:batch[:steps]; 224 rows use few steps because a CPU trains resnet18 at a few images/s
 DEFAULT_ROWS = ["emotion_cnn48:48:64:8", "resnet18:112:32:4", "resnet18:224:16:2", "mobilenet_v2:224:16:2"]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench_row(model: str, size: int, batch: int, steps: int, rounds: int, run: LocalRun, decoded: Decoded,
               channels_last: bool) -> dict:
+    # train_limit makes one epoch `steps` batches (fewer when the data has fewer training images)
     cfg = TrainConfig(model=model, image_size=size, batch_size=batch, mixup_alpha=0.2, cutmix_alpha=1.0,
-                      augment=True, channels_last=channels_last)
-    torch.manual_seed(0)
+                      augment=True, channels_last=channels_last, train_limit=steps * batch)
     device = run.device
-    train_x, train_y = torch.from_numpy(decoded.train_x), torch.from_numpy(decoded.train_y)
-    k = len(decoded.class_names)
-    net = create_model(model, k, in_channels=cfg.in_channels).to(device)
-    if cfg.channels_last and device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    mix = mix_transform(cfg.mixup_alpha, cfg.cutmix_alpha, k)
-    gen = torch.Generator().manual_seed(0)
-    amp = cfg.amp and device.type == "cuda"
+    # as train_loop builds its first (or only) member
+    torch.manual_seed(cfg.seed)
+    splits = make_splits(decoded, cfg)
+    images, labels = shared_tensor(splits.x), torch.from_numpy(splits.y)
+    m = build_member(cfg, splits, run)
+    mix = mix_transform(cfg.mixup_alpha, cfg.cutmix_alpha, len(splits.class_names))
+    steps = steps_per_epoch(len(m.train_idx), run.world, batch)
+    # a warm-up round and `rounds` timed ones, each stepping the schedule once per full and once per raw step
+    m.scheduler = make_schedule(cfg, m.optimizer, m.peak_lrs, total_steps=2 * steps * (rounds + 1))
+    gen = torch.Generator(device=device)
+    epoch = 0
+    first = m.train_idx[:batch]
+    ready_x, ready_y = mix(prepare_batch(images[first], cfg, size, device, augment_with=gen), labels[first].to(device))
 
-    def model_step(x, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()  # the loop calls .item() every step too
+    def full_block() -> int:
+        nonlocal epoch
+        epoch += 1
+        gen.manual_seed(cfg.seed * 1000 + epoch * 10 + run.rank)  # as train_loop seeds each epoch
+        return train_epoch(m, cfg, epoch, images, labels, size, mix, gen, run)[1]
 
-    def batch_idx():
-        return torch.randperm(len(train_y), generator=gen)[:batch]
+    def raw_block() -> int:
+        # train_epoch's step without its data pieces (grad_clip and EMA are off in this config)
+        train_loss = torch.zeros((), device=device)
+        for _ in range(steps):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+                loss = m.loss_fn(m.model(ready_x), ready_y)
+            m.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            m.optimizer.step()
+            m.scheduler.step()
+            train_loss += loss.detach().float() * batch
+        float(train_loss)  # the loop's one sync per epoch
+        return steps * batch
 
-    def sampler():  # the loop's own batches for this process: rank 0 of 1
-        epoch = 0
-        while True:
-            epoch += 1
-            yield from epoch_batches(decoded.train_y, cfg, run.rank, run.world, epoch)
-
-    batches = sampler()
-
-    def full_step():
-        idx = next(batches)
-        x = prepare_batch(train_x[idx], cfg, size, device, augment_with=gen)  # augments [0, 1] pixels, then normalises
-        y = train_y[idx].to(device, non_blocking=True)
-        x, y = mix(x, y)
-        model_step(x, y)
-
-    ready_x = prepare_batch(train_x[batch_idx()], cfg, size, device).clone()
-    ready_y = train_y[batch_idx()].to(device)
-
-    def raw_step():
-        model_step(ready_x, ready_y)
-
-    def seconds(step):
+    def timed(block) -> tuple[int, float]:
         sync(device)
         tic = time.perf_counter()
-        step()
+        n = block()
         sync(device)
-        return time.perf_counter() - tic
+        return n, time.perf_counter() - tic
 
-    seconds(full_step), seconds(raw_step)  # warm-up: allocator, oneDNN/cuDNN kernel selection
+    # warm-up (allocator, oneDNN/cuDNN kernel selection); the first epoch also sets m.model, which raw_block uses
+    timed(full_block), timed(raw_block)
     full, raw, ratios = [], [], []
     for _ in range(rounds):
-        # alternate step by step, so a burst of background load lands on both sides
-        t_full = t_raw = 0.0
-        for _ in range(steps):
-            t_full += seconds(full_step)
-            t_raw += seconds(raw_step)
-        full.append(steps * batch / t_full)
-        raw.append(steps * batch / t_raw)
-        ratios.append(t_raw / t_full)
+        # alternate block by block, so a burst of background load lands on both sides
+        n_full, t_full = timed(full_block)
+        n_raw, t_raw = timed(raw_block)
+        full.append(n_full / t_full)
+        raw.append(n_raw / t_raw)
+        ratios.append(full[-1] / raw[-1])
 
     # The pieces alone, ms per batch (median of 20), to show where a shortfall comes from.
     def ms(fn, n=20):
@@ -123,13 +122,18 @@ def bench_row(model: str, size: int, batch: int, steps: int, rounds: int, run: L
             times.append((time.perf_counter() - tic) * 1e3)
         return statistics.median(times)
 
+    pick = torch.Generator().manual_seed(0)
+
+    def batch_idx():
+        return m.train_idx[torch.randperm(len(m.train_idx), generator=pick)[:batch]]
+
     idx = batch_idx()
-    x_u8 = train_x[idx]
+    x_u8 = images[idx]
     x01 = x_u8.to(device).float().div_(255)
     x01 = F.interpolate(x01, size=(size, size), mode="bilinear", align_corners=False) if size != x01.shape[-1] else x01
-    y = train_y[idx].to(device)
+    y = labels[idx].to(device)
     x_aug = prepare_batch(x_u8, cfg, size, device, augment_with=gen)
-    pieces = {"gather_ms": ms(lambda: train_x[batch_idx()]),
+    pieces = {"gather_ms": ms(lambda: images[batch_idx()]),
               "prepare_ms": ms(lambda: prepare_batch(x_u8, cfg, size, device)),  # without augmentation
               "augment_ms": ms(lambda: augment(x01, gen)),  # on [0, 1] pixels at the model's size, as in prepare_batch
               "mix_ms": ms(lambda: mix(x_aug, y)),
@@ -144,7 +148,7 @@ def bench_row(model: str, size: int, batch: int, steps: int, rounds: int, run: L
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="model:image_size:batch[:steps]")
-    p.add_argument("--steps", type=int, default=None, help="steps per timed block (overrides each row's)")
+    p.add_argument("--steps", type=int, default=None, help="batches per epoch, the timed block (overrides each row's)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved full/raw blocks per row")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = CPU cores)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
