@@ -14,9 +14,10 @@ from distributed.data import DataError, Decoded
 
 @dataclass
 class Splits:
-    """Train and validation as indices into the decoded training images `x` (shared, never copied); labels `y`
-    re-indexed to class_names. The test split is its own (small) arrays. With cfg.val_from the validation images
-    are a group of the test split instead (`val_images`), and val_idx is empty."""
+    """Train and validation as indices into the decoded training images `x` (shared, never copied; `val_x` gathers
+    a copy of the validation images); labels `y` re-indexed to class_names. The test split is its own (small)
+    arrays. With cfg.val_from the validation images are a group of the test split instead (`val_images`), and
+    val_idx is empty."""
     x: np.ndarray
     y: np.ndarray
     train_idx: np.ndarray
@@ -46,7 +47,7 @@ class Splits:
 
 def make_splits(decoded: Decoded, cfg, fold: int = 0) -> Splits:
     """Keep cfg.classes (re-indexed in that order), choose the validation set, cap train at cfg.train_limit. The
-    images are not copied: train and validation are index arrays.
+    images are not copied: train and validation are index arrays (`val_x` then gathers the validation images).
 
     Validation is, by precedence: the test group cfg.val_from (FER2013's PublicTest; the test split keeps the
     rest), fold `fold` of cfg.cv_folds, or a stratified val_fraction of train. With cfg.group_by no group (person)
