@@ -160,17 +160,19 @@ def cmd_tune(args) -> int:
     print_summary(out)
     failed = [r for r in out["rows"] if r["status"] == "error"]
     if failed:
-        print(f"emotune: {len(failed)} of {len(out['rows'])} trials failed; {first_error(exp)}", file=sys.stderr)
+        print(f"emotune: {len(failed)} of {len(out['rows'])} trials failed; "
+              f"{first_error(exp, [r['trial_id'] for r in failed])}", file=sys.stderr)
     return 1 if failed and len(failed) == len(out["rows"]) else 0
 
 
-def first_error(exp: str) -> str:
-    """The last line of the first trial's error.txt (the exception), and where to read the rest."""
+def first_error(exp: str, trial_ids: list[str]) -> str:
+    """The last line of the first failed trial's error.txt (the exception), and where to read the rest (a trial
+    that failed once and then finished keeps its error.txt: only the ids given count)."""
     from distributed import storage
     from distributed.results import exception_line
 
     for trial in storage.glob(exp, "*"):
-        if storage.is_file(f"{trial}/error.txt"):
+        if storage.name(trial) in trial_ids and storage.is_file(f"{trial}/error.txt"):
             return f"the first: {exception_line(storage.read_text(f'{trial}/error.txt'))} (all of it: {trial}/error.txt)"
     return f"see {exp}"
 

@@ -11,13 +11,12 @@ ensemble of one, so predict takes either.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from distributed.config import ConfigError, TrainConfig
-from distributed.modelfile import BEST_FILE, MODEL_FORMAT, ModelFileError, load_file, model_from_blob
+from distributed.modelfile import BEST_FILE, MODEL_FORMAT, ModelFileError, best_model_file, load_file, model_from_blob
 from distributed.models import native_size
 from distributed.train import predict
 
@@ -59,21 +58,7 @@ def load_predictor(path: str | Path, device="cpu") -> Ensemble:
 
 # ------------------------------------------------------------------------------------------- from a search
 
-def best_model_file(exp: str | Path, trial_id: str) -> str | None:
-    """A trial's best model, local or on object storage: in its newest checkpoint (each carries the best weights so
-    far) under the trial's directory, or for worker-group trials under train_runs/<trial_id>/ where Ray Train keeps
-    its checkpoints (the trial's directory then has none)."""
-    from distributed import storage
-
-    for base in (storage.join(str(exp), trial_id), storage.join(str(exp), "train_runs", trial_id)):
-        found = sorted((f for f in storage.list_files(base) if re.search(rf"(^|/)checkpoint_[^/]+/{BEST_FILE}$", f)),
-                       key=lambda f: f.rsplit("/", 2)[-2])
-        if found:
-            return storage.join(base, found[-1])
-    return None
-
-
-def top_trials(exp: str | Path, k: int) -> list[tuple[dict, dict, Path]]:
+def top_trials(exp: str | Path, k: int) -> list[tuple[dict, dict, str]]:
     """The k best trials with a model: (leaderboard row, TrainConfig dict, best_model.pt). Writes nothing."""
     from distributed.results import leaderboard_rows, read_meta, read_trials
 

@@ -162,25 +162,31 @@ def importances_html(exp: str, metric: str, multi_objective: bool) -> str:
         "fANOVA (share of the variance)": (optuna.importance.FanovaImportanceEvaluator(seed=0),
                                            {"target": (lambda t: t.values[0])} if multi_objective else {}),
         "PED-ANOVA (top 10% against the rest)": (optuna.importance.PedAnovaImportanceEvaluator(), {})}
-    found = {}
+    found, failed = {}, []
     for name, (evaluator, kw) in evaluators.items():
         try:
             with warnings.catch_warnings():  # PED-ANOVA warns when its top quantile holds a single trial
                 warnings.simplefilter("ignore")
-                found[name] = optuna.importance.get_param_importances(study, evaluator=evaluator, **kw)
+                imp = optuna.importance.get_param_importances(study, evaluator=evaluator, **kw)
         except (RuntimeError, ValueError) as exc:  # too few completed trials, or no parameter varied
-            return (f"<p class='note'>importances not computable yet ({len(done)} completed trials): "
-                    f"{html.escape(str(exc))}</p>")
-    if not any(found.values()):
-        return f"<p class='note'>importances need at least two completed trials ({len(done)} so far)</p>"
-    names = list(found[next(iter(found))])[::-1]  # fANOVA's order, most important on top
+            failed.append(f"{name.split(' ')[0]}: {exc}")
+            continue
+        if imp:
+            found[name] = imp
+    notes = "".join(f"<p class='note'>not computable yet ({len(done)} completed trials): {html.escape(f)}</p>"
+                    for f in failed)
+    if not found:
+        return notes or f"<p class='note'>importances need at least two completed trials ({len(done)} so far)</p>"
+    # every parameter either evaluator scored (PED-ANOVA also scores a model's own, conditional parameters),
+    # ordered by the first evaluator that scored it, most important on top
+    names = list(dict.fromkeys(n for imp in found.values() for n in imp))[::-1]
     fig = go.Figure([go.Bar(x=[imp.get(n, 0.0) for n in names], y=names, orientation="h", name=name)
                      for name, imp in found.items()])
     fig.update_layout(barmode="group", xaxis_title=f"importance for {metric}", height=140 + 45 * len(names),
                       margin={"t": 20}, legend={"orientation": "h", "y": -0.25})
-    return (f"<p class='note'>Optuna's fANOVA and PED-ANOVA evaluators over {len(done)} completed trials, on the "
-            f"value each trial ended with (a trial ASHA stopped is PRUNED in the study and not counted)</p>"
-            + figure_html(fig))
+    return (f"<p class='note'>Optuna's {' and '.join(n.split(' ')[0] for n in found)} evaluators over {len(done)} "
+            f"completed trials, on the value each trial ended with (a trial ASHA stopped is PRUNED in the study and "
+            f"not counted)</p>" + notes + figure_html(fig))
 
 
 def parallel_figure(rows: list[dict], trials: list[dict], metric: str, flatten_params):
@@ -243,8 +249,7 @@ def best_trial_html(exp: str, rows: list[dict], metric: str) -> str:
         return "<p class='note'>no trial has reported a metric yet</p>"
     best = ranked[0]
     from distributed.data import DataError
-    from distributed.ensemble import best_model_file
-    from distributed.modelfile import ModelFileError
+    from distributed.modelfile import ModelFileError, best_model_file
 
     ckpt = best_model_file(exp, best["trial_id"])
     if ckpt is None:

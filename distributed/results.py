@@ -244,10 +244,10 @@ def leaderboard_rows(trials: list[dict], meta: dict) -> tuple[list[dict], dict]:
 
 def objective_value(row: dict, name: str, metric: str):
     """A leaderboard row's value of an objective: the search metric's best; another metric (val_loss, ...) as the
-    trial ended, which is what Optuna was told; num_params and epoch_s from their columns."""
-    if name == metric:
-        return row.get(f"best_{metric}")
-    return row[name] if name in row else row.get(f"last_{name}")
+    trial ended (what Optuna was told for it); num_params and epoch_s from their columns. None where there is no
+    finite value (a diverged trial's last val_loss is NaN, which nothing could dominate)."""
+    value = row.get(f"best_{metric}") if name == metric else row[name] if name in row else row.get(f"last_{name}")
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def pareto_front(rows: list[dict], objectives: list[tuple[str, str]], metric: str) -> list[dict]:

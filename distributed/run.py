@@ -293,15 +293,17 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
 
     from distributed import results
     from distributed.data import load_data
-    from distributed.modelfile import BEST_FILE, FINAL_FILE, final_weights, load_model, save_model
-    from distributed.models import check_weights, native_size
+    from distributed.modelfile import BEST_FILE, FINAL_FILE, final_blob, load_model, save_model
+    from distributed.models import BACKBONES, check_weights, native_size
     from distributed.splits import make_splits
     from distributed.train import predict
 
     out = storage.resolve(output)
+    check_weights(cfg)  # before a long decode: the file exists and fits (a scratch model's head: below)
     data = load_data(cfg)
     splits = make_splits(data, cfg)
-    check_weights(cfg, num_classes=len(splits.class_names))  # a scratch model's head must fit the data's classes
+    if cfg.weights_path and cfg.model not in BACKBONES and not cfg.classes:
+        check_weights(cfg, num_classes=len(splits.class_names))  # the head of a scratch model's file fits the data
     check_same_run(out, cfg)
     storage.check_writable(out, "--output")
     # Ray Train checkpoints straight to `out` (a path or a URI); the final files are written here, then uploaded.
@@ -320,7 +322,7 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
             state, best = load_state(d)
 
     save_model(local / BEST_FILE, best)
-    save_model(local / FINAL_FILE, dict(best, state_dict=final_weights(state), metrics=state["history"][-1]))
+    save_model(local / FINAL_FILE, final_blob(state, best))
     results.write_table(state["history"], local / "metrics")
     results.plot_curves(state["history"], local / "curves.png")
 

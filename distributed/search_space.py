@@ -9,6 +9,7 @@ architecture it drew, under the Optuna name "<model>/<param>" (Ray unflattens th
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,6 +156,19 @@ class SearchSpace:
         if "model" in self.params:
             return list(self.params["model"].choices)
         return [self.fixed.get("model", TrainConfig().model)]
+
+    def check_weights(self) -> None:
+        """The weights any trial will load are fetched (or refused) now, before Ray starts: for every model, against
+        every shape it can take here (in_channels and classes: fixed, a by_model constant or searched)."""
+        from distributed.models import check_weights
+
+        for model in self.model_choices():
+            for channels, classes in itertools.product(self.value_span("in_channels", model),
+                                                       self.value_span("classes", model)):
+                check_weights(TrainConfig.from_dict({**self.fixed, "model": model, "in_channels": channels,
+                                                     "classes": classes,
+                                                     "pretrained": True in self.value_span("pretrained", model)}),
+                              weights_paths=self.value_span("weights_path", model))
 
     def value_span(self, key: str, model: str) -> list:
         spec = self.by_model.get(model, {}).get(key, self.params.get(key))
@@ -387,13 +401,17 @@ def parse_scheduler(s: SearchSpace, spec, where: str) -> None:
 
 
 def parse_points(s: SearchSpace, points, where: str, pinned=()) -> list[dict]:
-    """The points checked against the space; a parameter pinned by --set is left out of each (the --set wins)."""
+    """The points checked against the space; a parameter pinned by --set is left out of each (the --set wins), and
+    with --set model=X a point written for another model is dropped (its parameters are that model's)."""
     if not isinstance(points, list):
         raise SpaceError(f"{where}: expected a list of {{param: value}} mappings")
     out = []
     for i, point in enumerate(points):
         w = f"{where}[{i}]"
-        point = {k: v for k, v in mapping(point, w).items() if k not in pinned}
+        point = mapping(point, w)
+        if "model" in pinned and point.get("model", pinned["model"]) != pinned["model"]:
+            continue
+        point = {k: v for k, v in point.items() if k not in pinned}
         model = point.get("model", s.fixed.get("model"))
         own = s.by_model.get(model, {}) if isinstance(model, str) else {}
         checked = {}

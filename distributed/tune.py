@@ -104,7 +104,6 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
     import ray
 
     from distributed.data import load_data
-    from distributed.models import check_weights
     from distributed.splits import make_splits
 
     space_file = find_space(space_file)
@@ -125,10 +124,7 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
                               f"--storage-path or name")
     for w in space.warnings():
         warnings.warn(w, stacklevel=1)
-    for model in space.model_choices():  # weights a trial will load are fetched (or refused) before Ray starts
-        check_weights(TrainConfig.from_dict({**space.fixed, "model": model,
-                                             "pretrained": True in space.value_span("pretrained", model)}),
-                      weights_paths=space.value_span("weights_path", model))
+    space.check_weights()
     fixed = TrainConfig.from_dict({k: v for k, v in space.fixed.items()})
     data = None
     if not space.searches(DECODE_FIELDS):  # decode once here: bad data fails before Ray starts, trials share it

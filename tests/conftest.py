@@ -39,7 +39,8 @@ def remove(root: Path) -> None:
             return
 
 
-def crash_when(cmd: list[str], ready=None, timeout: float = 420, printed: str | None = None) -> None:
+def crash_when(cmd: list[str], ready=None, timeout: float = 420, printed: str | None = None,
+               env: dict | None = None) -> None:
     """Run cmd in its own process group and SIGKILL the whole group (the driver and every process it started: a
     real crash) as soon as ready() is true, or the command has printed `printed`; fails if neither happens within
     timeout seconds."""
@@ -48,7 +49,7 @@ def crash_when(cmd: list[str], ready=None, timeout: float = 420, printed: str | 
     import tempfile
 
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
     def said(tail: int = 4000) -> str:
         log.seek(0)

@@ -42,7 +42,7 @@ def write_final(tmp_path, state: dict, best: dict):
     modelfile.save_state(tmp_path, state, best)
     state, best = modelfile.load_state(tmp_path)
     path = tmp_path / modelfile.FINAL_FILE
-    modelfile.save_model(path, dict(best, state_dict=modelfile.final_weights(state), metrics=state["history"][-1]))
+    modelfile.save_model(path, modelfile.final_blob(state, best))  # as run.py writes it
     return path
 
 
@@ -90,7 +90,7 @@ def test_final_model_scores_like_the_loops_last_epoch(tmp_path):
     train_loop(cfg, data, run)
     state, best = modelfile.load_state(tmp_path)
     path = tmp_path / modelfile.FINAL_FILE
-    modelfile.save_model(path, dict(best, state_dict=modelfile.final_weights(state), metrics=state["history"][-1]))
+    modelfile.save_model(path, modelfile.final_blob(state, best))  # as run.py writes it
 
     net, loaded, _, metrics = modelfile.load_model(path)
     splits = make_splits(data, cfg)

@@ -156,3 +156,29 @@ def test_the_curves_mark_where_asha_stopped_a_trial():
     stops = [t for t in fig.data if t.name == "stopped by ASHA"]
     assert len(stops) == 1 and list(stops[0].x) == [2] and list(stops[0].y) == [0.15] and list(stops[0].text) == ["cut"]
     assert sorted(t.name for t in fig.data if t.name != "stopped by ASHA") == ["cut", "done", "running"]
+
+
+def test_importances_show_both_evaluators_and_a_models_own_parameters(tmp_path):
+    """fANOVA scores the parameters every trial has; PED-ANOVA also the conditional ones (a model's own, from
+    by_model): the figure shows every parameter either scored, one bar per evaluator."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.storages.journal import JournalFileBackend
+
+    from distributed.report import importances_html
+
+    journal = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    study = optuna.create_study(study_name="exp", storage=journal, direction="maximize")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        model = ["small_cnn", "resnet18"][i % 2]
+        dists = {"model": CategoricalDistribution(["small_cnn", "resnet18"]), "lr_head": FloatDistribution(1e-4, 1e-2)}
+        if model == "resnet18":
+            dists["resnet18/lr_backbone"] = FloatDistribution(1e-5, 1e-3)
+        trial = study.ask(dists)
+        study.tell(trial, float(trial.params["lr_head"] * 50 + rng.normal(0, 0.01)))
+    page = importances_html(str(tmp_path), "val_acc", multi_objective=False)
+    assert "Optuna's fANOVA and PED-ANOVA evaluators over 24 completed trials" in page
+    for trace in ('"name":"fANOVA (share of the variance)"', '"name":"PED-ANOVA (top 10% against the rest)"',
+                  'resnet18\\u002flr_backbone', '"lr_head"'):  # plotly writes / as \u002f
+        assert trace in page, trace

@@ -129,7 +129,10 @@ def test_pareto_front_min_metric_first():
 def test_pareto_front_second_objective_a_metric():
     """objectives [val_acc max, val_loss min], as search_space accepts: one epoch per trial, so best and last agree."""
     trials = [trial("acc", [epoch(1, 0.9, 1.5)], "TERMINATED"), trial("loss", [epoch(1, 0.6, 0.8)], "TERMINATED"),
-              trial("bad", [epoch(1, 0.5, 1.6)], "TERMINATED")]
+              trial("bad", [epoch(1, 0.5, 1.6)], "TERMINATED"),
+              # diverged at epoch 2: a best val_acc, but a NaN last val_loss, which nothing could dominate
+              trial("nan", [epoch(1, 0.95, 1.2), {"epoch": 2, "diverged": True, "val_acc": NAN, "val_loss": NAN}],
+                    "TERMINATED")]
     rows, _ = leaderboard_rows(trials, {**META, "epochs": 1})
     front = pareto_front(rows, [("val_acc", "max"), ("val_loss", "min")], "val_acc")
     assert [r["trial_id"] for r in front] == ["acc", "loss"]

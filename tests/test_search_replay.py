@@ -80,7 +80,7 @@ def test_replay_reads_the_table_and_measures_against_random_search(tmp_path, cap
 
 def test_concurrent_trials_spend_and_find_what_they_report(tmp_path):
     """Trials running at once: random search (no stopping) ends with the same best and epochs whatever the
-    concurrency, in another order; with a budget, it is spent exactly and the best so far only rises."""
+    concurrency, in another order; with a budget, it is spent exactly."""
     write_table(tmp_path / "toy.parquet")
     (table,) = search_replay.read_tables(tmp_path / "toy.parquet")
     one, four = (search_replay.search(table, "random", 0, trials=8, concurrency=k) for k in (1, 4))
@@ -88,4 +88,4 @@ def test_concurrent_trials_spend_and_find_what_they_report(tmp_path):
     assert one["trace"][-1] == four["trace"][-1]
     assert one["trace"] != four["trace"]  # the same epochs, interleaved: the best so far rises in another order
     run = search_replay.search(table, "ray-asha g2 rf3", 0, budget=30, concurrency=3)
-    assert len(run["trace"]) == 30 and [b for b, _ in run["trace"]] == sorted(b for b, _ in run["trace"])
+    assert len(run["trace"]) == 30

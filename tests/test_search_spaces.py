@@ -69,6 +69,51 @@ def test_overrides_pin_a_searched_value():
     assert "lr_head" not in space.params and space.fixed["lr_head"] == 0.005 and space.epochs() == 2
 
 
+def test_set_wins_over_the_points_and_sections_it_pins(tmp_path):
+    """--set key=value leaves the searched space: a point naming the key keeps its other values, and --set model=X
+    keeps only X's by_model section and X's points (a point for another model would misread its parameters)."""
+    path = tmp_path / "two.yaml"
+    path.write_text("""space:
+  model: {choice: [small_cnn, resnet18]}
+  lr_head: {loguniform: [1.0e-4, 1.0e-2]}
+by_model:
+  small_cnn: {dropout: {uniform: [0.1, 0.5]}}
+  resnet18: {lr_backbone: {loguniform: [1.0e-5, 1.0e-3]}}
+points_to_evaluate:
+  - {model: small_cnn, lr_head: 1.0e-3, dropout: 0.3}
+  - {model: resnet18, lr_head: 2.0e-3, lr_backbone: 1.0e-4}
+""")
+    assert load_space(path, ["lr_head=5e-3"]).points == [{"model": "small_cnn", "dropout": 0.3},
+                                                          {"model": "resnet18", "lr_backbone": 1.0e-4}]
+    pinned = load_space(path, ["model=small_cnn"])
+    assert list(pinned.by_model) == ["small_cnn"] and pinned.points == [{"lr_head": 1.0e-3, "dropout": 0.3}]
+    assert pinned.optuna_points() == [{"lr_head": 1.0e-3, "small_cnn/dropout": 0.3}]
+    assert load_space(path, ["model=resnet18"]).points == [{"lr_head": 2.0e-3, "lr_backbone": 1.0e-4}]
+
+
+def test_weights_are_checked_against_each_shape_the_model_takes_in_the_space(tmp_path):
+    """A weights file is checked against the model as its trials build it: in_channels from a by_model constant
+    or each searched value, not only the fixed one."""
+    import torch
+
+    from distributed.models import ModelError, create_model
+
+    rgb = tmp_path / "rgb.pt"
+    torch.save(create_model("small_cnn", 7, in_channels=3).state_dict(), rgb)
+
+    def space(text: str):
+        (tmp_path / "w.yaml").write_text(text)
+        return load_space(tmp_path / "w.yaml")
+
+    # every trial builds a 3-channel small_cnn (a by_model constant): the file fits
+    space("space: {model: {choice: [small_cnn, baseline_cnn]}, lr_head: {loguniform: [1.0e-4, 1.0e-2]}}\n"
+          f"by_model: {{small_cnn: {{in_channels: 3, weights_path: {rgb}}}}}\n").check_weights()
+    # in_channels searched over 1 and 3: the 1-channel trials could not load it
+    with pytest.raises(ModelError, match=r"block1.0.weight is \[16, 3, 3, 3\] in the file, \[16, 1, 3, 3\]"):
+        space(f"fixed: {{model: small_cnn, weights_path: {rgb}}}\n"
+              "space: {in_channels: {choice: [1, 3]}, lr_head: {loguniform: [1.0e-4, 1.0e-2]}}\n").check_weights()
+
+
 def test_asha_grace_period_before_first_unfreeze_warns(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("scheduler: {asha: {max_t: 20, grace_period: 2}}\n"
