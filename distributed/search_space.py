@@ -337,10 +337,6 @@ def parse_objectives(s: SearchSpace, doc: dict, where: str) -> None:
         objs = doc["objectives"]
         if not isinstance(objs, list) or not objs:
             raise SpaceError(f"{where}: objectives: expected a list like [{{val_acc: max}}, {{num_params: min}}]")
-        given = [k for k in ("metric", "mode") if k in doc]
-        if given:
-            raise SpaceError(f"{where}: {given[0]}: not used with objectives (the first objective is the metric); "
-                             f"remove {' and '.join(given)}, or put it first in objectives")
         for item in objs:
             if not isinstance(item, dict) or len(item) != 1:
                 raise SpaceError(f"{where}: objectives: each entry is one {{metric: max|min}}, got {item!r}")
@@ -350,6 +346,12 @@ def parse_objectives(s: SearchSpace, doc: dict, where: str) -> None:
                 raise SpaceError(f"{where}: objectives: {metric} is named twice; keep one {{{metric}: max|min}}")
             s.objectives.append((metric, mode))
         s.metric, s.mode = s.objectives[0]
+        # a metric/mode beside objectives is the first objective; one that says otherwise would be ignored
+        clash = [k for k, v in (("metric", s.metric), ("mode", s.mode)) if k in doc and doc[k] != v]
+        if clash:
+            raise SpaceError(f"{where}: {clash[0]}: {doc[clash[0]]!r} is not the first objective's "
+                             f"({s.metric}: {s.mode}), which is what the search uses; remove "
+                             f"{' and '.join(k for k in ('metric', 'mode') if k in doc)}, or put it first in objectives")
     else:
         s.metric, s.mode = doc.get("metric", "val_acc"), doc.get("mode", None)
         if not isinstance(s.metric, str):
