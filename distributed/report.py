@@ -184,7 +184,8 @@ def importances_html(exp: str, metric: str, multi_objective: bool) -> str:
                      for name, imp in found.items()])
     fig.update_layout(barmode="group", xaxis_title=f"importance for {metric}", height=140 + 45 * len(names),
                       margin={"t": 20}, legend={"orientation": "h", "y": -0.25})
-    return (f"<p class='note'>Optuna's {' and '.join(n.split(' ')[0] for n in found)} evaluators over {len(done)} "
+    return (f"<p class='note'>Optuna's {' and '.join(n.split(' ')[0] for n in found)} "
+            f"evaluator{'s' if len(found) > 1 else ''} over {len(done)} "
             f"completed trials, on the value each trial ended with (a trial ASHA stopped is PRUNED in the study and "
             f"not counted)</p>" + notes + figure_html(fig))
 
