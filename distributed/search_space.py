@@ -159,12 +159,13 @@ class SearchSpace:
 
     def check_weights(self) -> None:
         """The weights any trial will load are fetched (or refused) now, before Ray starts: for every model, against
-        every shape it can take here (in_channels and classes: fixed, a by_model constant or searched)."""
-        from distributed.models import check_weights
+        every shape it can take here (in_channels and classes: fixed, a by_model constant or searched). A backbone's
+        file is loaded into torchvision's own model, whatever the shape, so it is read once (ImageNet files are big)."""
+        from distributed.models import BACKBONES, check_weights
 
         for model in self.model_choices():
-            for channels, classes in itertools.product(self.value_span("in_channels", model),
-                                                       self.value_span("classes", model)):
+            shapes = list(itertools.product(self.value_span("in_channels", model), self.value_span("classes", model)))
+            for channels, classes in shapes[:1] if model in BACKBONES else shapes:
                 check_weights(TrainConfig.from_dict({**self.fixed, "model": model, "in_channels": channels,
                                                      "classes": classes,
                                                      "pretrained": True in self.value_span("pretrained", model)}),
