@@ -11,12 +11,16 @@ held-out test split, which no search reads). "Best validation accuracy at any ep
 evaluations of a ~110-image split, so it rises with the number of evaluations; random search, which evaluates
 every epoch of every trial, gets more draws. The pick's test accuracy has no such bias.
 
+`--kinds random asha random-asha` adds random sampling with the same ASHA schedule (the replay's winner, BENCHMARKS
+3b) beside TPE + ASHA; searches already in `--out DIR`'s search_efficiency.json are reused, not run again.
+
 CPU scale (the default, ~35 minutes on 2 idle cores): small_cnn, 16 trials x 12 epochs, 2 trials at a time; ASHA
 grace 2, reduction factor 3 (rungs at 2 and 6 epochs: the shipped default; grace 1, reduction factor 4 until git
 14e9de5).
 
     python -m bench.search_efficiency
     python -m bench.search_efficiency --datasets fer2013_small --seeds 0 --trials 16
+    python -m bench.search_efficiency --datasets fer2013_small --kinds random asha random-asha --out DIR
     python -m bench.search_efficiency --table results/bench/search_efficiency/<time>   # re-print a finished run
 """
 from __future__ import annotations
@@ -34,12 +38,17 @@ import yaml
 from bench import proc
 from bench.common import DATA, SPACES, derived_space, out_dir, read_csv, tune
 
-KINDS = {"random": SPACES / "search_random.yaml", "asha": SPACES / "search_asha.yaml"}
+# kind -> (space, what the bench changes in it besides the seed). "random-asha" is the replay's winner (section 3b):
+# the same schedule as "asha" with random sampling instead of TPE.
+KINDS = {"random": (SPACES / "search_random.yaml", {}), "asha": (SPACES / "search_asha.yaml", {}),
+         "random-asha": (SPACES / "search_asha.yaml", {"search.algorithm": "random"})}
+LABELS = {"asha": "TPE+ASHA", "random-asha": "random+ASHA"}
 
 
 def one_search(kind: str, dataset: str, seed: int, trials: int, epochs: int, out: Path) -> dict:
     # the search seed is not a TrainConfig field, so --set cannot change it: a copy of the space carries it
-    space = derived_space(KINDS[kind], out, f"seed{seed}", {"search.seed": seed})
+    src, changes = KINDS[kind]
+    space = derived_space(src, out, f"{kind}_seed{seed}", {**changes, "search.seed": seed})
     storage = out / f"{dataset}-seed{seed}-{kind}"
     run, exp = tune(space, storage, storage.with_suffix(".log"), "--num-samples", str(trials),
                     "--set", f"data=imagefolder:{DATA / dataset}", "--set", f"epochs={epochs}")
@@ -133,7 +142,7 @@ def replay_table(out: Path, datasets: list[str], sizes=(16, 64), repeats: int = 
     recorded curves (bootstrap: N curves drawn with replacement, random order; random sampling, not TPE)."""
     import random
 
-    asha = yaml.safe_load(KINDS["asha"].read_text())["scheduler"]["asha"]
+    asha = yaml.safe_load(KINDS["asha"][0].read_text())["scheduler"]["asha"]
     schedules = list(dict.fromkeys([(asha["grace_period"], asha["reduction_factor"]), (2, 4), (2, 3), (4, 3)]))
     print(f"\nASHA replayed on random search's recorded curves (2 at a time; {repeats} bootstrap draws of N trials; "
           f"random sampling, not TPE; the first schedule is the one measured above):")
@@ -175,7 +184,7 @@ def val_count(dataset: str) -> int:
     from distributed.search_space import load_space
     from distributed.splits import make_splits
 
-    space = load_space(KINDS["random"], [f"data=imagefolder:{DATA / dataset}"])
+    space = load_space(KINDS["random"][0], [f"data=imagefolder:{DATA / dataset}"])
     cfg = TrainConfig.from_dict(space.fixed)
     return len(make_splits(load_data(cfg), cfg).val_y)
 
@@ -186,7 +195,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--out", default=None, help="default: results/bench/search_efficiency/<time>")
+    p.add_argument("--kinds", nargs="+", default=["random", "asha"], choices=list(KINDS),
+                   help="searches per data set and seed (random is the baseline, always run)")
+    p.add_argument("--out", default=None, help="default: results/bench/search_efficiency/<time>; searches already "
+                   "in its search_efficiency.json (same data set, seed and kind) are not run again")
     p.add_argument("--table", default=None, metavar="DIR", help="re-print the tables of a finished run in DIR")
     args = p.parse_args(argv)
     if args.table:
@@ -203,6 +215,10 @@ def main(argv=None) -> int:
         replay_table(out, args.datasets)
         return 0
     out = out_dir("search_efficiency", args.out)
+    saved = out / "search_efficiency.json"
+    done = {(res["random"]["dataset"], res["random"]["seed"]): res
+            for res in (json.loads(saved.read_text()) if saved.is_file() else [])}
+    kinds = ["random", *(k for k in args.kinds if k != "random")]
     print(f"{proc.code_version()}; {args.trials} trials x {args.epochs} epochs, small_cnn, 2 at a time; "
           f"results in {out}", flush=True)
 
@@ -210,49 +226,56 @@ def main(argv=None) -> int:
     for dataset in args.datasets:
         n_val = val_count(dataset)
         for seed in args.seeds:
+            res = done.get((dataset, seed), {})
             # alternate which search goes first, so a slow spell on the machine does not always hit the same one
-            order = ["random", "asha"] if seed % 2 == 0 else ["asha", "random"]
-            res = {}
-            for kind in order:
+            for kind in (kinds if seed % 2 == 0 else kinds[::-1]):
+                if kind in res:
+                    print(f"  {dataset} seed {seed} {kind}: in {saved.name} already ({res[kind].get('version', '')})")
+                    continue
                 print(f"  {dataset} seed {seed} {kind} ... (load average {os.getloadavg()[0]:.1f})", flush=True)
                 res[kind] = one_search(kind, dataset, seed, args.trials, args.epochs, out)
-                res[kind]["val_count"] = n_val
+                res[kind].update(val_count=n_val, version=proc.code_version())
                 r = res[kind]
                 print(f"    best val_acc {r['best']:.4f}, {r['epochs']} epochs {r['epochs_per_trial']}, "
                       f"{r['wall_s']:.0f} s", flush=True)
+                done[(dataset, seed)] = res
+                saved.write_text(json.dumps(list(done.values()), indent=1) + "\n")  # a kill keeps what finished
             pairs.append(res)
-    (out / "search_efficiency.json").write_text(json.dumps(pairs, indent=1) + "\n")
     report(pairs, args)
     replay_table(out, args.datasets)
     return 0
 
 
 def report(pairs: list[dict], args) -> int:
-    asha = yaml.safe_load(KINDS["asha"].read_text())["scheduler"]["asha"]
+    asha = yaml.safe_load(KINDS["asha"][0].read_text())["scheduler"]["asha"]
     floor = sha_floor(asha["grace_period"], asha["reduction_factor"], min(asha["max_t"], args.epochs))
-
-    print(f"\n{'dataset':<15}{'seed':>5}{'val imgs':>9}{'random best':>12}{'asha best':>10}{'diff pt':>8}"
-          f"{'random ep':>10}{'asha ep':>8}{'asha/rand':>10}{'rand test':>10}{'asha test':>10}{'random s':>9}"
-          f"{'asha s':>8}")
-    for res in pairs:
-        r, a = res["random"], res["asha"]
-        print(f"{r['dataset']:<15}{r['seed']:>5}{r['val_count']:>9}{r['best']:>12.4f}{a['best']:>10.4f}"
-              f"{100 * (a['best'] - r['best']):>+8.2f}{r['epochs']:>10}{a['epochs']:>8}"
-              f"{a['epochs'] / r['epochs']:>10.2f}"
-              f"{r['pick_test_acc']:>10.4f}{a['pick_test_acc']:>10.4f}{r['wall_s']:>9.0f}{a['wall_s']:>8.0f}")
-    print()
-    for dataset in args.datasets:
-        mine = [res for res in pairs if res["random"]["dataset"] == dataset]
-        diffs = [100 * (res["asha"]["best"] - res["random"]["best"]) for res in mine]
-        frac = [res["asha"]["epochs"] / res["random"]["epochs"] for res in mine]
-        ok = sum(d >= -0.5 and f <= 0.25 for d, f in zip(diffs, frac))
-        tdiffs = [100 * (res["asha"]["pick_test_acc"] - res["random"]["pick_test_acc"]) for res in mine]
-        spread = lambda v: f"mean {statistics.mean(v):+.2f}, range {min(v):+.2f}..{max(v):+.2f}"  # noqa: E731
-        print(f"{dataset}: asha - random best val_acc (points) {spread(diffs)}; epochs asha/random "
-              f"{statistics.mean(frac):.2f} (range {min(frac):.2f}..{max(frac):.2f}); "
-              f"goal met in {ok}/{len(mine)} seeds; "
-              f"1 validation image = {100 / mine[0]['random']['val_count']:.2f} points; "
-              f"test accuracy of the picks, asha - random (points) {spread(tdiffs)}")
+    kinds = [k for k in KINDS if k != "random" and any(k in res for res in pairs)]
+    spread = lambda v: f"mean {statistics.mean(v):+.2f}, range {min(v):+.2f}..{max(v):+.2f}"  # noqa: E731
+    for kind in kinds:
+        mine = [res for res in pairs if kind in res]
+        label = LABELS[kind]
+        print(f"\n{label} against random search")
+        print(f"{'dataset':<15}{'seed':>5}{'val imgs':>9}{'random best':>12}{'best':>8}{'diff pt':>8}"
+              f"{'random ep':>10}{'epochs':>8}{'ratio':>7}{'rand test':>10}{'test':>8}{'random s':>9}{'s':>7}")
+        for res in mine:
+            r, a = res["random"], res[kind]
+            print(f"{r['dataset']:<15}{r['seed']:>5}{r['val_count']:>9}{r['best']:>12.4f}{a['best']:>8.4f}"
+                  f"{100 * (a['best'] - r['best']):>+8.2f}{r['epochs']:>10}{a['epochs']:>8}"
+                  f"{a['epochs'] / r['epochs']:>7.2f}{r['pick_test_acc']:>10.4f}{a['pick_test_acc']:>8.4f}"
+                  f"{r['wall_s']:>9.0f}{a['wall_s']:>7.0f}")
+        for dataset in args.datasets:
+            ds = [res for res in mine if res["random"]["dataset"] == dataset]
+            if not ds:
+                continue
+            diffs = [100 * (res[kind]["best"] - res["random"]["best"]) for res in ds]
+            frac = [res[kind]["epochs"] / res["random"]["epochs"] for res in ds]
+            ok = sum(d >= -0.5 and f <= 0.25 for d, f in zip(diffs, frac))
+            tdiffs = [100 * (res[kind]["pick_test_acc"] - res["random"]["pick_test_acc"]) for res in ds]
+            print(f"{dataset}: {label} - random best val_acc (points) {spread(diffs)}; epochs {label}/random "
+                  f"{statistics.mean(frac):.2f} (range {min(frac):.2f}..{max(frac):.2f}); "
+                  f"goal met in {ok}/{len(ds)} seeds; "
+                  f"1 validation image = {100 / ds[0]['random']['val_count']:.2f} points; "
+                  f"test accuracy of the picks, {label} - random (points) {spread(tdiffs)}")
     print("\nrank correlation (Spearman, random search's trials) of val_acc at epoch e with the trial's best val_acc; "
           "ASHA's rungs are at " + ", ".join(map(str, rungs(asha["grace_period"], asha["reduction_factor"],
                                                             min(asha["max_t"], args.epochs)))))
