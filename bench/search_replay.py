@@ -26,6 +26,7 @@ import argparse
 import csv
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ PARAMS = ("model", "lr_head", "weight_decay", "dropout", "mixup_alpha", "batch_s
 CATEGORICAL = ("model", "batch_size")
 LOG = ("lr_head", "weight_decay")  # searched on a log scale (when every recorded value is positive)
 BUDGETS = (0.25, 0.5, 1.0)
+GRID = 40  # the figure's points along random search's budget
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -83,6 +85,27 @@ class Table:
         return int(np.argmin(d))
 
 
+    def blend(self, proposal: dict, k: int = 3) -> tuple[np.ndarray, float]:
+        """A surrogate answer: the inverse-distance-weighted mean of the k nearest recorded curves of the proposal's
+        (model, batch size) cell, each epoch rounded to a whole number of validation images (a recorded config
+        proposed exactly gets its own curve). The run diverges where the nearest one did. -> (curve, test_acc)."""
+        first = self.nearest(proposal)
+        d = np.sqrt(((self._coords - self.coords([proposal])) ** 2).sum(axis=1))
+        for name, got in self._cats:
+            d[got != proposal[name]] = np.inf
+        near = np.argsort(d)[:k]
+        near = near[np.isfinite(d[near])]
+        if d[first] < 1e-12 or len(near) == 1:
+            return self.val_acc[first], float(self.test_acc[first])
+        w = 1 / d[near]
+        curves = self.val_acc[near]
+        ok = np.isfinite(curves)
+        mean = (np.where(ok, curves, 0) * w[:, None]).sum(0) / np.maximum((ok * w[:, None]).sum(0), 1e-12)
+        curve = np.round(mean * self.n_val) / self.n_val
+        curve[~np.isfinite(self.val_acc[first])] = np.nan
+        return curve, float((self.test_acc[near] * w).sum() / w.sum())
+
+
 def read_tables(path: Path) -> list[Table]:
     rows = pq.read_table(path).to_pylist()
     tables = []
@@ -125,18 +148,40 @@ class RayAshaPruner(optuna.pruners.BasePruner):
     """Ray Tune's ASHA rule (ray/tune/schedulers/async_hyperband.py, _Bracket.on_result): at each rung, stop a
     trial whose value is below the (1 - 1/rf) percentile of the values recorded there before it; the first trial
     at a rung always continues. Optuna's SuccessiveHalvingPruner instead promotes, while a rung holds fewer than rf
-    trials, only a trial that beats all of them."""
+    trials, only a trial that beats all of them.
 
-    def __init__(self, grace: int, rf: int, max_t: int):
-        n = int(math.log(max_t / grace) / math.log(rf) + 1)
-        self.rf = rf
-        self.recorded = {grace * rf ** k: [] for k in range(n)}
+    brackets > 1: as Ray's AsyncHyperBandScheduler, bracket s has its first rung at grace * rf**s, and each trial
+    joins one at random with probability proportional to e**(rungs in the bracket) (drawn from the study name and
+    trial number, so a replay repeats). on="best": a rung judges the trial's best value so far, not its last (the
+    service reports it as best_<metric> every epoch)."""
+
+    def __init__(self, grace: int, rf: int, max_t: int, brackets: int = 1, on: str = "last"):
+        self.rf, self.on = rf, on
+        self.brackets = []
+        for s in range(brackets):
+            n = int(math.log(max_t / grace) / math.log(rf) - s + 1)
+            self.brackets.append({grace * rf ** (k + s): [] for k in range(n)})
+        sizes = np.array([len(b) for b in self.brackets], dtype=float)
+        self.p = np.exp(sizes - sizes.max()) / np.exp(sizes - sizes.max()).sum()
+
+    @property
+    def recorded(self) -> dict:  # the first bracket's rungs (the only ones with brackets=1)
+        return self.brackets[0]
+
+    def bracket(self, study, trial) -> dict:
+        if len(self.brackets) == 1:
+            return self.brackets[0]
+        rng = np.random.default_rng([zlib.crc32(study.study_name.encode()), trial.number])
+        return self.brackets[rng.choice(len(self.brackets), p=self.p)]
 
     def prune(self, study, trial) -> bool:
         step = trial.last_step
-        if step not in self.recorded:
+        rungs = self.bracket(study, trial)
+        if step not in rungs:
             return False
-        value, seen = trial.intermediate_values[step], self.recorded[step]
+        values = trial.intermediate_values
+        value = max(values.values()) if self.on == "best" else values[step]
+        seen = rungs[step]
         stop = bool(seen) and value < np.nanpercentile(seen, (1 - 1 / self.rf) * 100)
         seen.append(value)
         return stop
@@ -161,8 +206,8 @@ def hyperband(E):
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=E, reduction_factor=3)
 
 
-def ray_asha(grace, rf):
-    return lambda E: RayAshaPruner(grace, rf, E)
+def ray_asha(grace, rf, brackets=1, on="last"):
+    return lambda E: RayAshaPruner(grace, rf, E, brackets, on)
 
 
 # name -> (sampler, pruner factory taking the epochs, how a stopped trial is told: "pruned" | "complete").
@@ -183,6 +228,13 @@ STRATEGIES = {
     "ray-asha g2 rf4": (random, ray_asha(2, 4), "pruned"),
     "ray-asha g2 rf5": (random, ray_asha(2, 5), "pruned"),
     "ray-asha g4 rf4": (random, ray_asha(4, 4), "pruned"),
+    "ray-asha g1 rf3 brackets 3": (random, ray_asha(1, 3, 3), "pruned"),
+    "ray-asha g2 rf3 brackets 2": (random, ray_asha(2, 3, 2), "pruned"),
+    "ray-asha g2 rf3 brackets 3": (random, ray_asha(2, 3, 3), "pruned"),
+    "ray-asha g2 rf3 on best": (random, ray_asha(2, 3, on="best"), "pruned"),
+    "ray-asha g2 rf4 on best": (random, ray_asha(2, 4, on="best"), "pruned"),
+    "ray-asha g2 rf5 on best": (random, ray_asha(2, 5, on="best"), "pruned"),
+    "ray-asha g1 rf4 on best": (random, ray_asha(1, 4, on="best"), "pruned"),
     "tpe + ray-asha g2 rf3, PRUNED (shipped since 2026-11-26)": (tpe, ray_asha(2, 3), "pruned"),
     "hyperband g1 rf3": (random, hyperband, "pruned"),
     "bohb (tpe + hyperband g1 rf3)": (tpe, hyperband, "pruned"),
@@ -212,8 +264,8 @@ def search(table: Table, strategy: str, seed: int, budget: int | None = None, tr
     # Hyperband and BOHB rows differ from run to run before 2026-11-26)
     study = optuna.create_study(direction="maximize", sampler=sampler(seed), study_name=f"{strategy} seed {seed}",
                                 pruner=pruner(table.epochs) if pruner else optuna.pruners.NopPruner())
-    best, pick, trace = -1.0, -1, []  # trace[e] = (best so far, its config) after e + 1 epochs
-    n, used, running = 0, set(), []  # running: [trial, config, epochs run], in the order they started
+    best, pick, trace = -1.0, math.nan, []  # trace[e] = (best so far, its test accuracy) after e + 1 epochs
+    n, used, running = 0, set(), []  # running: [trial, curve, test accuracy, epochs run], in the order they started
 
     def spent() -> bool:
         return budget is not None and len(trace) >= budget
@@ -221,23 +273,27 @@ def search(table: Table, strategy: str, seed: int, budget: int | None = None, tr
     while not spent():
         while len(running) < concurrency and (trials is None or n < trials):
             trial = study.ask(table.space)
-            cid = table.nearest(trial.params, used if answer == "unused" else None)
-            used.add(cid)
+            if answer == "blend":
+                curve, test = table.blend(trial.params)
+            else:
+                cid = table.nearest(trial.params, used if answer == "unused" else None)
+                used.add(cid)
+                curve, test = table.val_acc[cid], float(table.test_acc[cid])
             n += 1
-            running.append([trial, cid, 0])
+            running.append([trial, curve, test, 0])
         if not running:
             break
         for slot in list(running):  # one epoch of every running trial
-            trial, cid, ran = slot
-            acc = table.val_acc[cid][ran]
+            trial, curve, test, ran = slot
+            acc = curve[ran]
             if not math.isfinite(acc):  # the recorded run diverged here: the service tells FAIL
                 study.tell(trial, state=TrialState.FAIL)
                 running.remove(slot)
                 continue
             if acc > best:
-                best, pick = float(acc), cid
+                best, pick = float(acc), test
             trace.append((best, pick))
-            slot[2] = ran = ran + 1
+            slot[3] = ran = ran + 1
             trial.report(float(acc), ran)
             if spent():
                 break
@@ -263,7 +319,10 @@ def measure(table: Table, strategy: str, seed: int, target: float, budget: int, 
     for share in BUDGETS:
         b, pick = trace[min(len(trace), max(1, round(share * budget))) - 1]
         row[f"regret_{share:g}"] = (oracle - b) * 100
-        row[f"pick_test_{share:g}"] = float(table.test_acc[pick])
+        row[f"pick_test_{share:g}"] = pick
+    # regret after each 1/GRID of random's epochs, for the figure (not a CSV column)
+    row["regret_grid"] = [(oracle - trace[min(len(trace), max(1, round(i * budget / GRID))) - 1][0]) * 100
+                          for i in range(1, GRID + 1)]
     return row
 
 
@@ -319,6 +378,39 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figure(rows: list[dict], path: Path, strategies: list[str]) -> None:
+    """Regret (points below the table's best val_acc) against epochs spent as a share of random search's, median
+    over seeds with the interquartile band; one panel per data set and trials at once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["dataset"], r["concurrency"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=False)
+    x = np.arange(1, GRID + 1) / GRID
+    for ax, (dataset, k) in zip(axes[0], panels):
+        for strategy in strategies:
+            grid = np.array([r["regret_grid"] for r in rows if r["dataset"] == dataset and r["concurrency"] == k
+                             and r["strategy"] == strategy])
+            if not len(grid):
+                continue
+            q1, med, q3 = np.percentile(grid, [25, 50, 75], axis=0)
+            line, = ax.plot(x, med, label=strategy.split(" (")[0])
+            ax.fill_between(x, q1, q3, color=line.get_color(), alpha=0.15)
+        n_val = next(r["n_val"] for r in rows if r["dataset"] == dataset)
+        ax.axhline(100 / n_val, color="grey", lw=0.8, ls=":")
+        ax.axvline(0.25, color="grey", lw=0.8, ls="--")
+        ax.set(title=f"{dataset}, {k} at once", xlabel="epochs / random search's epochs", ylim=(0, None))
+        ax.set_ylabel("regret (points of val_acc)")
+    axes[0][0].legend(fontsize=7)
+    fig.text(0.01, 0.01, "median over seeds, band: 25th-75th percentile; dotted: one validation image; "
+             "dashed: the 25% goal", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("curves", nargs="+", type=Path, help="Parquet files of recorded curves")
@@ -326,11 +418,14 @@ def main(argv=None) -> None:
     ap.add_argument("--trials", type=int, default=None,
                     help="random search's trials, which set the budget (default: half the recorded configs, >= 8)")
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES), metavar="NAME")
-    ap.add_argument("--answer", choices=("nearest", "unused"), default="nearest",
-                    help="a proposal gets the nearest recorded config, or the nearest this search has not run")
+    ap.add_argument("--answer", choices=("nearest", "unused", "blend"), default="nearest",
+                    help="a proposal gets the nearest recorded config, the nearest this search has not run, or the "
+                         "distance-weighted mean of the 3 nearest curves of its cell (a surrogate)")
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1], metavar="K",
                     help="trials running at once (each value replays every strategy; default: 1)")
-    ap.add_argument("--out", type=Path, required=True, help="directory for replay.csv and replay.md")
+    ap.add_argument("--figure", nargs="+", default=None, metavar="NAME",
+                    help="strategies drawn in replay.png (default: the first four replayed)")
+    ap.add_argument("--out", type=Path, required=True, help="directory for replay.csv, replay.md and replay.png")
     args = ap.parse_args(argv)
     missing = [p for p in args.curves if not p.is_file()]
     if missing:
@@ -339,15 +434,19 @@ def main(argv=None) -> None:
     tic = time.perf_counter()
     if min(args.concurrency) < 1:
         raise SystemExit("--concurrency: each value must be >= 1 (trials running at once)")
+    unknown = [s for s in args.figure or () if s not in args.strategies]
+    if unknown:
+        raise SystemExit(f"--figure: {unknown[0]!r} is not replayed; name it in --strategies too")
     rows = replay([t for p in args.curves for t in read_tables(p)], args.seeds, args.trials, args.strategies,
                   args.answer, tuple(args.concurrency))
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "replay.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "regret_grid"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     table = markdown(rows)
     (args.out / "replay.md").write_text(table)
+    figure(rows, args.out / "replay.png", args.figure or args.strategies[:4])
     print(table + f"\n{len(rows)} searches in {time.perf_counter() - tic:.0f} s -> {args.out}")
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import optuna
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import REPO
 from ray.tune.schedulers.async_hyperband import _Bracket
 
@@ -76,6 +77,7 @@ def test_replay_reads_the_table_and_measures_against_random_search(tmp_path, cap
     table_md = (tmp_path / "out" / "replay.md").read_text()
     assert table_md.count("\n") == 2 + 3 and "toy (50, 8 x 6)" in table_md
     assert "9 searches" in capsys.readouterr().out
+    assert (tmp_path / "out" / "replay.png").stat().st_size > 10_000  # the figure, drawn by matplotlib
 
 
 def test_concurrent_trials_spend_and_find_what_they_report(tmp_path):
@@ -89,3 +91,41 @@ def test_concurrent_trials_spend_and_find_what_they_report(tmp_path):
     assert one["trace"] != four["trace"]  # the same epochs, interleaved: the best so far rises in another order
     run = search_replay.search(table, "ray-asha g2 rf3", 0, budget=30, concurrency=3)
     assert len(run["trace"]) == 30
+
+
+def test_ray_asha_brackets_have_rays_rungs_and_on_best_judges_the_best_so_far():
+    pruner = search_replay.RayAshaPruner(grace=2, rf=3, max_t=30, brackets=3)
+    for s, rungs in enumerate(pruner.brackets):
+        assert sorted(rungs) == sorted(m for m, _ in _Bracket(min_t=2, max_t=30, reduction_factor=3, s=s)._rungs)
+    assert [sorted(r) for r in pruner.brackets] == [[2, 6, 18], [6, 18], [18]]
+    assert pruner.p == pytest.approx(np.exp([0, -1, -2]) / np.exp([0, -1, -2]).sum())  # Ray's on_trial_add weights
+    study = optuna.create_study(direction="maximize", pruner=pruner, study_name="brackets")
+    chosen = [len(pruner.bracket(study, study.ask())) for _ in range(300)]
+    assert 0.6 < chosen.count(3) / 300 < 0.75 and chosen.count(1) > 10  # ~0.67 / 0.24 / 0.09
+
+    best = search_replay.RayAshaPruner(grace=2, rf=3, max_t=30, on="best")
+    study = optuna.create_study(direction="maximize", pruner=best)
+    first = study.ask()
+    first.report(0.5, 1)
+    first.report(0.5, 2)
+    assert not first.should_prune()
+    second = study.ask()
+    second.report(0.9, 1)
+    second.report(0.1, 2)  # its last value is below the first trial's, its best is not
+    assert not second.should_prune() and best.recorded[2] == [0.5, 0.9]
+
+
+def test_blended_answer_is_a_recorded_curve_or_a_rounded_weighted_mean_of_its_cell(tmp_path):
+    write_table(tmp_path / "toy.parquet")
+    (table,) = search_replay.read_tables(tmp_path / "toy.parquet")
+    curve, test = table.blend(table.params[4])
+    assert np.array_equal(curve, table.val_acc[4]) and test == table.test_acc[4]  # a recorded config: its own curve
+    between = {**table.params[4], "lr_head": (table.params[4]["lr_head"] * table.params[6]["lr_head"]) ** 0.5,
+               "dropout": (table.params[4]["dropout"] + table.params[6]["dropout"]) / 2}
+    curve, test = table.blend(between)
+    lo, hi = np.minimum(table.val_acc[4], table.val_acc[6]), np.maximum(table.val_acc[4], table.val_acc[6])
+    assert np.all(curve >= lo - 0.02 - 1e-9) and np.all(curve <= hi + 0.02 + 1e-9)
+    assert np.allclose(curve * table.n_val, np.round(curve * table.n_val))  # whole validation images
+    assert min(table.test_acc[[4, 6]]) - 0.1 <= test <= max(table.test_acc[[4, 6]]) + 0.1
+    table.val_acc[4, 3:] = np.nan  # the nearest diverged at epoch 4: so does the answer
+    assert np.isnan(table.blend({**table.params[4], "dropout": table.params[4]["dropout"] + 1e-3})[0][3:]).all()
