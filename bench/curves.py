@@ -117,6 +117,12 @@ def KeepBest(directory: str):
     return _KeepBest()
 
 
+def label(dataset: str) -> str:
+    """The data set as the files and the replay name it: with the validation split when it keeps people apart
+    (ckplus48 by subject), so a table from before (frames of one person on both sides) is never mistaken for it."""
+    return f"{dataset} by {GROUP_BY[dataset]}" if dataset in GROUP_BY else dataset
+
+
 def write_parquet(out: Path, dataset: str, done: list[dict], configs: dict) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -125,7 +131,7 @@ def write_parquet(out: Path, dataset: str, done: list[dict], configs: dict) -> P
     for res in done:
         cfg = configs[res["task"][1]]
         for r in res["reports"]:
-            rows.append({"config_id": cfg["config_id"], "dataset": dataset, **{k: cfg[k] for k in PARAMS},
+            rows.append({"config_id": cfg["config_id"], "dataset": label(dataset), **{k: cfg[k] for k in PARAMS},
                          **{k: r.get(k) for k in ("epoch", *METRICS)}, "best_epoch": res["best_epoch"],
                          "test_acc_at_best": res["test_acc_at_best"], "diverged": res["diverged"]})
     rows.sort(key=lambda r: (r["config_id"], r["epoch"]))

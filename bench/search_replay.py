@@ -187,10 +187,14 @@ class RayAshaPruner(optuna.pruners.BasePruner):
         return stop
 
 
-def tpe(seed: int):
+def tpe(seed: int, startup: int = 8):
     # As the service (tune.py): multivariate TPE with the constant liar (it changes nothing when trials run one at
     # a time: no trial is running when the next is asked for).
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True, constant_liar=True)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True)
+
+
+def tpe_startup(startup: int):
+    return lambda seed: tpe(seed, startup)
 
 
 def random(seed: int):
@@ -236,6 +240,8 @@ STRATEGIES = {
     "ray-asha g2 rf5 on best": (random, ray_asha(2, 5, on="best"), "pruned"),
     "ray-asha g1 rf4 on best": (random, ray_asha(1, 4, on="best"), "pruned"),
     "tpe + ray-asha g2 rf3, PRUNED (shipped since 2026-11-26)": (tpe, ray_asha(2, 3), "pruned"),
+    "tpe startup 16 + ray-asha g2 rf3, PRUNED": (tpe_startup(16), ray_asha(2, 3), "pruned"),
+    "tpe startup 24 + ray-asha g2 rf3, PRUNED": (tpe_startup(24), ray_asha(2, 3), "pruned"),
     "hyperband g1 rf3": (random, hyperband, "pruned"),
     "bohb (tpe + hyperband g1 rf3)": (tpe, hyperband, "pruned"),
     "median (warmup 3)": (random, lambda E: optuna.pruners.MedianPruner(5, n_warmup_steps=3), "pruned"),
@@ -386,10 +392,12 @@ def figure(rows: list[dict], path: Path, strategies: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys((r["dataset"], r["concurrency"]) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=False)
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    ks = list(dict.fromkeys(r["concurrency"] for r in rows))
+    fig, axes = plt.subplots(len(datasets), len(ks), figsize=(4.6 * len(ks), 3.3 * len(datasets)), squeeze=False)
     x = np.arange(1, GRID + 1) / GRID
-    for ax, (dataset, k) in zip(axes[0], panels):
+    for (i, dataset), (j, k) in ((a, b) for a in enumerate(datasets) for b in enumerate(ks)):
+        ax = axes[i][j]
         for strategy in strategies:
             grid = np.array([r["regret_grid"] for r in rows if r["dataset"] == dataset and r["concurrency"] == k
                              and r["strategy"] == strategy])
@@ -404,9 +412,9 @@ def figure(rows: list[dict], path: Path, strategies: list[str]) -> None:
         ax.set(title=f"{dataset}, {k} at once", xlabel="epochs / random search's epochs", ylim=(0, None))
         ax.set_ylabel("regret (points of val_acc)")
     axes[0][0].legend(fontsize=7)
-    fig.text(0.01, 0.01, "median over seeds, band: 25th-75th percentile; dotted: one validation image; "
+    fig.text(0.01, 0.005, "median over seeds, band: 25th-75th percentile; dotted: one validation image; "
              "dashed: the 25% goal", fontsize=7)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

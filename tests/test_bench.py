@@ -36,3 +36,16 @@ def test_derived_space_changes_only_what_it_names(tmp_path):
     assert (base.worker_group, group.worker_group) == ("auto", "always")
     assert (base.seed, group.seed) == (0, 7)
     assert group.fixed == base.fixed and group.points == base.points and group.scaling == base.scaling
+
+
+def test_search_efficiency_kinds_differ_in_sampler_and_schedule_only(tmp_path):
+    from bench.common import derived_space
+    from bench.search_efficiency import KINDS
+
+    spaces = {kind: load_space(derived_space(src, tmp_path, kind, {**changes, "search.seed": 3}))
+              for kind, (src, changes) in KINDS.items()}
+    assert {k: s.algorithm for k, s in spaces.items()} == {"random": "random", "asha": "tpe", "random-asha": "random"}
+    assert spaces["random"].asha is None
+    assert spaces["asha"].asha == spaces["random-asha"].asha == {"max_t": 12, "grace_period": 2, "reduction_factor": 3}
+    for s in spaces.values():
+        assert s.seed == 3 and s.fixed == spaces["random"].fixed and s.num_samples == 16
