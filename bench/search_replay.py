@@ -243,6 +243,8 @@ STRATEGIES = {
     "tpe startup 16 + ray-asha g2 rf3, PRUNED": (tpe_startup(16), ray_asha(2, 3), "pruned"),
     "tpe startup 24 + ray-asha g2 rf3, PRUNED": (tpe_startup(24), ray_asha(2, 3), "pruned"),
     "hyperband g1 rf3": (random, hyperband, "pruned"),
+    "sync-sh g2 rf3": (random, None, None),  # synchronous successive halving: measure() runs synchronous_sh
+    "sync-sh g2 rf4": (random, None, None),
     "bohb (tpe + hyperband g1 rf3)": (tpe, hyperband, "pruned"),
     "median (warmup 3)": (random, lambda E: optuna.pruners.MedianPruner(5, n_warmup_steps=3), "pruned"),
     "tpe + asha g3 rf3, PRUNED": (tpe, sh(3, 3), "pruned"),
@@ -314,9 +316,51 @@ def search(table: Table, strategy: str, seed: int, budget: int | None = None, tr
     return {"trace": trace, "trials": n}
 
 
+def synchronous_sh(table: Table, seed: int, budget: int, n: int, grace: int, rf: int, answer: str) -> dict:
+    """Synchronous successive halving, random sampling: n configs each train to the first rung (grace epochs); once
+    ALL of them are there, the best 1/rf go on to the next (grace * rf), and so on; the last survivors train to
+    the end. No straggler is promoted before the rung is full, so this is the cost floor that ASHA's asynchronous
+    promotion pays above (the rung waits for its slowest trial: wall time is not modelled). A bracket that ends
+    before the budget is followed by a new one with fresh configs. -> {"trace"} as search() returns it."""
+    sampler = optuna.samplers.RandomSampler(seed=seed)
+    study = optuna.create_study(direction="maximize", sampler=sampler, study_name=f"sync-sh seed {seed}")
+    rungs = [grace * rf ** k for k in range(int(math.log(table.epochs / grace) / math.log(rf)) + 1)
+             if grace * rf ** k < table.epochs] + [table.epochs]
+    best, pick, trace, used = -1.0, math.nan, [], set()
+    while len(trace) < budget:
+        alive = []
+        for _ in range(n):
+            trial = study.ask(table.space)
+            if answer == "blend":
+                alive.append(table.blend(trial.params))
+            else:
+                cid = table.nearest(trial.params, used if answer == "unused" else None)
+                used.add(cid)
+                alive.append((table.val_acc[cid], float(table.test_acc[cid])))
+            study.tell(trial, state=TrialState.PRUNED)  # the sampler is random: what it is told changes nothing
+        start = 0
+        for k, rung in enumerate(rungs):
+            for curve, test in alive:
+                for e in range(start, rung):
+                    if len(trace) >= budget or not math.isfinite(curve[e]):
+                        break
+                    if curve[e] > best:
+                        best, pick = float(curve[e]), test
+                    trace.append((best, pick))
+            keep = max(1, len(alive) // rf)
+            at_rung = [np.nan_to_num(c[rung - 1], nan=-1.0) for c, _ in alive]
+            alive = [alive[i] for i in np.argsort(at_rung, kind="stable")[::-1][:keep]]
+            start = rung
+    return {"trace": trace[:budget]}
+
+
 def measure(table: Table, strategy: str, seed: int, target: float, budget: int, answer: str = "nearest",
-            concurrency: int = 1) -> dict:
-    trace = search(table, strategy, seed, budget=budget, answer=answer, concurrency=concurrency)["trace"]
+            concurrency: int = 1, trials: int = 0) -> dict:
+    if strategy.startswith("sync-sh"):  # "sync-sh gG rfR": concurrency does not apply (every rung waits for all)
+        grace, rf = (int(w.lstrip("grf")) for w in strategy.split()[1:3])
+        trace = synchronous_sh(table, seed, budget, trials, grace, rf, answer)["trace"]
+    else:
+        trace = search(table, strategy, seed, budget=budget, answer=answer, concurrency=concurrency)["trace"]
     oracle = float(np.nanmax(table.val_acc))
     reach = next((e + 1 for e, (b, _) in enumerate(trace) if b >= target - 1 / table.n_val + 1e-9), None)
     row = {"dataset": table.dataset, "strategy": strategy, "concurrency": concurrency, "seed": seed,
@@ -345,7 +389,7 @@ def replay(tables: list[Table], seeds: int, trials: int | None, strategies: list
             for k in concurrency:
                 for strategy in strategies:
                     tic = time.perf_counter()
-                    rows.append({**measure(table, strategy, seed, target, budget, answer, k), "random_trials": n,
+                    rows.append({**measure(table, strategy, seed, target, budget, answer, k, n), "random_trials": n,
                                  "random_best": target, "n_val": table.n_val,
                                  "wall_s": round(time.perf_counter() - tic, 3)})
     return rows

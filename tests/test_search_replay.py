@@ -129,3 +129,19 @@ def test_blended_answer_is_a_recorded_curve_or_a_rounded_weighted_mean_of_its_ce
     assert min(table.test_acc[[4, 6]]) - 0.1 <= test <= max(table.test_acc[[4, 6]]) + 0.1
     table.val_acc[4, 3:] = np.nan  # the nearest diverged at epoch 4: so does the answer
     assert np.isnan(table.blend({**table.params[4], "dropout": table.params[4]["dropout"] + 1e-3})[0][3:]).all()
+
+
+def test_synchronous_successive_halving_waits_for_the_full_rung_then_keeps_the_best_third(tmp_path):
+    write_table(tmp_path / "toy.parquet")
+    (table,) = search_replay.read_tables(tmp_path / "toy.parquet")
+    # 12 configs (each once: unused answers) x 2 epochs, then the best 4 at epoch 2 train on to 6: 24 + 16 epochs
+    trace = search_replay.synchronous_sh(table, seed=0, budget=40, n=12, grace=2, rf=3, answer="unused")["trace"]
+    assert len(trace) == 40
+    assert trace[23][0] == np.nanmax(table.val_acc[:, :2])  # every config reached the first rung before any went on
+    at_rung = table.val_acc[:, 1]
+    cut = np.sort(at_rung)[::-1][3]
+    assert (at_rung > cut).sum() < 4 <= (at_rung >= cut).sum()  # the 4th best value may tie: the allowed survivors
+    allowed = np.nanmax(table.val_acc[at_rung >= cut], axis=1)
+    assert trace[-1][0] <= allowed.max() and trace[-1][0] >= np.nanmax(table.val_acc[at_rung > cut], initial=0)
+    # a budget past the bracket starts a new one (fresh configs: repeats once the table is used up)
+    assert len(search_replay.synchronous_sh(table, 0, 55, 12, 2, 3, "unused")["trace"]) == 55
