@@ -7,7 +7,10 @@ and walks that config's curve epoch by epoch (`trial.report(val_acc, epoch)`, `t
 the epochs spent. Simplifications: every epoch takes the same time (so `--concurrency K` trials at once advance in
 step; with K = 1, the default, trials run one after another and no straggler exists), and a proposal gets the
 nearest recorded config's curve (a finite table: repeats give the same curve; `--answer unused` gives each proposal
-the nearest config the search has not run yet).
+the nearest config the search has not run yet; `--answer blend`, a surrogate, the distance-weighted mean of the 3
+nearest curves of its (model, batch size) cell). Besides Optuna's samplers and pruners: Ray's ASHA rule (with
+brackets, or judging the best value so far) and synchronous successive halving (`sync-sh`, every rung waits for
+all its trials). replay.png draws regret against epochs for the strategies `--figure` names.
 
 Random search (N trials, every one trained to the end) sets the budget and the target per seed. Reported per
 strategy and data set, median [IQR] over seeds:
@@ -104,6 +107,16 @@ class Table:
         curve = np.round(mean * self.n_val) / self.n_val
         curve[~np.isfinite(self.val_acc[first])] = np.nan
         return curve, float((self.test_acc[near] * w).sum() / w.sum())
+
+
+    def answer(self, proposal: dict, how: str, used: set) -> tuple[np.ndarray, float]:
+        """What a proposal trains to: (val_acc curve, test accuracy). how: "nearest" recorded config, "unused"
+        (the nearest this search has not run; `used` collects them) or "blend" (a surrogate, see blend)."""
+        if how == "blend":
+            return self.blend(proposal)
+        cid = self.nearest(proposal, used if how == "unused" else None)
+        used.add(cid)
+        return self.val_acc[cid], float(self.test_acc[cid])
 
 
 def read_tables(path: Path) -> list[Table]:
@@ -281,12 +294,7 @@ def search(table: Table, strategy: str, seed: int, budget: int | None = None, tr
     while not spent():
         while len(running) < concurrency and (trials is None or n < trials):
             trial = study.ask(table.space)
-            if answer == "blend":
-                curve, test = table.blend(trial.params)
-            else:
-                cid = table.nearest(trial.params, used if answer == "unused" else None)
-                used.add(cid)
-                curve, test = table.val_acc[cid], float(table.test_acc[cid])
+            curve, test = table.answer(trial.params, answer, used)
             n += 1
             running.append([trial, curve, test, 0])
         if not running:
@@ -331,15 +339,10 @@ def synchronous_sh(table: Table, seed: int, budget: int, n: int, grace: int, rf:
         alive = []
         for _ in range(n):
             trial = study.ask(table.space)
-            if answer == "blend":
-                alive.append(table.blend(trial.params))
-            else:
-                cid = table.nearest(trial.params, used if answer == "unused" else None)
-                used.add(cid)
-                alive.append((table.val_acc[cid], float(table.test_acc[cid])))
+            alive.append(table.answer(trial.params, answer, used))
             study.tell(trial, state=TrialState.PRUNED)  # the sampler is random: what it is told changes nothing
         start = 0
-        for k, rung in enumerate(rungs):
+        for rung in rungs:
             for curve, test in alive:
                 for e in range(start, rung):
                     if len(trace) >= budget or not math.isfinite(curve[e]):
