@@ -45,13 +45,17 @@ KINDS = {"random": (SPACES / "search_random.yaml", {}), "asha": (SPACES / "searc
 LABELS = {"asha": "TPE+ASHA", "random-asha": "random+ASHA"}
 
 
-def one_search(kind: str, dataset: str, seed: int, trials: int, epochs: int, out: Path) -> dict:
-    # the search seed is not a TrainConfig field, so --set cannot change it: a copy of the space carries it
+def one_search(kind: str, dataset: str, seed: int, trials: int, epochs: int, out: Path, sets=()) -> dict:
+    # the search seed and ASHA's max_t are not TrainConfig fields, so --set cannot change them: a copy of the space
+    # carries them (max_t follows --epochs: a trial is never cut short of the epochs random search trains)
     src, changes = KINDS[kind]
+    if yaml.safe_load(src.read_text()).get("scheduler") not in (None, "none"):
+        changes = {**changes, "scheduler.asha.max_t": epochs}
     space = derived_space(src, out, f"{kind}_seed{seed}", {**changes, "search.seed": seed})
     storage = out / f"{dataset}-seed{seed}-{kind}"
     run, exp = tune(space, storage, storage.with_suffix(".log"), "--num-samples", str(trials),
-                    "--set", f"data=imagefolder:{DATA / dataset}", "--set", f"epochs={epochs}")
+                    "--set", f"data=imagefolder:{DATA / dataset}", "--set", f"epochs={epochs}",
+                    *(a for kv in sets for a in ("--set", kv)))
     rows = read_csv(exp / "leaderboard.csv")
     scored = [float(r["best_val_acc"]) for r in rows if r["best_val_acc"] not in ("", None)]
     return {"kind": kind, "dataset": dataset, "seed": seed, "wall_s": run["wall_s"], "cpu": run["cpu"],
@@ -152,7 +156,7 @@ def replay_table(out: Path, datasets: list[str], sizes=(16, 64), repeats: int = 
         curves = random_curves(out, dataset)
         if not curves:
             continue
-        max_t = min(asha["max_t"], max(len(c) for c in curves))
+        max_t = max(len(c) for c in curves)  # the searches ran ASHA with max_t = their epochs
         for grace, rf in schedules:
             for n in sizes:
                 rng = random.Random(n)  # the same draws for every schedule
@@ -177,14 +181,14 @@ def sha_floor(grace: int, rf: float, max_t: int) -> float:
     return epochs / max_t
 
 
-def val_count(dataset: str) -> int:
+def val_count(dataset: str, sets=()) -> int:
     """Validation images of the bench space's split of `dataset` (the same for every trial: seed 0)."""
     from distributed.config import TrainConfig
     from distributed.data import load_data
     from distributed.search_space import load_space
     from distributed.splits import make_splits
 
-    space = load_space(KINDS["random"][0], [f"data=imagefolder:{DATA / dataset}"])
+    space = load_space(KINDS["random"][0], [f"data=imagefolder:{DATA / dataset}", *sets])
     cfg = TrainConfig.from_dict(space.fixed)
     return len(make_splits(load_data(cfg), cfg).val_y)
 
@@ -195,6 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TrainConfig override for every search (repeatable), e.g. group_by=subject for ckplus48")
     p.add_argument("--kinds", nargs="+", default=["random", "asha"], choices=list(KINDS),
                    help="searches per data set and seed (random is the baseline, always run)")
     p.add_argument("--out", default=None, help="default: results/bench/search_efficiency/<time>; searches already "
@@ -224,7 +230,7 @@ def main(argv=None) -> int:
 
     pairs = []
     for dataset in args.datasets:
-        n_val = val_count(dataset)
+        n_val = val_count(dataset, args.set)
         for seed in args.seeds:
             res = done.get((dataset, seed), {})
             # alternate which search goes first, so a slow spell on the machine does not always hit the same one
@@ -233,7 +239,7 @@ def main(argv=None) -> int:
                     print(f"  {dataset} seed {seed} {kind}: in {saved.name} already ({res[kind].get('version', '')})")
                     continue
                 print(f"  {dataset} seed {seed} {kind} ... (load average {os.getloadavg()[0]:.1f})", flush=True)
-                res[kind] = one_search(kind, dataset, seed, args.trials, args.epochs, out)
+                res[kind] = one_search(kind, dataset, seed, args.trials, args.epochs, out, args.set)
                 res[kind].update(val_count=n_val, version=proc.code_version())
                 r = res[kind]
                 print(f"    best val_acc {r['best']:.4f}, {r['epochs']} epochs {r['epochs_per_trial']}, "
@@ -248,7 +254,7 @@ def main(argv=None) -> int:
 
 def report(pairs: list[dict], args) -> int:
     asha = yaml.safe_load(KINDS["asha"][0].read_text())["scheduler"]["asha"]
-    floor = sha_floor(asha["grace_period"], asha["reduction_factor"], min(asha["max_t"], args.epochs))
+    floor = sha_floor(asha["grace_period"], asha["reduction_factor"], args.epochs)  # max_t = the epochs
     kinds = [k for k in KINDS if k != "random" and any(k in res for res in pairs)]
     spread = lambda v: f"mean {statistics.mean(v):+.2f}, range {min(v):+.2f}..{max(v):+.2f}"  # noqa: E731
     for kind in kinds:
@@ -278,7 +284,7 @@ def report(pairs: list[dict], args) -> int:
                   f"test accuracy of the picks, {label} - random (points) {spread(tdiffs)}")
     print("\nrank correlation (Spearman, random search's trials) of val_acc at epoch e with the trial's best val_acc; "
           "ASHA's rungs are at " + ", ".join(map(str, rungs(asha["grace_period"], asha["reduction_factor"],
-                                                            min(asha["max_t"], args.epochs)))))
+                                                            args.epochs))))
     for dataset in args.datasets:
         mine = [res["random"]["rung_spearman"] for res in pairs if res["random"]["dataset"] == dataset]
         print(f"  {dataset:<15}" + "  ".join(f"e{e}: {statistics.mean(m[e] for m in mine):+.2f}"
@@ -286,7 +292,7 @@ def report(pairs: list[dict], args) -> int:
         print(f"  {'':<15}" + "  ".join(f"{'':>3} {min(m[e] for m in mine):+.2f}..{max(m[e] for m in mine):+.2f}"
                                         for e in sorted(mine[0], key=int)[:4]) + "  (range over seeds, e1-e4)")
     print(f"ideal successive-halving floor for this schedule (grace {asha['grace_period']}, reduction factor "
-          f"{asha['reduction_factor']}, max_t {min(asha['max_t'], args.epochs)}): {floor:.1%} of random search's "
+          f"{asha['reduction_factor']}, max_t {args.epochs}): {floor:.1%} of random search's "
           f"epochs")
     return 0
 
