@@ -5,7 +5,8 @@ the real loop (`train_loop` + a LocalRun per config), one Parquet file per data 
                               train_loss, epoch_s, best_epoch, test_acc_at_best (per config, on every row)
 
     python3 -m bench.curves --data-dir DIR --out OUT [--configs 64 --epochs 30 --workers 8 --limit-s 300]
-    python3 -m bench.curves --data-dir ../shared/data --datasets ckplus48 --workers 2 --limit-s 9000 --out OUT
+    python3 -m bench.curves --data-dir DATA --datasets ckplus48 --models small_cnn --workers 2 --limit-s 5400 --out OUT
+(the last: BENCHMARKS 3b's CPU table, ~55 min on 2 cores).
 
 CK+48 is validated by person (GROUP_BY: no subject on both sides of the split); fer2013_small has no person labels.
 

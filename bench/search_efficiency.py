@@ -45,13 +45,18 @@ KINDS = {"random": (SPACES / "search_random.yaml", {}), "asha": (SPACES / "searc
 LABELS = {"asha": "TPE+ASHA", "random-asha": "random+ASHA"}
 
 
-def one_search(kind: str, dataset: str, seed: int, trials: int, epochs: int, out: Path, sets=()) -> dict:
-    # the search seed and ASHA's max_t are not TrainConfig fields, so --set cannot change them: a copy of the space
-    # carries them (max_t follows --epochs: a trial is never cut short of the epochs random search trains)
+def kind_space(kind: str, seed: int, epochs: int, out: Path) -> Path:
+    """The space file one search runs. The search seed and ASHA's max_t are not TrainConfig fields, so --set cannot
+    change them: a copy of the space carries them (max_t follows --epochs: no trial is cut short of the epochs
+    random search trains)."""
     src, changes = KINDS[kind]
     if yaml.safe_load(src.read_text()).get("scheduler") not in (None, "none"):
         changes = {**changes, "scheduler.asha.max_t": epochs}
-    space = derived_space(src, out, f"{kind}_seed{seed}", {**changes, "search.seed": seed})
+    return derived_space(src, out, f"{kind}_seed{seed}", {**changes, "search.seed": seed})
+
+
+def one_search(kind: str, dataset: str, seed: int, trials: int, epochs: int, out: Path, sets=()) -> dict:
+    space = kind_space(kind, seed, epochs, out)
     storage = out / f"{dataset}-seed{seed}-{kind}"
     run, exp = tune(space, storage, storage.with_suffix(".log"), "--num-samples", str(trials),
                     "--set", f"data=imagefolder:{DATA / dataset}", "--set", f"epochs={epochs}",

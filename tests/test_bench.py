@@ -39,13 +39,37 @@ def test_derived_space_changes_only_what_it_names(tmp_path):
 
 
 def test_search_efficiency_kinds_differ_in_sampler_and_schedule_only(tmp_path):
-    from bench.common import derived_space
-    from bench.search_efficiency import KINDS
+    from bench.search_efficiency import KINDS, kind_space
 
-    spaces = {kind: load_space(derived_space(src, tmp_path, kind, {**changes, "search.seed": 3}))
-              for kind, (src, changes) in KINDS.items()}
+    spaces = {kind: load_space(kind_space(kind, 3, 12, tmp_path)) for kind in KINDS}
     assert {k: s.algorithm for k, s in spaces.items()} == {"random": "random", "asha": "tpe", "random-asha": "random"}
     assert spaces["random"].asha is None
     assert spaces["asha"].asha == spaces["random-asha"].asha == {"max_t": 12, "grace_period": 2, "reduction_factor": 3}
     for s in spaces.values():
         assert s.seed == 3 and s.fixed == spaces["random"].fixed and s.num_samples == 16
+    # a longer search moves ASHA's last rung with it (a trial is never cut short of random search's epochs)
+    assert load_space(kind_space("asha", 3, 30, tmp_path / "long")).asha["max_t"] == 30
+
+
+def test_curves_record_ckplus48_validated_by_person(tmp_path):
+    """bench.curves on the real CK+48: one tiny config, its table named 'ckplus48 by subject', every val_acc a
+    whole number of the person-split validation faces (splits.make_splits with group_by=subject)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from conftest import DATA, need
+
+    from bench import curves
+    from distributed.config import TrainConfig
+    from distributed.data import load_data
+    from distributed.splits import make_splits
+
+    need(DATA / "ckplus48")
+    assert curves.main(["--data-dir", str(DATA), "--datasets", "ckplus48", "--models", "small_cnn", "--configs", "1",
+                        "--epochs", "2", "--workers", "1", "--train-limit", "64", "--limit-s", "600",
+                        "--out", str(tmp_path)]) == 0
+    rows = pq.read_table(tmp_path / "curves_ckplus48.parquet").to_pylist()
+    assert [r["epoch"] for r in rows] == [1, 2] and {r["dataset"] for r in rows} == {"ckplus48 by subject"}
+    cfg = TrainConfig(data=f"imagefolder:{DATA / 'ckplus48'}", group_by="subject", seed=0)
+    n_val = len(make_splits(load_data(cfg), cfg).val_y)
+    acc = np.array([r["val_acc"] for r in rows])
+    assert np.allclose(acc * n_val, np.round(acc * n_val)) and n_val == 108  # the table's by-person split
