@@ -25,14 +25,11 @@ from PIL import Image
 
 from distributed import storage
 from distributed.config import check_field
+from distributed.errors import DataError
 from distributed.synthetic import draw_dataset
 
 PROGRESS_FROM = 5000  # decodes of at least this many images report their progress
 FER2013_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
-
-
-class DataError(ValueError):
-    """Bad data or data spec from the user: one line naming the problem and the fix. The CLI exits 2."""
 
 
 @dataclass

@@ -16,16 +16,13 @@ from torch import nn
 
 from distributed import storage
 from distributed.config import TrainConfig
+from distributed.errors import ModelFileError
 from distributed.models import create_model
 
 MODEL_FORMAT = "emotune-model/1"
 STATE_FORMAT = "emotune-state/1"
 STATE_FILE, BEST_FILE = "state.pt", "best_model.pt"  # one checkpoint directory: save_state / load_state
 FINAL_FILE = "final_model.pt"  # beside best_model.pt at the end of `emotune train`
-
-
-class ModelFileError(ValueError):
-    """A file that is not an emotune model/checkpoint, or that carries pickled code."""
 
 
 def model_blob(net: nn.Module, cfg: TrainConfig, class_names: list[str], metrics: dict) -> dict:

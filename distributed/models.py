@@ -12,15 +12,15 @@ import os
 from pathlib import Path
 from typing import Callable
 
+# torchvision (about 1.3 s to import on top of torch) is imported only where a backbone needs it: building a scratch
+# CNN, or any code that just imports this module, never pays for it
 import torch
-import torchvision
 from torch import nn
 
-from distributed.config import check_field, did_you_mean
+from distributed.errors import ModelError, did_you_mean
 
-
-class ModelError(ValueError):
-    """Bad user input: unknown model name, missing or unfitting weights file. The CLI prints it and exits 2."""
+# what every stem takes: grey faces, or RGB (a backbone's grey stem is its RGB conv summed over R, G and B)
+IN_CHANNELS = (1, 3)
 
 
 # -- scratch CNNs (48x48 faces) ------------------------------------------------------------------------
@@ -177,6 +177,8 @@ BACKBONES = {
 
 
 def build_backbone(name, num_classes, in_channels, dropout, pretrained, weights_path) -> nn.Module:
+    import torchvision
+
     net = getattr(torchvision.models, name)(weights=None)
     # weights go into torchvision's own module names, before the head is replaced and the stem made grey
     if weights_path:
@@ -198,6 +200,8 @@ def download_imagenet(name: str) -> tuple[dict, str]:
     # IMAGENET1K_V1, not DEFAULT: the classic weights transfer-learning recipes start from, and the same for
     # every backbone (DEFAULT is a different, later file for resnet50 and mobilenet_v2, which would also miss
     # an offline cache holding the V1 file)
+    import torchvision
+
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     file_name = weights.url.split("/")[-1]
     cache = Path(torch.hub.get_dir()) / "checkpoints"
@@ -238,6 +242,8 @@ def fit_skeleton(cfg, state: dict, num_classes: int | None) -> nn.Module:
     allocated or initialised, so even VGG19 takes milliseconds)."""
     with torch.device("meta"):
         if cfg.model in BACKBONES:  # build_backbone loads the file into torchvision's own model, before the new head
+            import torchvision
+
             return getattr(torchvision.models, cfg.model)(weights=None)
         classes = num_classes or len(cfg.classes)
         model = create_model(cfg.model, max(classes, 2), in_channels=cfg.in_channels)
@@ -336,11 +342,11 @@ def create_model(name: str, num_classes: int, in_channels: int = 1, dropout: flo
                  pretrained: bool = False, weights_path: str = "") -> nn.Module:
     """Build `name` with a `num_classes` head. weights_path wins over pretrained; neither = random init."""
     build = builder(name)
+    # only what a model itself needs; a knob's policy (dropout <= 0.95) is TrainConfig's, checked before this call
     if num_classes < 2:
         raise ModelError(f"{name}: num_classes must be >= 2, got {num_classes}")
-    # the ranges TrainConfig allows, from its knobs: a direct call cannot build what no config could ask for
-    check_field("in_channels", in_channels, f"{name}: in_channels")
-    check_field("dropout", dropout, f"{name}: dropout")
+    if in_channels not in IN_CHANNELS:
+        raise ModelError(f"{name}: in_channels {in_channels} is not supported; use 1 (grey) or 3 (RGB)")
     return build(num_classes=num_classes, in_channels=in_channels, dropout=dropout,
                  pretrained=pretrained, weights_path=weights_path)
 

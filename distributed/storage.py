@@ -12,12 +12,9 @@ import fnmatch
 import os
 import tempfile
 
+from distributed.errors import StorageError
+
 GCS_RETRY_S = 20
-
-
-class StorageError(ValueError):
-    """A location that cannot be used: missing bucket or file, unreachable endpoint, missing credentials.
-    The CLI prints it and exits 2."""
 
 
 def is_uri(location) -> bool:

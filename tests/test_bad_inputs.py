@@ -77,3 +77,33 @@ def test_bad_input_is_refused_clearly(path, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "something was written"
     for rel in case.get("absent", []):
         assert not (tmp_path / rel).exists()
+
+
+# a missing file is the commonest bad input: refusing it must not wait seconds for torch to import
+LEAN_REFUSALS = {"check-space": ["check-space", "/nonexistent.yaml"],
+                 "cluster validate": ["cluster", "validate", "/nonexistent.yaml"]}
+REPORT_HEAVY = ("import sys; from distributed.cli import main; rc = main(sys.argv[1:]); "
+                "print(' '.join(m for m in ('torch', 'torchvision') if m in sys.modules)); sys.exit(rc)")
+
+
+@pytest.mark.parametrize("argv", LEAN_REFUSALS.values(), ids=LEAN_REFUSALS)
+def test_missing_file_is_refused_without_importing_torch(argv):
+    done = subprocess.run([sys.executable, "-c", REPORT_HEAVY, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and "/nonexistent.yaml" in done.stderr, done.stderr
+    assert done.stdout.strip() == "", f"imported {done.stdout.strip()} only to refuse a missing file"
+
+
+def test_every_input_error_is_caught_by_the_cli():
+    from distributed.cluster.common import ClusterFileError
+    from distributed.config import ConfigError
+    from distributed.data import DataError
+    from distributed.errors import InputError
+    from distributed.modelfile import ModelFileError
+    from distributed.models import ModelError
+    from distributed.search_space import SpaceError
+    from distributed.storage import StorageError
+
+    for cls in (ConfigError, DataError, ModelError, ModelFileError, StorageError, SpaceError, ClusterFileError):
+        assert issubclass(cls, InputError), cls
