@@ -83,6 +83,7 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
     # Built after any resume and fast-forwarded, so a run resumed with more epochs stretches its schedule.
     for m, n in zip(members, steps):
         m.scheduler = make_schedule(cfg, m.optimizer, m.peak_lrs, total_steps=max(cfg.epochs, start_epoch) * n,
+                                    epoch_steps=n,
                                     done_steps=(start_epoch - 1) * n)
 
     run_start = start_epoch  # > 1 when this process resumed from a checkpoint
@@ -168,8 +169,8 @@ def build_member(cfg: TrainConfig, splits: Splits, run: "Run") -> Member:
     if cfg.channels_last and run.device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     groups = stages(net)
-    # Head first, so the first learning rate is lr_head and every backbone stage gets lr_backbone.
-    peak_lrs = [cfg.lr_head] + [cfg.lr_backbone] * (len(groups) - 1)
+    # Head first, so the first learning rate is lr_head and every backbone stage gets cfg.backbone_lr().
+    peak_lrs = [cfg.lr_head] + [cfg.backbone_lr()] * (len(groups) - 1)
     optimizer = torch.optim.AdamW([{"params": list(g.parameters()), "lr": lr} for g, lr in zip(groups, peak_lrs)],
                                   weight_decay=cfg.weight_decay)
     ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
@@ -334,9 +335,36 @@ def epoch_batches(y_np: np.ndarray, cfg: TrainConfig, rank: int, world: int, epo
             yield idx
 
 
-def make_schedule(cfg: TrainConfig, optimizer, peak_lrs: list[float], total_steps: int, done_steps: int = 0):
-    """Per-step schedule; `done_steps` > 0 resumes it (the optimizer state already carries initial_lr)."""
+# wsd: the last fifth of the run decays (at least one epoch); everything before it does not depend on the length.
+WSD_DECAY = 0.2
+
+
+def make_schedule(cfg: TrainConfig, optimizer, peak_lrs: list[float], total_steps: int, done_steps: int = 0,
+                  epoch_steps: int | None = None):
+    """Per-step schedule; `done_steps` > 0 resumes it (the optimizer state already carries initial_lr).
+
+    wsd (warm-up, stable, decay): a linear warm-up over the first epoch, the peak rate, then a linear decay to 0
+    over the last WSD_DECAY of the epochs. Until the decay starts the rate does not depend on how long the run is,
+    so ASHA's rungs compare trials at the same point of the same schedule, whatever their budget (OneCycle and
+    cosine stretch over the whole run: a trial judged at epoch 2 of 6 and one at epoch 2 of 20 are at different
+    rates). `epoch_steps`: steps per epoch (default: total_steps / epochs)."""
     last = done_steps - 1
+    if cfg.schedule == "wsd":
+        per_epoch = epoch_steps or max(1, total_steps // max(cfg.epochs, 1))
+        warm = per_epoch
+        decay = max(per_epoch, int(round(WSD_DECAY * total_steps / per_epoch)) * per_epoch)
+        decay_from = max(warm, total_steps - decay)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if step < decay_from:
+                return 1.0
+            return max(0.0, (total_steps - step) / max(1, total_steps - decay_from))
+
+        for group, peak in zip(optimizer.param_groups, peak_lrs):
+            group.setdefault("initial_lr", peak)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=last)
     if cfg.schedule == "onecycle":
         # OneCycleLR divides by (warm-up steps - 1): a short run (1 epoch of 4 batches at 0.25) would raise
         # ZeroDivisionError, so the warm-up takes at least 2 steps where there are 3 or more.

@@ -65,3 +65,20 @@ def test_yaml_syntax_error_names_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("epochs: 3\nlr_head: [1\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: YAML syntax error \(line \d+"):
         TrainConfig.load(tmp_path / "bad.yaml")
+
+
+def test_unset_lr_backbone_survives_every_round_trip_and_follows_the_model(tmp_path):
+    cfg = TrainConfig()
+    assert cfg.lr_backbone is None
+    cfg.save(tmp_path / "c.yaml")
+    assert "lr_backbone: null" in (tmp_path / "c.yaml").read_text()
+    assert TrainConfig.load(tmp_path / "c.yaml") == cfg == TrainConfig.from_dict(cfg.to_dict())
+    assert TrainConfig(lr_backbone=1e-3).with_overrides(["lr_backbone=null"]).lr_backbone is None
+    with pytest.raises(ConfigError, match="lr_backbone: 0.0 is out of range; it must be > 0"):
+        TrainConfig.from_dict({"lr_backbone": 0})
+    # from scratch: one rate; trained weights (ImageNet or a file): 1e-4; set: as set
+    assert TrainConfig(model="emotion_cnn48", lr_head=3e-3).backbone_lr() == 3e-3
+    assert TrainConfig(model="resnet18", lr_head=3e-3).backbone_lr() == 3e-3
+    assert TrainConfig(model="resnet18", lr_head=3e-3, pretrained=True).backbone_lr() == 1e-4
+    assert TrainConfig(model="small_cnn", lr_head=3e-3, weights_path="w.pt").backbone_lr() == 1e-4
+    assert TrainConfig(model="resnet18", pretrained=True, lr_backbone=1e-5).backbone_lr() == 1e-5

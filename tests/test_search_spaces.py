@@ -9,7 +9,7 @@ from ray.tune.utils.util import unflatten_dict
 
 from distributed.cli import main
 from distributed.config import ConfigError, TrainConfig
-from distributed.search_space import load_space
+from distributed.search_space import Param, load_space
 
 FILES = sorted(SPACES.glob("*.yaml")) + sorted((REPO / "bench" / "spaces").glob("*.yaml"))
 
@@ -45,6 +45,34 @@ def test_every_space_checks_and_converts(path, capsys):
         params, config = sample(space, 1)[0]
         for key, value in space.points[0].items():
             assert config[key] == pytest.approx(value)
+
+
+SHIPPED = sorted(SPACES.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_space_tries_the_plain_recipe_first(path, monkeypatch):
+    """The plain recipe, one long run, beat the CPU searches at equal work (BENCHMARKS.md section 5): every shipped
+    space evaluates it as a point, so not searching is always one of the trials. A point names every searched key
+    of the recipe (Optuna would draw the rest); what the space does not search must already be the recipe's."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.quality import PLAIN  # the overrides the benchmark trained the plain recipe with
+
+    # AdamW's decoupled decay at the config's default (1e-4 x lr 1e-3 per step) stands for Adam's 0: a log-scaled
+    # weight_decay has no 0, and the spaces that do not search it keep the default
+    recipe = {**PLAIN, "weight_decay": TrainConfig().weight_decay}
+    space = load_space(path)
+
+    def plain(point: dict) -> bool:
+        model = point.get("model", space.fixed.get("model"))
+        own = space.by_model.get(model, {})
+        searched = {k for k, spec in {**space.params, **own}.items() if isinstance(spec, Param)}
+        constants = {k: v for k, v in own.items() if not isinstance(v, Param)}
+        cfg = TrainConfig.from_dict({**space.fixed, **constants, **point})
+        resolved = {**cfg.to_dict(), "lr_backbone": cfg.backbone_lr()}
+        return all((key in point or key not in searched) and resolved[key] == want for key, want in recipe.items())
+
+    assert any(plain(point) for point in space.points), f"{path.name}: no point is the plain recipe {recipe}"
 
 
 def test_multi_arch_samples_only_the_drawn_architectures_parameters():
