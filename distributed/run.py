@@ -1,5 +1,6 @@
-"""`emotune train`: one run under Ray Train, then the single test evaluation. Also what every Ray Train run needs:
-starting or joining Ray, the TorchTrainer, and the Run that a Ray Train worker hands the loop.
+"""`emotune train`: one run, then the single test evaluation. One worker on this machine runs the loop in this
+process (ProcessRun); several DDP workers, or a run on a cluster, run it under Ray Train. Also what every Ray Train
+run needs: starting or joining Ray, the TorchTrainer, and the Run that a Ray Train worker hands the loop.
 
 Shared by `emotune train` (one run) and `emotune tune` (one TorchTrainer per worker-group trial).
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from distributed import storage
 from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, ConfigError, Scaling, TrainConfig
-from distributed.modelfile import load_state
+from distributed.modelfile import BEST_FILE, STATE_FILE, load_state
 from distributed.train import Run, train_loop
 
 
@@ -157,8 +158,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
 def make_trainer(loop_config: dict, scaling: Scaling, name: str, storage_path: str, *, callbacks=(),
                  max_failures: int = 0, num_to_keep: int = 1, verbose: bool = False):
     """A TorchTrainer for one run. `name` must be stable (no timestamp): a run started again under the same
-    storage_path/name resumes from its latest checkpoint. Ray Train's own INFO lines (requesting resources,
-    starting the worker group, each report) go to its log files only, unless `verbose`."""
+    storage_path/name resumes from its latest checkpoint. Ray Train's own lines go to its log files only, unless
+    `verbose`: its INFO (requesting resources, starting the worker group, each report) and its errors too, which
+    its controller logs with a traceback for what it retries (a worker group that waits for booting nodes: "Error
+    in control loop iteration"); what ends a run still reaches the caller as the exception fit() raises."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -172,7 +175,7 @@ def make_trainer(loop_config: dict, scaling: Scaling, name: str, storage_path: s
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
-                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
+                             logging_config=LoggingConfig(log_level="INFO" if verbose else "CRITICAL")),
     )
 
 
@@ -189,13 +192,17 @@ def tensorboard_callback(logdir: str):
             from tensorboardX import SummaryWriter
 
             self.writer = self.writer or SummaryWriter(logdir)
-            row = metrics[0]
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
-                    self.writer.add_scalar(key, value, global_step=row.get("epoch", 0))
-            self.writer.flush()
+            write_scalars(self.writer, metrics[0])
 
     return TensorBoard()
+
+
+def write_scalars(writer, row: dict) -> None:
+    """One report's numbers as TensorBoard scalars at its epoch."""
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+            writer.add_scalar(key, value, global_step=row.get("epoch", 0))
+    writer.flush()
 
 
 def progress_callback(path: str, epochs: int):
@@ -282,6 +289,48 @@ def follow(path: Path, epochs: int = 0, every: float = 0.5):
         thread.join()
 
 
+def in_process(scaling: Scaling, address: str | None) -> bool:
+    """One worker on this machine: the loop runs in this process, without Ray. A worker group would do the same
+    work after ~15-25 s of start-up (Ray, a Train controller, a worker process importing torch again); DDP over
+    several workers, and any run on a cluster (--address, or $RAY_ADDRESS inside a Ray job), go through Ray Train."""
+    return scaling.workers == 1 and not (address or os.environ.get("RAY_ADDRESS"))
+
+
+class ProcessRun(Run):
+    """`emotune train` in this process: checkpoints go to OUTPUT/run/checkpoint (a path or a URI), where the same
+    command finds them to resume; each epoch's line goes to progress.log (follow() prints it) and its scalars to
+    TensorBoard, as the Ray Train callbacks do for a worker group."""
+
+    def __init__(self, out: str, local: Path, epochs: int, threads: int):
+        import torch
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(threads)  # the CPUs this run may use (a one-node run: every core)
+        self.checkpoint = storage.join(out, "run", "checkpoint")
+        self.local, self.epochs, self.epoch_times, self.writer = local, epochs, [], None
+
+    def resume(self):
+        if not storage.is_file(storage.join(self.checkpoint, STATE_FILE)):
+            return None
+        if not storage.is_uri(self.checkpoint):
+            return load_state(self.checkpoint)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in (STATE_FILE, BEST_FILE):
+                storage.download(storage.join(self.checkpoint, name), Path(tmp) / name)
+            return load_state(tmp)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir:  # the best model first: a state on disk always has its best model beside it
+            for name in (BEST_FILE, STATE_FILE):
+                storage.upload(Path(checkpoint_dir) / name, storage.join(self.checkpoint, name))
+        with open(self.local / "progress.log", "a") as f:
+            f.write(epoch_line(metrics, self.epochs, self.epoch_times) + "\n")
+        from tensorboardX import SummaryWriter
+
+        self.writer = self.writer or SummaryWriter(str(self.local / "tensorboard"))
+        write_scalars(self.writer, metrics)
+
+
 def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | None = None,
               max_failures: int = 1, verbose: bool = False) -> dict:
     """`emotune train`: one run through Ray Train, then one evaluation on the test split and the reports.
@@ -293,7 +342,7 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
 
     from distributed import results
     from distributed.data import load_data
-    from distributed.modelfile import BEST_FILE, FINAL_FILE, final_blob, load_model, save_model
+    from distributed.modelfile import FINAL_FILE, final_blob, load_model, save_model
     from distributed.models import BACKBONES, check_weights, native_size
     from distributed.splits import make_splits
     from distributed.train import predict
@@ -312,14 +361,23 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
              header="resolved TrainConfig of this run; re-run: emotune train --config config.yaml")
 
     progress = local / "progress.log"
-    with ray_session(address, verbose=verbose) as ray, follow(progress, cfg.epochs):
-        loop_config = {"train": cfg.to_dict(), "data": ray.put(data), "env": passed_env(), "verbose": verbose}
-        trainer = make_trainer(loop_config, scaling, name="run", storage_path=out, max_failures=max_failures,
-                               verbose=verbose, callbacks=[tensorboard_callback(str(local / "tensorboard")),
-                                                           progress_callback(str(progress), cfg.epochs)])
-        result = trainer.fit()
-        with result.checkpoint.as_directory() as d:
-            state, best = load_state(d)
+    if in_process(scaling, address):
+        run = ProcessRun(out, local, cfg.epochs, threads=max(1, int(scaling.cpus_per_worker)))
+        with follow(progress, cfg.epochs):
+            train_loop(cfg, data, run)
+        if run.resume() is None:
+            raise ConfigError(f"{out}: the run diverged in its first epoch (the loss is not finite), so there is no "
+                              f"model to save; try a lower lr_head")
+        state, best = run.resume()
+    else:
+        with ray_session(address, verbose=verbose) as ray, follow(progress, cfg.epochs):
+            loop_config = {"train": cfg.to_dict(), "data": ray.put(data), "env": passed_env(), "verbose": verbose}
+            trainer = make_trainer(loop_config, scaling, name="run", storage_path=out, max_failures=max_failures,
+                                   verbose=verbose, callbacks=[tensorboard_callback(str(local / "tensorboard")),
+                                                               progress_callback(str(progress), cfg.epochs)])
+            result = trainer.fit()
+            with result.checkpoint.as_directory() as d:
+                state, best = load_state(d)
 
     save_model(local / BEST_FILE, best)
     save_model(local / FINAL_FILE, final_blob(state, best))
