@@ -9,17 +9,7 @@ import os
 import sys
 
 from distributed.config import TTA_MODES
-
-
-def input_errors() -> tuple[type[Exception], ...]:
-    """Every exception class that means "the user's input is wrong" (exit 2), as opposed to a bug (traceback)."""
-    from distributed.config import ConfigError
-    from distributed.data import DataError
-    from distributed.modelfile import ModelFileError
-    from distributed.models import ModelError
-    from distributed.storage import StorageError
-
-    return ConfigError, DataError, ModelError, ModelFileError, StorageError  # (ClusterFileError is a ConfigError)
+from distributed.errors import InputError
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -141,28 +131,62 @@ def build_parser() -> argparse.ArgumentParser:
 def add_autoscaling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", default=None, metavar="FILE",
                    help="the cluster file (cluster/*.yaml) of the cluster at --address: trials are planned against "
-                   "the node types its autoscaler may launch, not only the nodes up now")
+                   "the node types its autoscaler may launch, not only the nodes up now (default: on a `ray up` "
+                   "head, ~/ray_bootstrap_config.yaml; needed on KubeRay); `cluster validate`'s rules it breaks "
+                   "are warnings here")
     p.add_argument("--wait-timeout", type=float, default=20, metavar="MINUTES",
-                   help="give up (exit 2) when no node could hold a trial's workers for this long (default: 20)")
+                   help="give up (exit 2) when no node could hold a trial's workers for this long; also how long "
+                   "a trial's Ray Train run waits for its workers (default: 20)")
 
 
 DEFAULT_SPACE = "quick"  # a space shipped in the package (search_space.find_space)
 
 
 def cmd_tune(args) -> int:
-    from distributed.results import collect
+    from distributed.results import collect, read_meta
     from distributed.tune import run_search
 
     exp = run_search(args.space, args.overrides, storage_path=args.storage_path, resume=args.resume,
                      address=args.address, num_samples=args.num_samples, cluster=args.cluster,
                      wait_timeout_min=args.wait_timeout, verbose=args.verbose)
     out = collect(exp, top=args.top)
-    print_summary(out)
     failed = [r for r in out["rows"] if r["status"] == "error"]
     if failed:
         print(f"emotune: {len(failed)} of {len(out['rows'])} trials failed; "
               f"{first_error(exp, [r['trial_id'] for r in failed])}", file=sys.stderr)
-    return 1 if failed and len(failed) == len(out["rows"]) else 0
+    if failed and len(failed) == len(out["rows"]):
+        print_summary(out)
+        return 1
+    final = read_meta(exp).get("final") or {}
+    if final.get("top_k") and "://" in exp:
+        print(f"emotune: the final stage runs on local (or NFS) experiments only; for {exp}, download it and run "
+              f"`emotune ensemble EXPERIMENT --top {final['top_k']} --retrain`", file=sys.stderr)
+    elif final.get("top_k"):
+        from distributed.ensemble import final_stage
+
+        print(f"emotune: final stage: the top {final['top_k']} configs retrained for {final['epochs']} epochs "
+              f"({final['seeds']} seed{'s' if final['seeds'] > 1 else ''} each), then tested once", flush=True)
+        final_stage(exp, final["top_k"], final["epochs"], final["seeds"], address=args.address)
+        out = collect(exp, top=args.top)
+    print_summary(out)
+    return 0
+
+
+def final_lines(out: dict) -> list[str]:
+    """What the final stage found, beside the search's own figure (validation; test only for retrained models)."""
+    final = out["final"]
+    metric = next(k for k in out["top"][0] if k.startswith("best_"))[5:] if out["top"] else "val_acc"
+    search_best = out["top"][0] if out["top"] else None
+    chosen = final["members"][0]
+    val = next((f"{k[5:]} {v:.4f}" for k, v in chosen.items() if k.startswith("best_val")), "")
+    lines = []
+    if search_best:
+        lines.append(f"search: best {metric} {search_best[f'best_{metric}']:.4f} (trial {search_best['trial_id']}, "
+                     f"{search_best['epochs_run']} epochs)")
+    lines.append(f"final:  trial {chosen['trial_id']}'s config retrained for {chosen['epochs']} epochs: {val}, "
+                 f"test_acc {final['single_best']['all']['test_acc']:.4f}; ensemble of {len(final['members'])} "
+                 f"test_acc {final['ensemble']['all']['test_acc']:.4f}")
+    return lines
 
 
 def first_error(exp: str, trial_ids: list[str]) -> str:
@@ -209,6 +233,8 @@ def print_summary(out: dict) -> None:
         shown = ", ".join(f"{k[6:]}={fmt(r[k])}" for k in params if r.get(k) is not None)
         print(f"{r['trial_id']:<14}{r['status']:<15}{r[metric_col]:>14.4f}{r['epochs_run']:>8}  {shown}")
     print()
+    if out.get("final"):
+        print("\n".join(final_lines(out)) + "\n")
     for key in ("report", "leaderboard", "best_config", "best_by_architecture", "pareto_front"):
         if key in out:
             print(f"{key:<22}{out[key]}")
@@ -347,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except input_errors() as exc:
+    except InputError as exc:  # the user's input is wrong (exit 2), as opposed to a bug (a traceback)
         print(f"emotune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,19 +8,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from distributed.config import DRIVER_RESOURCE, ConfigError
+from distributed.cluster.common import NodeType
+from distributed.config import DRIVER_RESOURCE
 from distributed.search_space import SearchSpace, SpaceError
 
 EPS = 1e-9
-
-
-@dataclass(frozen=True)
-class NodeType:
-    """A kind of worker node an autoscaler may launch (a launcher file's available_node_types entry, a KubeRay
-    worker group)."""
-    name: str
-    resources: dict      # what one node of it offers, as Ray counts it: {"CPU": 4, "GPU": 1, ...}
-    max_workers: int     # how many of it may run at once
 
 
 @dataclass
@@ -30,6 +22,7 @@ class Plan:
     trial_resources: dict    # what the trial's own process holds
     driver_pinned: bool      # trial drivers only run where the driver resource is
     launched: list = field(default_factory=list)  # node types counted in `concurrent` beyond the nodes up now
+    waits: bool = False      # no node up holds a trial and nothing names the node types: one at a time, waiting
 
 
 def worker_slots(space: SearchSpace, resources: dict) -> int:
@@ -54,16 +47,27 @@ def launchable(nodes: list[dict], node_types: list[NodeType]) -> list[tuple[Node
     return [(t, max(0, t.max_workers - sum(is_of_type(n, t) for n in nodes))) for t in node_types]
 
 
-def plan_trials(space: SearchSpace, nodes: list[dict], node_types: list[NodeType] = ()) -> Plan:
+def worker_need(space: SearchSpace) -> str:
+    """What one worker asks for: "1 CPU and 1 GPU"."""
+    s = space.scaling
+    return f"{s.cpus_per_worker:g} CPU" + (f" and {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else "")
+
+
+def plan_trials(space: SearchSpace, nodes: list[dict], node_types: list[NodeType] | None = ()) -> Plan:
     """How many trials fit at once on the nodes up now plus the nodes the autoscaler may still launch, from one
     trial's needs (its driver plus its worker group), so no trial waits forever for a worker group. Workers are
-    placed bundle by bundle, so count how many worker bundles each node holds."""
+    placed bundle by bundle, so count how many worker bundles each node holds.
+
+    node_types None: an autoscaler may launch nodes, but nothing names their types (a cluster joined without a
+    cluster config). Where no node up holds a trial, that is no reason to refuse: one trial at a time then waits
+    for a node (NodeWait), as with known node types."""
     s = space.scaling
-    need = f"{s.cpus_per_worker:g} CPU" + (f" and {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else "")
-    more = [(t, count) for t, count in launchable(nodes, node_types) if count and worker_slots(space, t.resources)]
+    need = worker_need(space)
+    more = [(t, count) for t, count in launchable(nodes, node_types or []) if count and worker_slots(space, t.resources)]
     per_node = [worker_slots(space, n) for n in nodes] + [worker_slots(space, t.resources)
                                                           for t, count in more for _ in range(count)]
-    if not any(per_node):
+    waits = node_types is None and sum(per_node) < s.workers
+    if not any(per_node) and not waits:
         biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
         largest = f"largest: {biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU"
         if node_types:
@@ -73,11 +77,11 @@ def plan_trials(space: SearchSpace, nodes: list[dict], node_types: list[NodeType
         raise SpaceError(f"{space.path}: scaling: one worker needs {need}, but no node "
                          f"{'or node type ' if node_types else ''}has that much ({largest}); lower cpus_per_worker/"
                          f"gpus_per_worker or add bigger nodes")
-    concurrent = sum(per_node) // s.workers
+    concurrent = max(sum(per_node) // s.workers, int(waits))
     if concurrent < 1:
         raise SpaceError(f"{space.path}: scaling: a trial needs {s.workers} workers of {need}, but the cluster holds "
                          f"only {sum(per_node)}; lower workers or add nodes")
-    one_machine = len(nodes) == 1 and not more
+    one_machine = len(nodes) == 1 and not more and not waits
     in_process = space.worker_group == "never" or (space.worker_group == "auto" and s.workers == 1 and one_machine)
     pinned = any(n.get(DRIVER_RESOURCE, 0) > 0 for n in nodes)
     if in_process:
@@ -86,7 +90,7 @@ def plan_trials(space: SearchSpace, nodes: list[dict], node_types: list[NodeType
         resources = {"CPU": 0}
         if pinned:
             resources[DRIVER_RESOURCE] = 0.001
-    return Plan(min(concurrent, space.num_samples), in_process, resources, pinned, [t for t, _ in more])
+    return Plan(min(concurrent, space.num_samples), in_process, resources, pinned, [t for t, _ in more], waits)
 
 
 def local_nodes() -> list[dict]:
@@ -113,36 +117,6 @@ def cluster_nodes() -> list[dict]:
     import ray
 
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-
-
-def autoscaler_node_types() -> list[NodeType]:
-    """The node types in the cluster config kept in the GCS (ray._private.state, a private API; Ray Data reads
-    it too). In Ray 2.60 only a reporter outside Ray's wheel fills it: `ray up`'s autoscaler and the fake
-    multi-node provider leave it empty, hence --cluster FILE. Empty: plan from the nodes up now."""
-    from ray._private.state import state
-
-    config = state.get_cluster_config()
-    if config is None:
-        return []
-    return [NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, g.max_count if g.max_count >= 0 else 10**6)
-            for g in config.node_group_configs if g.max_count and not g.resources.get(DRIVER_RESOURCE)]
-
-
-def cluster_node_types(cluster: str | None, address: str | None, wait_timeout_min: float) -> list[NodeType]:
-    """The node types of --cluster FILE (validated), [] without one; checks that the address answers."""
-    from distributed.run import check_reachable
-
-    if wait_timeout_min <= 0:
-        raise ConfigError("--wait-timeout must be > 0 minutes")
-    if address:
-        check_reachable(address)
-    if not cluster:
-        return []
-    if not (address or os.environ.get("RAY_ADDRESS")):
-        raise ConfigError(f"--cluster {cluster}: describes a running cluster; give its --address too")
-    from distributed.cluster.files import node_types
-
-    return node_types(cluster)
 
 
 class NodeWait:
@@ -181,7 +155,7 @@ class NodeWait:
     def waiting_for(self, nodes: list[dict], waited_s: float) -> str:
         fitting = [t for t in self.node_types if worker_slots(self.space, t.resources)]
         if not fitting:
-            return f"waiting for a node that holds one worker, {waited_s // 60:.0f} min"
+            return f"waiting for a node that holds one worker ({worker_need(self.space)}), {waited_s // 60:.0f} min"
         t = fitting[0]
         count = math.ceil(self.space.scaling.workers / worker_slots(self.space, t.resources))
         kind = "GPU" if t.resources.get("GPU") else "CPU"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,19 +22,12 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils import flatten_dict
 
 from distributed import storage
+from distributed.cluster.nodes import autoscaler_node_types, search_node_types, unknown_node_types_line
 from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig, better
 from distributed.modelfile import load_state
-from distributed.plan import (
-    NodeWait,
-    Plan,
-    autoscaler_node_types,
-    cluster_node_types,
-    cluster_nodes,
-    local_nodes,
-    plan_trials,
-)
+from distributed.plan import NodeWait, Plan, cluster_nodes, local_nodes, plan_trials
 from distributed.results import collect, read_meta, saved_trials, write_meta
-from distributed.run import cpu_for_reserved_gpu, make_trainer, passed_env, ray_session
+from distributed.run import check_reachable, cpu_for_reserved_gpu, make_trainer, passed_env, ray_session
 from distributed.search_space import SearchSpace, find_space, load_space
 from distributed.study import StudyFiles
 from distributed.train import Run, train_loop
@@ -62,14 +56,21 @@ class TuneTrialRun(Run):
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
 
+# Ray Train's wait for a worker group's resources (60 s by default, then it retries forever with a traceback each
+# time); cloud nodes take minutes to boot, so a trial's Train run waits as long as the search does (--wait-timeout).
+START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
 def run_trial(config: dict, *, space: SearchSpace, data_box: list, in_process: bool, threads: int, runs_dir: str,
-              env: dict, verbose: bool = False) -> None:
+              env: dict, start_timeout_s: str, verbose: bool = False) -> None:
     """Tune function trainable: one TrainConfig, trained by the one loop. data_box holds the decoded data's
     ObjectRef or None (boxed, because with_parameters would resolve a bare ref into a copy per trial)."""
     import ray
     import torch
 
     cfg = space.trial_config(config)
+    if not verbose:
+        sys.unraisablehook = quiet_exit
     if in_process:
         if not verbose:  # "Checkpoint successfully created at ..." per epoch: Ray's INFO, in its log files only
             logging.getLogger("ray.train").setLevel(logging.WARNING)
@@ -83,11 +84,19 @@ def run_trial(config: dict, *, space: SearchSpace, data_box: list, in_process: b
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    os.environ[START_TIMEOUT] = start_timeout_s  # trainer.fit() hands it to the run's controller, which reads it
     loop_config = {"train": cfg, "data": data_box[0], "env": env, "verbose": verbose}
     # The run name is the trial id (no timestamp): a restarted trial finds its Train run and resumes it.
     trainer = make_trainer(loop_config, space.scaling, name=tune.get_context().get_trial_id(),
                            storage_path=runs_dir, callbacks=[TuneReportCallback()], max_failures=2, verbose=verbose)
     trainer.fit()
+
+
+def quiet_exit(unraisable, default=sys.__unraisablehook__) -> None:
+    """Ray ends a trial's process with SIGTERM, whose handler raises SystemExit wherever the process is; inside a
+    weakref callback Python ignores it and prints "Exception ignored in ..." with a traceback, nothing to act on."""
+    if not isinstance(unraisable.exc_value, SystemExit):
+        default(unraisable)
 
 
 # ---------------------------------------------------------------------------------------------- a search
@@ -130,9 +139,14 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
     if not space.searches(DECODE_FIELDS):  # decode once here: bad data fails before Ray starts, trials share it
         data = load_data(fixed)
         make_splits(data, fixed)
-    # (autoscaling) an unreachable address or a broken cluster file exits 2 here, before Ray starts
-    node_types = cluster_node_types(cluster, address, wait_timeout_min)
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    # (autoscaling) an unreachable address or an unreadable cluster file exits 2 here, before Ray starts
+    if wait_timeout_min <= 0:
+        raise ConfigError("--wait-timeout must be > 0 minutes")
+    if address:
+        check_reachable(address)
+    joining = bool(address or os.environ.get("RAY_ADDRESS"))
+    node_types, notes = search_node_types(cluster, joining)  # [] for a Ray started here; None: nothing names them
+    if not joining:
         plan_trials(space, local_nodes())  # refuse an impossible request before starting Ray
     storage.check_writable(exp)  # last check (it creates a local experiment directory)
     study = StudyFiles(exp)
@@ -141,9 +155,10 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
     if not verbose:  # "A new study created in Journal with name: ..."
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     with ray_session(address, verbose=verbose):
-        node_types = node_types or autoscaler_node_types()
+        if node_types is None:  # (autoscaling) None: nothing names them, and an autoscaler may run
+            node_types = autoscaler_node_types() or None
         plan = plan_trials(space, cluster_nodes(), node_types)
-        waiting = NodeWait(space, node_types, wait_timeout_min * 60)
+        waiting = NodeWait(space, node_types or [], wait_timeout_min * 60)
         if not resume:
             storage.write_text(storage.join(exp, "space.yaml"), storage.read_text(space_file))
             write_meta(exp, space_file, overrides, space)
@@ -151,14 +166,19 @@ def run_search(space_file: str, overrides: list[str], storage_path: str = "resul
             tune.with_parameters(run_trial, space=space, data_box=[ray.put(data) if data is not None else None],
                                  in_process=plan.in_process,
                                  threads=max(1, int(space.scaling.cpus_per_worker)),
-                                 runs_dir=storage.join(exp, "train_runs"), env=passed_env(), verbose=verbose),
+                                 runs_dir=storage.join(exp, "train_runs"), env=passed_env(), verbose=verbose,
+                                 start_timeout_s=os.environ.get(START_TIMEOUT) or f"{wait_timeout_min * 60:g}"),
             plan.trial_resources)
         print(f"emotune: {space.num_samples} trials of {space.name}, {plan.concurrent} at a time, "
               f"{'in-process' if plan.in_process else f'{space.scaling.workers}-worker Ray Train'} trials; "
               f"results in {exp}")
+        for line in notes:  # (autoscaling) the cluster file's policy problems: the search runs all the same
+            print(f"emotune: {line}", file=sys.stderr)
         if plan.launched:  # (autoscaling)
             print("emotune: counting nodes the autoscaler may launch: "
                   + ", ".join(f"{t.name} (up to {t.max_workers})" for t in plan.launched))
+        if plan.waits:
+            print(f"emotune: {unknown_node_types_line(wait_timeout_min)}")
         # Plain lines (TrialLines); with --verbose Ray's classic table, sorted by the metric, not a box per result.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         # A limit on kept checkpoints makes each checkpoint snapshot the (small) experiment state; that is the

@@ -1,10 +1,13 @@
 """A GPU search on an autoscaling cluster that starts with no GPU node: Ray's own fake multi-node autoscaler.
 
-The head is a `ray start --head --autoscaling-config=FILE` process with RAY_FAKE_CLUSTER=1: its autoscaler
-(provider `fake_multinode`) "launches" a worker node by starting a Ray node on this machine. The head has
-{CPU: 2, emotune_driver}; the one worker type has {CPU: 1, GPU: 1} (logical GPUs), min 0, max 2, as the shipped
-cloud files have. `emotune tune --cluster FILE` must plan two trials at a time against what the autoscaler may
-launch, and the autoscaler must then launch the nodes.
+The head is a `ray start --head --autoscaling-config=FILE` process with RAY_FAKE_CLUSTER=1: its autoscaler (Ray's
+fake multi-node provider, through a subclass named as an external provider module) "launches" a worker node by
+starting a Ray node on this machine, LAUNCH_DELAY_S after it was asked, as a cloud GPU node takes minutes to boot.
+The head has {CPU: 2, emotune_driver}; the one worker type has {CPU: 1, GPU: 1} (logical GPUs), min 0, max 2, as
+the shipped cloud files have. `emotune tune SPACE --address A`, with no emotune flag for the cluster, must read the
+node types where `ray up` leaves them on a head (~/ray_bootstrap_config.yaml; here the test's file), plan two trials
+at a time against what the autoscaler may launch, wait past Ray Train's 60 s worker-group start timeout saying so
+in its own lines only, and the autoscaler must then launch the nodes.
 
 Ray 2.60's wheel lacks the fake_multi_node/example.yaml that ray.cluster_utils.AutoscalingCluster reads, its
 start() runs `ray stop --force` (which would stop every Ray on this shared machine) and it passes custom head
@@ -28,11 +31,26 @@ from ray_procs import BIN, REPO, start_node, stop, wait_for_dashboard
 
 from distributed import cli
 from distributed.cluster.files import validate_cluster_file
+from distributed.cluster.nodes import BOOTSTRAP_CONFIG
 from distributed.config import DRIVER_RESOURCE
 
 QUICK = REPO / "search_spaces" / "quick.yaml"
 SEARCH_TIMEOUT = 900  # seconds: the autoscaler starts two Ray nodes on a busy 2-core machine
 GPU_TYPE = {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}
+LAUNCH_DELAY_S = 62  # past Ray Train's default worker-group start timeout (60 s), and no more: CI time is dear
+
+# Ray's fake provider with nodes that boot slowly (the monitor on the head imports it from PYTHONPATH).
+SLOW_PROVIDER = f"""
+import time
+
+from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+
+
+class SlowFakeProvider(FakeMultiNodeProvider):
+    def create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
+        time.sleep({LAUNCH_DELAY_S})  # in the autoscaler's launcher thread, outside the provider's lock
+        return super().create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
+"""
 
 
 def fake_cluster_config(gcs_port: int) -> dict:
@@ -41,7 +59,9 @@ def fake_cluster_config(gcs_port: int) -> dict:
         "cluster_name": "emotune-fake", "max_workers": 2, "upscaling_speed": 1.0,
         # Long enough that no node is taken down (and relaunched) between the two trials and the count below.
         "idle_timeout_minutes": 10,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+        # launch_multiple: both nodes of one request boot at once (one delay, not one per node)
+        "provider": {"type": "external", "module": "emotune_slow_provider.SlowFakeProvider", "launch_multiple": True,
+                     "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs_port}"},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 2, DRIVER_RESOURCE: 1000}, "node_config": {}, "max_workers": 0},
@@ -63,10 +83,12 @@ def autoscaling_cluster():
     gcs, dashboard = free_port(), free_port()
     config = root / "fake-cluster.yaml"
     config.write_text(yaml.safe_dump(fake_cluster_config(gcs), sort_keys=False))
+    (root / "emotune_slow_provider.py").write_text(SLOW_PROVIDER)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.pop("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", None)  # emotune sets it from --wait-timeout
     env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                RAY_TMPDIR=str(root), RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="600",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
                # The fake provider and a fast autoscaler loop (what AutoscalingCluster.start sets).
                RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
                # The nodes the autoscaler starts pick their address like a laptop: loopback only.
@@ -109,15 +131,24 @@ def test_a_gpu_search_scales_the_cluster_up_from_no_gpu_node(autoscaling_cluster
     space = tmp_path / "quick.yaml"
     space.write_text(yaml.safe_dump(doc, sort_keys=False))
     storage = root / "results"
-    r = subprocess.run([sys.executable, "-m", "distributed", "tune", str(space), "--address", address, "--cluster",
-                        str(config), "--set", "epochs=1", "--set", "train_limit=200", "--storage-path", str(storage)],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=SEARCH_TIMEOUT, check=False)
+    # No --cluster: the node types come from the cluster config `ray up` leaves on the head (here, the test's file).
+    r = subprocess.run([sys.executable, "-m", "distributed", "tune", str(space), "--address", address,
+                        "--set", "epochs=1", "--set", "train_limit=200", "--storage-path", str(storage)],
+                       env={**env, BOOTSTRAP_CONFIG: str(config)}, cwd=REPO, capture_output=True, text=True,
+                       timeout=SEARCH_TIMEOUT, check=False)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-8000:]
     # Planned against the two GPU nodes the autoscaler may launch, though none was up.
     assert "2 trials of quick, 2 at a time, 1-worker Ray Train trials" in out, out[-8000:]
     assert "counting nodes the autoscaler may launch: gpu_1x (up to 2)" in out
-    assert "emotune: waiting for 1 GPU node (type gpu_1x): 0 of 2 up, 0 min" in out
+    # Waiting past a minute is emotune's lines, and nothing from Ray: no traceback of its retries or timeouts.
+    for minute in (0, 1):
+        assert f"emotune: waiting for 1 GPU node (type gpu_1x): 0 of 2 up, {minute} min" in out, out[-8000:]
+    for noise in ("Traceback", "GetTimeoutError", "Error in control loop"):
+        assert noise not in out, out[-8000:]
+    # Ray Train waited as long as --wait-timeout says, not its own 60 s (its controller's log keeps every error).
+    logs = list(root.glob("ray/session_*/logs/train/ray-train-sys-controller-*.log"))
+    assert logs and not any("WorkerGroupStartupTimeoutError" in log.read_text() for log in logs), logs
     assert "reserved 1 logical GPU and trains on the CPU (EMOTUNE_LOGICAL_GPUS=1)" in out  # never in silence
 
     launched = [n for n in nodes_ever(address, env) if n["resources"].get("GPU")]

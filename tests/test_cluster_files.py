@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distributed.cluster.common import NodeType
 from distributed.cluster.files import (
     DRIVER_RESOURCE,
     ClusterFileError,
@@ -19,6 +20,7 @@ from distributed.cluster.files import (
     validate_cluster_file,
     validate_cluster_files,
 )
+from distributed.cluster.nodes import search_node_types
 from distributed.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +82,19 @@ def test_broken_case_is_caught(case):
     assert len(problems) == len(expected), problems
     # Every problem names the file, so a person can tell which of several files is wrong.
     assert all(problem.startswith(f"{case}: ") for problem in problems), problems
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda p: p.name)
+def test_planning_from_a_broken_case_warns_with_its_problems_or_says_in_one_line_why_it_cannot(case):
+    """Planning is not policy: `emotune tune --cluster` warns with each problem `cluster validate` finds and plans,
+    unless it cannot read node types from the file (then one line and exit 2), never a crash."""
+    try:
+        types, notes = search_node_types(str(case), joining=True)
+    except ConfigError as exc:
+        assert str(exc).startswith(f"{case}: ") and "\n" not in str(exc), str(exc)
+        return
+    assert all(isinstance(t, NodeType) for t in types)
+    assert notes == [f"warning: {problem}" for problem in validate_cluster_file(case)]
 
 
 def test_validate_cluster_files_takes_a_directory():

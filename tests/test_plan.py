@@ -11,9 +11,12 @@ import pytest
 import yaml
 from conftest import REPO, SPACES
 
-from distributed.cluster.files import node_types
-from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, Scaling
-from distributed.plan import NodeType, NodeWait, plan_trials
+from distributed import cli
+from distributed.cluster.common import NodeType
+from distributed.cluster.files import validate_cluster_file
+from distributed.cluster.nodes import BOOTSTRAP_CONFIG, node_types, search_node_types, unknown_node_types_line
+from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, ConfigError, Scaling
+from distributed.plan import NodeWait, plan_trials
 from distributed.search_space import SpaceError, load_space
 
 QUICK = SPACES / "quick.yaml"
@@ -152,6 +155,80 @@ def test_node_types_are_read_from_the_shipped_cluster_files(name, expected):
 def test_gcp_node_types_carry_their_gpu():
     found = node_types(REPO / "cluster" / "gcp-gpu.yaml")
     assert found and all(t.resources.get("GPU", 0) >= 1 and t.max_workers > 0 for t in found), found
+
+
+# -- where node types come from ------------------------------------------------------------------------------------
+
+AWS_TYPES = node_types(REPO / "cluster" / "aws-gpu.yaml")
+
+
+def test_node_types_are_read_from_the_bootstrap_config_on_a_launcher_head(tmp_path, monkeypatch):
+    """`ray up` leaves the cluster config on the head as ~/ray_bootstrap_config.yaml, where a job's entrypoint runs:
+    a search that joins the cluster without --cluster plans from it."""
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text((REPO / "cluster" / "aws-gpu.yaml").read_text())
+    monkeypatch.setenv(BOOTSTRAP_CONFIG, str(bootstrap))
+    assert search_node_types(None, joining=True) == (AWS_TYPES, [])
+    assert search_node_types(None, joining=False) == ([], [])  # a Ray started here has no autoscaler
+    # --cluster FILE wins over the bootstrap config.
+    assert search_node_types(str(REPO / "cluster" / "kuberay.yaml"), joining=True)[0] == \
+        [NodeType("gpu-1x", {"CPU": 8.0, "GPU": 1.0}, 8)]
+    # One the search cannot read is not counted, said in one line, and the search runs.
+    doc = yaml.safe_load(bootstrap.read_text())
+    del doc["available_node_types"]["gpu_1x"]["resources"]["CPU"]
+    bootstrap.write_text(yaml.safe_dump(doc))
+    types, notes = search_node_types(None, joining=True)
+    assert types is None and len(notes) == 1 and "no CPU count" in notes[0] and "not counted" in notes[0]
+    monkeypatch.setenv(BOOTSTRAP_CONFIG, str(tmp_path / "none.yaml"))  # not a launcher head
+    assert search_node_types(None, joining=True) == (None, [])
+
+
+def test_a_cluster_file_without_the_driver_resource_plans_with_warnings_while_validate_refuses_it(tmp_path, capsys):
+    """Planning is not policy: --cluster reads the node types, and each of the file's problems is one warning line;
+    `emotune cluster validate` still refuses the file. Drivers are then not pinned to the head."""
+    case = tmp_path / "no_driver.yaml"
+    doc = yaml.safe_load((REPO / "cluster" / "aws-gpu.yaml").read_text())
+    del doc["available_node_types"][doc["head_node_type"]]["resources"][DRIVER_RESOURCE]
+    case.write_text(yaml.safe_dump(doc, sort_keys=False))
+    problems = validate_cluster_file(case)
+    assert len(problems) == 1 and f"the head offers no {DRIVER_RESOURCE} resource" in problems[0]
+
+    types, notes = search_node_types(str(case), joining=True)
+    assert types == AWS_TYPES and notes == [f"warning: {problems[0]}"]
+    plan = plan_trials(space_with(tmp_path, gpus_per_worker=1), [{"CPU": 8.0}], types)  # the head: no driver resource
+    assert plan.concurrent == 8 and not plan.driver_pinned and plan.trial_resources == {"CPU": 0}
+
+    assert cli.main(["cluster", "validate", str(case)]) == 2
+    assert capsys.readouterr().err.strip() == problems[0]
+    with pytest.raises(ConfigError, match="give its --address too"):
+        search_node_types(str(case), joining=False)
+
+
+def test_with_no_node_type_source_a_joined_cluster_plans_from_what_is_up_and_waits(tmp_path, capsys, monkeypatch):
+    """A GPU search on a cluster joined without a cluster config (an autoscaler may run, nothing names its node
+    types) is not refused: one trial at a time waits for a node, said in one line, under --wait-timeout."""
+    space = space_with(tmp_path, cpus_per_worker=1, gpus_per_worker=1)
+    with pytest.raises(SpaceError, match="no node has that much"):
+        plan_trials(space, [CPU_HEAD], [])  # known to launch nothing (a Ray started here, an on-prem cluster)
+    plan = plan_trials(space, [CPU_HEAD], None)
+    assert (plan.concurrent, plan.waits, plan.in_process, plan.launched) == (1, True, False, [])
+    assert plan.trial_resources == {"CPU": 0, DRIVER_RESOURCE: 0.001}  # a worker group; the driver on the head
+    # Where the nodes up hold the trials, nothing changes.
+    assert plan_trials(space, [CPU_HEAD, GPU_NODE], None) == plan_trials(space, [CPU_HEAD, GPU_NODE], [])
+    assert not plan_trials(space, [CPU_HEAD, GPU_NODE], None).waits
+
+    line = unknown_node_types_line(20)
+    assert "\n" not in line and "planning from the nodes up, 1 trial at a time" in line
+    assert "waiting up to 20 min (--wait-timeout)" in line and "--cluster FILE" in line
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # in a KubeRay pod: only --cluster names them
+    assert "on KubeRay, give --cluster with the RayCluster manifest" in unknown_node_types_line(20)
+
+    clock = Clock()
+    wait = NodeWait(space, [], timeout_s=1200, nodes=lambda: [CPU_HEAD], clock=clock)
+    assert not wait.check()
+    assert capsys.readouterr().out.strip() == "emotune: waiting for a node that holds one worker (1 CPU and 1 GPU), 0 min"
+    clock.now = 1201
+    assert wait.check() and "--wait-timeout" in wait.gave_up
 
 
 # -- waiting for nodes -------------------------------------------------------------------------------------------

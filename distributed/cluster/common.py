@@ -1,11 +1,13 @@
-"""What launcher files (files.py) and KubeRay manifests (kuberay.py) share: one-line problems with their key
-path, the scans for inline credentials and for token auth turned off, and small value helpers."""
+"""What launcher files (files.py) and KubeRay manifests (kuberay.py) share: the node type both describe, one-line
+problems with their key path, the scans for inline credentials and for token auth turned off, the shared-storage
+and dashboard rules, and small value helpers."""
 from __future__ import annotations
 
 import json
 import re
 import shlex
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from distributed.config import ConfigError
@@ -13,6 +15,19 @@ from distributed.config import ConfigError
 
 class ClusterFileError(ConfigError):
     """A cluster file that would fail or be unsafe. A ConfigError (a ValueError), so the CLI exits 2 on it."""
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A kind of worker node an autoscaler may launch (a launcher file's available_node_types entry, a KubeRay
+    worker group): what plan.py counts trials against before any node of it is up."""
+    name: str
+    resources: dict      # what one node of it offers, as Ray counts it: {"CPU": 4, "GPU": 1, ...}
+    max_workers: int     # how many of it may run at once
+
+
+# Dashboard hosts that keep the dashboard (which runs any code it is sent) off the network.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 # -- collecting problems ----------------------------------------------------------------------------------------
@@ -149,6 +164,17 @@ def check_auth_not_disabled(doc: Any, problems: Problems, path: list | None = No
     elif isinstance(doc, str) and DISABLED_MODE.search(doc):
         problems.add(path, "RAY_AUTH_MODE=disabled turns off Ray's token auth, so anyone who reaches the cluster "
                      "can run code; use RAY_AUTH_MODE=token")
+
+
+def check_storage_path(value: Any, key: str, problems: Problems) -> None:
+    """Results must go where every node can write and the driver can read: an object store or a shared mount."""
+    if value is None:
+        return  # given on the command line instead
+    if not isinstance(value, str) or not value.strip():
+        problems.add(key, f"expected a location like s3://bucket/prefix, got {value!r}")
+    elif value.startswith("file://") or not ("://" in value or value.startswith("/")):
+        problems.add(key, f"{value!r} is not shared storage; every node writes results there, so use s3://, "
+                     "gs:// or an NFS path mounted at the same place on every node")
 
 
 # -- small helpers ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ min_workers). On top, what emotune needs: trial drivers pinned to the head by th
 declared where there are GPUs, no spot head, no credentials, a private dashboard, token auth ON (RAY_AUTH_MODE=token
 on every `ray start`), shared storage for results.
 
-The same files say what an autoscaler may launch: node_types() reads it for `emotune tune --cluster FILE`.
+The same files say what an autoscaler may launch: launcher_node_types() reads it for planning (cluster/nodes.py).
 """
 from __future__ import annotations
 
@@ -22,22 +22,25 @@ import shlex
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import yaml
 
 from distributed.cluster.common import (
     DISABLED_MODE,
+    LOOPBACK_HOSTS,
     ClusterFileError,
+    NodeType,
     Problems,
     check_auth_not_disabled,
     check_no_credentials,
+    check_storage_path,
     dig,
     is_int,
     is_number,
     parse_resources,
 )
+from distributed.cluster.kuberay import check_kuberay
 
 # DRIVER_RESOURCE: the custom resource only the head node offers. Tune's trial drivers ask for a little of it, so
 # they always run on the on-demand head: losing a spot worker then costs a trial its workers (which Ray Train
@@ -49,7 +52,6 @@ from distributed.config import DRIVER_RESOURCE, ConfigError, did_you_mean, read_
 AWS_GPU_INSTANCE = re.compile(r"^(p\d|g\d|gr\d)[a-z0-9-]*\.")
 GCP_GPU_MACHINE = re.compile(r"^(a[2-9]|g[2-9])-")
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 TOKEN_MODE = re.compile(r"\bRAY_AUTH_MODE=[\"']?token\b", re.IGNORECASE)
 
 
@@ -80,8 +82,6 @@ def validate_cluster_file(path: str | Path) -> list[str]:
                  f"got a {type(doc).__name__})")]
     problems = Problems(where)
     if doc.get("kind") == "RayCluster":
-        from distributed.cluster.kuberay import check_kuberay
-
         check_kuberay(doc, problems)
     elif "provider" in doc or set(doc) & launcher_keys():
         check_launcher(doc, problems)
@@ -112,32 +112,27 @@ def cluster_storage_path(path: str | Path) -> str | None:
     return dig(doc, "metadata", "emotune", "storage_path")
 
 
-def node_types(path: str | Path) -> list:
-    """The worker node types an autoscaler may launch for this cluster file (a launcher YAML or a KubeRay
-    manifest), as plan.NodeType; [] for an on-prem (local provider) cluster, whose machines are all up. The file
-    is validated first: planning from a broken file would only move the error later."""
-    from distributed.plan import NodeType
-
-    check_cluster_files([path])
-    doc = read_yaml(path)
-    if doc.get("kind") == "RayCluster":
-        from distributed.cluster.kuberay import kuberay_node_types
-
-        return kuberay_node_types(doc, str(path))
-    found = []
+def launcher_node_types(doc: dict, where: str) -> list[NodeType]:
+    """The worker node types an autoscaler may launch for a launcher file; [] for an on-prem (local provider)
+    cluster, whose machines are all up. Only what planning needs is checked here (cluster/nodes.py)."""
+    types = doc.get("available_node_types")
     cap = doc.get("max_workers")
-    for name, spec in (doc.get("available_node_types") or {}).items():
-        if name == doc.get("head_node_type"):
+    found = []
+    for name, spec in (types.items() if isinstance(types, dict) and dig(doc, "provider", "type") != "local" else ()):
+        if name == doc.get("head_node_type") or not isinstance(spec, dict):
             continue
-        resources = {k: float(v) for k, v in (spec.get("resources") or {}).items() if is_number(v)}
+        resources = spec.get("resources") if isinstance(spec.get("resources"), dict) else {}
+        resources = {k: float(v) for k, v in resources.items() if is_number(v)}
         if "CPU" not in resources:
             # Ray would read it from the instance type once the node is up; emotune must know it before.
-            raise ClusterFileError(f"{path}: available_node_types.{name}.resources: no CPU count; emotune plans "
+            raise ClusterFileError(f"{where}: available_node_types.{name}.resources: no CPU count; emotune plans "
                                    f"trials from it before any node is up, so write it out (CPU: N, GPU: M)")
         most = spec.get("max_workers", cap if cap is not None else 2)
+        if not is_int(most):
+            raise ClusterFileError(f"{where}: available_node_types.{name}.max_workers: expected an integer, "
+                                   f"got {most!r}")
         found.append(NodeType(name, resources, min(most, cap) if is_int(cap) else most))
     return found
-
 
 
 @cache
@@ -425,13 +420,3 @@ def ray_start_flags(command: str) -> tuple[dict[str, str], str | None]:
             flags[name.rstrip(";")] = value.rstrip(";")
     return flags, None
 
-
-def check_storage_path(value: Any, key: str, problems: Problems) -> None:
-    """Results must go where every node can write and the driver can read: an object store or a shared mount."""
-    if value is None:
-        return  # given on the command line instead
-    if not isinstance(value, str) or not value.strip():
-        problems.add(key, f"expected a location like s3://bucket/prefix, got {value!r}")
-    elif value.startswith("file://") or not ("://" in value or value.startswith("/")):
-        problems.add(key, f"{value!r} is not shared storage; every node writes results there, so use s3://, "
-                     "gs:// or an NFS path mounted at the same place on every node")

@@ -42,7 +42,8 @@ def submit(space_file: str, address: str | None, storage_path: str | None, overr
     """Check everything checkable here, submit the job, and (wait) follow its logs; returns the exit code.
     cluster: a cluster file whose node types the job plans from (it is uploaded with the checkout) and whose
     storage path is the default for storage_path."""
-    from distributed.cluster.files import cluster_storage_path, node_types
+    from distributed.cluster.files import cluster_storage_path
+    from distributed.cluster.nodes import node_types
     from distributed.search_space import find_space, load_space
 
     load_space(find_space(space_file), overrides)
@@ -51,7 +52,7 @@ def submit(space_file: str, address: str | None, storage_path: str | None, overr
     if num_samples is not None and num_samples < 1:
         raise ConfigError("--num-samples must be >= 1")
     if cluster:
-        node_types(cluster)  # validates it: a broken file fails here, not in the job
+        node_types(cluster)  # a file the job could not plan from fails here (its policy problems: the job warns)
         storage_path = storage_path or cluster_storage_path(cluster)
     entrypoint = shlex.join(["python", "-m", "distributed", "tune", space_file if by_name else repo_relative(space_file),
                              "--storage-path", job_storage_path(storage_path),

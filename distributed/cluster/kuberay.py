@@ -11,16 +11,18 @@ import re
 from typing import Any
 
 from distributed.cluster.common import (
+    LOOPBACK_HOSTS,
     ClusterFileError,
+    NodeType,
     Problems,
     as_count,
+    check_storage_path,
     dig,
     is_int,
     is_number,
     parse_resources,
     safe_shlex,
 )
-from distributed.cluster.files import LOOPBACK_HOSTS, check_storage_path
 from distributed.config import DRIVER_RESOURCE
 
 # Kubernetes node labels that put a pod on spot/preemptible machines.
@@ -134,15 +136,17 @@ def kuberay_resources(params: dict, group_resources: Any) -> dict:
     return found
 
 
-def kuberay_node_types(doc: dict, where: str) -> list:
-    """The worker groups the KubeRay autoscaler may scale, as plan.NodeType (CPU and GPU from rayStartParams
-    num-cpus/num-gpus, else from the first container's limits, as Ray counts them in the pod)."""
-    from distributed.plan import NodeType
-
+def kuberay_node_types(doc: dict, where: str) -> list[NodeType]:
+    """The worker groups the KubeRay autoscaler may scale (CPU and GPU from rayStartParams num-cpus/num-gpus, else
+    from the first container's limits, as Ray counts them in the pod)."""
     found = []
-    for i, group in enumerate(dig(doc, "spec", "workerGroupSpecs") or []):
-        params = group.get("rayStartParams") or {}
-        limits = dig(group, "template", "spec", "containers", 0, "resources", "limits") or {}
+    groups = dig(doc, "spec", "workerGroupSpecs")
+    for i, group in enumerate(groups if isinstance(groups, list) else []):
+        if not isinstance(group, dict):
+            continue
+        params = group.get("rayStartParams") if isinstance(group.get("rayStartParams"), dict) else {}
+        limits = dig(group, "template", "spec", "containers", 0, "resources", "limits")
+        limits = limits if isinstance(limits, dict) else {}
         cpus = k8s_cpus(params.get("num-cpus", limits.get("cpu")))
         if cpus is None:
             raise ClusterFileError(f"{where}: spec.workerGroupSpecs[{i}]: no CPU count (rayStartParams num-cpus or "
@@ -151,8 +155,10 @@ def kuberay_node_types(doc: dict, where: str) -> list:
         resources.update({k: float(v) for k, v in kuberay_resources(params, group.get("resources")).items()
                           if is_number(v)})
         # Without maxReplicas KubeRay may scale a group without bound; replicas is then the honest floor.
-        most = group.get("maxReplicas", group.get("replicas", 0))
-        found.append(NodeType(str(group.get("groupName", f"group{i}")), resources, int(most)))
+        most = as_count(group.get("maxReplicas", group.get("replicas", 0)))
+        if most is None:
+            raise ClusterFileError(f"{where}: spec.workerGroupSpecs[{i}].maxReplicas: expected an integer")
+        found.append(NodeType(str(group.get("groupName", f"group{i}")), resources, most))
     return found
 
 
