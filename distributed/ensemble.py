@@ -10,7 +10,6 @@ ensemble of one, so predict takes either.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -58,18 +57,23 @@ def load_predictor(path: str | Path, device="cpu") -> Ensemble:
 
 # ------------------------------------------------------------------------------------------- from a search
 
-def top_trials(exp: str | Path, k: int) -> list[tuple[dict, dict, str]]:
-    """The k best trials with a model: (leaderboard row, TrainConfig dict, best_model.pt). Writes nothing."""
+def usable_trials(exp: str | Path) -> list[tuple[dict, dict, str]]:
+    """Every trial that finished with a model, best first: (leaderboard row, TrainConfig dict, best_model.pt)."""
     from distributed.results import leaderboard_rows, read_meta, read_trials
 
-    exp = Path(exp)
-    if k < 1:
-        raise ConfigError(f"--top {k}: an ensemble needs at least 1 member")
     meta = read_meta(str(exp))
     rows, configs = leaderboard_rows(read_trials(str(exp)), meta)
     usable = [(r, configs[r["trial_id"]], best_model_file(exp, r["trial_id"])) for r in rows
               if r[f"best_{meta['metric']}"] is not None and r["status"] not in ("error", "diverged")]
-    usable = [u for u in usable if u[2] is not None]
+    return [u for u in usable if u[2] is not None]
+
+
+def top_trials(exp: str | Path, k: int) -> list[tuple[dict, dict, str]]:
+    """The k best trials with a model: (leaderboard row, TrainConfig dict, best_model.pt). Writes nothing."""
+    exp = Path(exp)
+    if k < 1:
+        raise ConfigError(f"--top {k}: an ensemble needs at least 1 member")
+    usable = usable_trials(exp)
     if k > len(usable):
         raise ConfigError(f"--top {k}: only {len(usable)} trials of {exp} finished with a model; "
                           f"use --top {max(len(usable), 1)} or fewer, or let the search run more trials")
@@ -83,12 +87,19 @@ def top_trials(exp: str | Path, k: int) -> list[tuple[dict, dict, str]]:
 
 
 def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: bool = False,
-                 tta: str | None = None, address: str | None = None) -> dict:
-    """`emotune ensemble`: everything checked before any training starts; then (with retrain) one `emotune train`
-    per member, one test evaluation of the ensemble and of its best member, and the reports of `emotune train`."""
+                 tta: str | None = None, address: str | None = None, epochs: int | None = None,
+                 seeds: int = 1) -> dict:
+    """`emotune ensemble` and a search's final stage: everything checked before any training starts; then (with
+    retrain) one `emotune train` per member and seed, at `epochs` (default: each config's own budget); one test
+    evaluation of the ensemble and of its single best member, and the reports of `emotune train`.
+
+    The single best member is the search's best trial, or with retrain the retrained member with the best
+    validation score (test never chooses). A retrained member whose run directory exists resumes (or, finished,
+    is only scored again): an interrupted final stage goes on where it stopped."""
     from distributed import results, storage
-    from distributed.config import TTA_MODES
+    from distributed.config import TTA_MODES, better
     from distributed.data import load_data
+    from distributed.results import read_meta
     from distributed.run import train_run
     from distributed.search_space import load_space
     from distributed.splits import make_splits
@@ -102,22 +113,37 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     splits = make_splits(load_data(first), first)  # the test split every member is scored on (bad data fails here)
     storage.check_writable(out, "--output")
 
-    paths = [path for _, _, path in chosen]
+    members = [(row, path, None) for row, _, path in chosen]  # (row, model file, retrained run's summary)
     if retrain:
-        scaling = load_space(exp / "space.yaml", json.loads((exp / "emotune.json").read_text())["overrides"]).scaling
-        paths = []
+        meta = read_meta(str(exp))
+        scaling = load_space(exp / "space.yaml", meta["overrides"]).scaling
+        members = []
         for row, cfg, _ in chosen:
-            # cv_folds off: the retrained member learns from all of train, not from one fold
-            run_dir = out / "retrain" / row["trial_id"]
-            train_run(TrainConfig.from_dict({**cfg, "cv_folds": 0}), str(run_dir), scaling, address=address)
-            paths.append(run_dir / BEST_FILE)
+            for seed in range(seeds):
+                # cv_folds off: the retrained member learns from all of train, not from one fold
+                cfg_run = TrainConfig.from_dict({**cfg, "cv_folds": 0, "epochs": epochs or cfg["epochs"],
+                                                 "seed": cfg["seed"] + seed})
+                run_dir = out / "retrain" / (row["trial_id"] + (f"-seed{seed}" if seeds > 1 else ""))
+                print(f"emotune: member {len(members) + 1} of {len(chosen) * seeds}: trial {row['trial_id']}'s "
+                      f"config, seed {cfg_run.seed}, {cfg_run.epochs} epochs -> {run_dir}", flush=True)
+                summary = train_run(cfg_run, str(run_dir), scaling, address=address)
+                members.append((row, run_dir / BEST_FILE, summary))
+        monitor = TrainConfig.from_dict(chosen[0][1]).monitor
+        best_i = 0
+        for i, (_, _, summary) in enumerate(members):
+            if better(monitor, summary[f"best_{monitor}"], members[best_i][2][f"best_{monitor}"]):
+                best_i = i
+        members.insert(0, members.pop(best_i))  # the single best: by validation after retraining
 
-    ensemble = Ensemble([load_file(p, MODEL_FORMAT) for p in paths])
+    ensemble = Ensemble([load_file(p, MODEL_FORMAT) for _, p, _ in members])
     tta = tta or ensemble.config.tta
     x = torch.from_numpy(splits.test_x)
-    summary = {"experiment": str(exp), "tta": tta, "retrained": retrain,
-               "members": [{"trial_id": row["trial_id"], "model": row["model"], "file": str(p)}
-                           for (row, _, _), p in zip(chosen, paths)]}
+    summary = {"experiment": str(exp), "tta": tta, "retrained": retrain, "epochs": epochs, "seeds": seeds,
+               "members": [{"trial_id": row["trial_id"], "model": row["model"], "file": str(p),
+                            **({"epochs": ran["epochs_run"], "best_epoch": ran["best_epoch"],
+                                **{k: v for k, v in ran.items() if k.startswith("best_val") or k.startswith("test_")}}
+                               if ran else {})}
+                           for row, p, ran in members]}
     for name, predictor, where in (("ensemble", ensemble, out),
                                    ("single_best", Ensemble(ensemble.blobs[:1]), out / "single_best")):
         pred = predictor.probs(x, tta).argmax(1).numpy()
@@ -126,6 +152,23 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     ensemble.save(out / MODEL_FILE)
     results.write_json(summary, out / "ensemble.json")
     return {"output": str(out), **summary}
+
+
+# The final stage's directory inside an experiment, and its record (ensemble.json, as `emotune ensemble` writes).
+FINAL_DIR = "final"
+
+
+def final_stage(exp: str | Path, top_k: int, epochs: int, seeds: int = 1, address: str | None = None) -> dict:
+    """A search's final stage: its top_k configs retrained at the full budget (`epochs`, `seeds` seeds each) by
+    `emotune train`, the ensemble of those members and the best of them by validation tested once on the test split
+    (run_ensemble with retrain: the same mechanism as `emotune ensemble --retrain`). best_config.yaml becomes the
+    config as retrained; `emotune best` and report.html read the record."""
+    k = min(top_k, len(usable_trials(exp)))  # a search with fewer finished trials retrains what it has
+    if k < 1:
+        raise ConfigError(f"{exp}: no trial finished with a model, so there is nothing for the final stage to "
+                          f"retrain; see the leaderboard's errors")
+    return run_ensemble(exp, k, output=str(Path(exp) / FINAL_DIR), retrain=True, epochs=epochs, seeds=seeds,
+                        address=address)
 
 
 def accuracy_gain(summary: dict) -> float:

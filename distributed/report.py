@@ -61,9 +61,9 @@ def load_study(exp: str):
     return optuna.load_study(study_name=names[0], storage=url) if len(names) == 1 else None
 
 
-def write_report(exp: str, meta: dict, rows: list[dict]) -> str:
+def write_report(exp: str, meta: dict, rows: list[dict], final: dict | None = None) -> str:
     """Build report.html from the experiment directory or URI; `meta` is its emotune.json, `rows` the leaderboard
-    rows (best first)."""
+    rows (best first), `final` the final stage's record (None: the search has none)."""
     from distributed.results import flatten_params, pareto_front, read_trials
 
     metric, mode = meta["metric"], meta["mode"]
@@ -78,6 +78,8 @@ def write_report(exp: str, meta: dict, rows: list[dict]) -> str:
         front = pareto_front([r for r in rows if r.get(f"best_{metric}") is not None], objectives, metric)
         sections.append(("Pareto front", figure_html(pareto_figure(rows, front, objectives, metric))))
     sections.append(("Best trial on the validation split", best_trial_html(exp, rows, metric)))
+    if final:
+        sections.insert(1, ("Final stage", final_html(final, rows, metric)))
 
     import plotly.offline
 
@@ -94,6 +96,26 @@ def write_report(exp: str, meta: dict, rows: list[dict]) -> str:
     path = storage.join(exp, PAGE_FILE)
     storage.write_text(path, page)
     return path
+
+
+def final_html(final: dict, rows: list[dict], metric: str) -> str:
+    """The final stage: each retrained member (validation, test), the chosen one first, and the ensemble."""
+    searched = {r["trial_id"]: r for r in rows}
+    val_key = next((k for k in final["members"][0] if k.startswith("best_val")), f"best_{metric}")
+    lines = ["<tr><th>member</th><th>model</th><th>search: best " + html.escape(metric) + " (epochs)</th>"
+             f"<th>retrained: {html.escape(val_key[5:])} (epochs)</th><th>test_acc</th></tr>"]
+    for i, m in enumerate(final["members"]):
+        row = searched.get(m["trial_id"], {})
+        lines.append(f"<tr><td>{html.escape(m['trial_id'])}{' (chosen)' if i == 0 else ''}</td>"
+                     f"<td>{html.escape(m['model'])}</td><td>{cell(row.get(f'best_{metric}'))} "
+                     f"({cell(row.get('epochs_run'))})</td><td>{cell(m.get(val_key))} ({cell(m.get('epochs'))})</td>"
+                     f"<td>{cell(m.get('test_acc'))}</td></tr>")
+    ens, one = final["ensemble"]["all"]["test_acc"], final["single_best"]["all"]["test_acc"]
+    return (f"<p>The top {len({m['trial_id'] for m in final['members']})} configs retrained for "
+            f"{final['epochs']} epochs ({final['seeds']} seed{'s' if final['seeds'] > 1 else ''} each), chosen by "
+            f"validation; test touched once: the chosen member <b>{one:.4f}</b>, the ensemble of all "
+            f"{len(final['members'])} <b>{ens:.4f}</b> (tta {html.escape(str(final['tta']))}).</p>"
+            f"<table>{''.join(lines)}</table>")
 
 
 def figure_html(fig) -> str:

@@ -281,7 +281,7 @@ def write_meta(exp: str, space_file: str, overrides: list[str], space: SearchSpa
     write_json({"space_file": str(space_file), "overrides": list(overrides), "num_samples": space.num_samples,
                 "metric": space.metric, "mode": space.mode, "objectives": [list(o) for o in space.objectives],
                 "models": space.model_choices(), "model": space.fixed.get("model", TrainConfig().model),
-                "epochs": space.epochs(), "git_commit": git_commit(),
+                "epochs": space.epochs(), "final": space.final, "git_commit": git_commit(),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, storage.join(exp, "emotune.json"))
 
 
@@ -317,10 +317,16 @@ def collect(exp: str, top: int = 5, model: str | None = None) -> dict:
     out = {"experiment": exp, "leaderboard": storage.join(exp, "leaderboard.csv"), "rows": rows,
            "orphans": [t["dir"] for t in trials if t["orphan"]]}
     ranked = [r for r in rows if r[f"best_{metric}"] is not None]
-    if ranked:
+    final = read_final(exp)
+    if final:  # the search ended with its final stage: the best config is the winner as retrained
+        out["final"] = final
+        out["best_config"] = storage.join(exp, "best_config.yaml")
+        write_final_best_config(out["best_config"], final, meta)
+    elif ranked:
         best = ranked[0]
         out["best_config"] = storage.join(exp, "best_config.yaml")
         write_best_config(out["best_config"], best, configs[best["trial_id"]], meta, metric)
+    if ranked:
         if len(meta["models"]) > 1:
             out["best_by_architecture"] = storage.join(exp, "best_by_architecture")
             for m in sorted({r["model"] for r in ranked}):
@@ -333,7 +339,7 @@ def collect(exp: str, top: int = 5, model: str | None = None) -> dict:
         out["pareto_front"] = storage.join(exp, "pareto_front.csv")
     from distributed.report import write_report  # the page people open: report.html
 
-    out["report"] = write_report(exp, meta, rows)
+    out["report"] = write_report(exp, meta, rows, final)
     # --model only narrows what is shown: the files above always hold every trial
     out["top"] = [r for r in ranked if model is None or r["model"] == model][:top]
     return out
@@ -351,5 +357,32 @@ def write_best_config(path: str, row: dict, config: dict, meta: dict, metric: st
               f"search space: {meta.get('space_file')}  overrides: {' '.join(meta.get('overrides', [])) or 'none'}\n"
               f"git commit: {meta.get('git_commit', 'unknown')}  collected: "
               f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n"
+              f"re-run: emotune train --config {path}")
+    cfg.save(path, header=header)
+
+
+FINAL_RECORD = "final/ensemble.json"  # written by ensemble.final_stage (the same record as `emotune ensemble`)
+
+
+def read_final(exp: str) -> dict | None:
+    """The final stage's record, or None when the search has none (yet)."""
+    path = storage.join(exp, FINAL_RECORD)
+    return json.loads(storage.read_text(path)) if storage.is_file(path) else None
+
+
+def write_final_best_config(path: str, final: dict, meta: dict) -> None:
+    """best_config.yaml after a final stage: the config of the member the final stage chose (by validation), as it
+    was retrained (the full budget), with its validation and test figures."""
+    from distributed.config import TrainConfig
+
+    chosen = final["members"][0]
+    run_dir = chosen["file"].rsplit("/", 1)[0]
+    cfg = TrainConfig.load(storage.join(run_dir, "config.yaml"))
+    val = next((f"{k[5:]} = {v:.4f}" for k, v in chosen.items() if k.startswith("best_val")), "")
+    header = (f"final stage: trial {chosen['trial_id']}'s config retrained for {cfg.epochs} epochs (best epoch "
+              f"{chosen.get('best_epoch')}): {val}, test_acc = {chosen['test_acc']:.4f}; chosen by validation among "
+              f"{len(final['members'])} retrained members\n"
+              f"search space: {meta.get('space_file')}  overrides: {' '.join(meta.get('overrides', [])) or 'none'}\n"
+              f"git commit: {meta.get('git_commit', 'unknown')}\n"
               f"re-run: emotune train --config {path}")
     cfg.save(path, header=header)

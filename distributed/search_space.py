@@ -23,16 +23,17 @@ from distributed.config import (
     check_model_name,
     check_range,
     check_value,
-    did_you_mean,
     field_names,
     field_spec,
     parse_overrides,
     read_yaml,
 )
+from distributed.errors import did_you_mean
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "quniform")
 TOP_KEYS = ("name", "description", "metric", "mode", "num_samples", "scaling", "scheduler", "search", "fixed",
-            "space", "by_model", "points_to_evaluate", "objectives")
+            "space", "by_model", "points_to_evaluate", "objectives", "final")
+FINAL_KEYS = ("top_k", "epochs", "seeds")
 OBJECTIVE_METRICS = METRICS + ("num_params", "epoch_s")  # also read from each trial's reports
 
 
@@ -75,6 +76,9 @@ class SearchSpace:
     by_model: dict = field(default_factory=dict)    # model -> {name -> Param | constant}
     points: list = field(default_factory=list)
     objectives: list = field(default_factory=list)  # [(metric, mode)], >1 means multi-objective
+    # The final stage (ensemble.final_stage): the top_k configs retrained at `epochs` (the full budget) with
+    # `seeds` seeds each, then tested once and ensembled. top_k 0: no final stage.
+    final: dict = field(default_factory=lambda: {"top_k": 0, "epochs": None, "seeds": 1})
 
     # -- sampling ---------------------------------------------------------------------------------------
 
@@ -262,7 +266,21 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
     if s.algorithm not in ("tpe", "random"):
         raise SpaceError(f"{where}: search.algorithm: {s.algorithm!r} is not one of tpe, random")
     s.points = parse_points(s, doc.get("points_to_evaluate", []), f"{where}: points_to_evaluate", pinned)
+    s.final = parse_final(mapping(doc.get("final", {}), f"{where}: final"), f"{where}: final", s.epochs())
     return s
+
+
+def parse_final(final: dict, where: str, search_epochs: int) -> dict:
+    """The final stage: {top_k, epochs, seeds}; epochs defaults to the search's own budget (fixed.epochs) and may
+    not be below it (the final stage trains the winners longer, never shorter)."""
+    known_keys(final, FINAL_KEYS, where)
+    top_k = int(bounded(final.get("top_k", 0), int, 0, 100, f"{where}.top_k"))
+    epochs = int(bounded(final.get("epochs", search_epochs), int, 1, 100_000, f"{where}.epochs"))
+    if epochs < search_epochs:
+        raise SpaceError(f"{where}.epochs: {epochs} is below the search's own {search_epochs} (fixed.epochs); the "
+                         f"final stage trains the winners at the full budget, so give at least {search_epochs}")
+    seeds = int(bounded(final.get("seeds", 1), int, 1, 100, f"{where}.seeds"))
+    return {"top_k": top_k, "epochs": epochs, "seeds": seeds}
 
 
 def mapping(value, where: str) -> dict:

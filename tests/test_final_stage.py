@@ -1,0 +1,75 @@
+"""A search's final stage (ensemble.final_stage): the winners retrained at the full budget, tested once, ensembled;
+best_config.yaml and report.html say so; a stage killed half way resumes with --resume."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import REPO, crash_when
+
+from distributed.config import TrainConfig
+from distributed.data import load_data
+from distributed.ensemble import load_predictor
+from distributed.splits import make_splits
+
+
+@pytest.mark.slow
+def test_the_final_stage_retrains_the_winners_and_tests_them_once(two_arch_search):
+    exp = two_arch_search  # conftest: 2 trials of 2 epochs, final: {top_k: 2, epochs: 3}
+    final = json.loads((exp / "final" / "ensemble.json").read_text())
+    assert final["retrained"] and final["epochs"] == 3 and final["seeds"] == 1 and len(final["members"]) == 2
+    trials = {m["trial_id"] for m in final["members"]}
+    assert trials == {d.name for d in exp.iterdir() if (d / "result.json").is_file()}
+    for m in final["members"]:
+        run = Path(m["file"]).parent
+        # the trial's own config at the full budget (3 epochs; the search ran 2), trained once, tested once
+        assert [h["epoch"] for h in pq.read_table(run / "metrics.parquet").to_pylist()] == [1, 2, 3]
+        cfg = TrainConfig.load(run / "config.yaml")
+        trial = json.loads((exp / m["trial_id"] / "result.json").read_text().splitlines()[-1])["train_config"]
+        assert cfg == TrainConfig.from_dict({**trial, "epochs": 3, "cv_folds": 0})
+        assert json.loads((run / "test_metrics.json").read_text())["all"]["test_acc"] == m["test_acc"]
+    # the chosen member (listed first) is the best by validation after retraining, never by test
+    vals = [m["best_val_acc"] for m in final["members"]]
+    assert vals[0] == max(vals)
+    chosen = TrainConfig.load(Path(final["members"][0]["file"]).parent / "config.yaml")
+    best = exp / "best_config.yaml"
+    assert TrainConfig.load(best) == chosen and best.read_text().startswith("# final stage: trial ")
+    # the ensemble's figure is its own model file scored on the test split
+    splits = make_splits(load_data(chosen), chosen)
+    pred = load_predictor(exp / "final" / "ensemble_model.pt").probs(torch.from_numpy(splits.test_x)).argmax(1)
+    assert final["ensemble"]["all"]["test_acc"] == pytest.approx(float(np.mean(pred.numpy() == splits.test_y)))
+    page = (exp / "report.html").read_text()
+    assert "<h2>Final stage</h2>" in page and all(t in page for t in trials)
+
+
+@pytest.mark.slow
+def test_a_final_stage_killed_half_way_resumes(two_arch_search, tmp_path):
+    """Killed after the first member's second epoch: --resume leaves the search alone, continues that member from
+    its checkpoint and trains the other, then writes the record."""
+    exp = tmp_path / "two_arch"
+    shutil.copytree(two_arch_search, exp)
+    shutil.rmtree(exp / "final")
+    (exp / "best_config.yaml").unlink()
+    space = exp / "space.yaml"
+    cmd = [sys.executable, "-m", "distributed", "tune", str(space), "--storage-path", str(tmp_path), "--resume"]
+    crash_when(cmd, printed="epoch 2/3")
+    assert not (exp / "final" / "ensemble.json").exists()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "final:  trial " in done.stdout and "ensemble of 2 test_acc" in done.stdout, done.stdout[-3000:]
+    final = json.loads((exp / "final" / "ensemble.json").read_text())
+    starts = {}
+    for m in final["members"]:
+        history = pq.read_table(Path(m["file"]).parent / "metrics.parquet").to_pylist()
+        assert [h["epoch"] for h in history] == [1, 2, 3]
+        starts[m["trial_id"]] = [h["run_start_epoch"] for h in history]
+    assert sorted(starts.values()) == [[1, 1, 1], [1, 1, 3]], starts  # one member cut after epoch 2, none redone
+    # the search itself was not run again: still its two trials of 2 epochs
+    assert sorted(len((exp / t / "result.json").read_text().splitlines()) for t in starts) == [2, 2]
