@@ -22,7 +22,6 @@ import pytest
 import yaml
 from conftest import REPO, SPACES, free_port, remove
 
-from distributed import cli
 from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS
 from distributed.plan import plan_trials
 from distributed.search_space import load_space
@@ -44,16 +43,6 @@ def space_with(tmp_path: Path, num_samples: int = 8, **scaling) -> Path:
     path = tmp_path / f"quick-{'-'.join(f'{k}{v}' for k, v in scaling.items()) or 'as-is'}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-def test_a_trial_needing_more_gpus_than_this_machine_has_exits_2_before_ray_starts(tmp_path, capsys):
-    import torch
-
-    space = space_with(tmp_path, gpus_per_worker=torch.cuda.device_count() + 1)
-    assert cli.main(["tune", str(space), "--storage-path", str(tmp_path / "results")]) == 2
-    err = capsys.readouterr().err
-    assert "GPU" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "results" / "quick" / "emotune.json").exists()
 
 
 # -- a live three-node cluster -----------------------------------------------------------------------------------
@@ -135,14 +124,18 @@ def test_logical_gpus_plan_like_real_ones(nodes, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_trial_needing_more_gpus_than_any_node_exits_2_before_the_search(nodes, tmp_path):
-    storage = nodes.root / "results-refused"
-    r = python(["-m", "distributed", "tune", str(space_with(tmp_path, gpus_per_worker=3)), "--address",
-                nodes.address, "--storage-path", str(storage)], timeout=180)
-    assert r.returncode == 2, r.stderr[-3000:]
+def test_a_trial_no_node_up_can_hold_waits_then_gives_up_after_wait_timeout(nodes, tmp_path):
+    """Joining a cluster whose node types nothing names (no --cluster, no ~/ray_bootstrap_config.yaml, an empty GCS
+    cluster config): an autoscaler may still bring a node, so a trial bigger than every node up is not refused; the
+    search says so in one line, waits --wait-timeout minutes, and gives up with exit 2."""
+    storage = nodes.root / "results-waited"
+    r = python(["-m", "distributed", "tune", str(space_with(tmp_path, num_samples=1, gpus_per_worker=3)),
+                "--address", nodes.address, "--storage-path", str(storage), "--wait-timeout", "0.1"], timeout=300)
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    assert "no cluster config names the node types" in r.stdout and "--cluster FILE names them" in r.stdout, r.stdout
     error = [line for line in r.stderr.splitlines() if line.startswith("emotune: error:")]
-    assert len(error) == 1 and "(largest: 1 CPU, 2 GPU)" in error[0], r.stderr[-3000:]
-    assert not (storage / "quick" / "emotune.json").exists()  # nothing of a search was started or recorded
+    assert len(error) == 1 and "gave up waiting" in error[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
 
 
 @pytest.mark.slow
@@ -150,26 +143,26 @@ def test_search_spreads_trial_workers_over_nodes_and_keeps_drivers_on_the_head(n
     from ray.util.state import list_actors
 
     storage = nodes.root / "results-search"
-    r = python(["-m", "distributed", "tune", str(QUICK), "--address", nodes.address, "--num-samples", "4",
-                "--set", "epochs=1", "--storage-path", str(storage)])
+    # Two 1-CPU trials at once on two 1-CPU worker nodes: they must land one per node.
+    r = python(["-m", "distributed", "tune", str(QUICK), "--address", nodes.address, "--num-samples", "2",
+                "--set", "epochs=1", "--set", "train_limit=200", "--storage-path", str(storage)])
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     assert "2 at a time, 1-worker Ray Train trials" in r.stdout  # 2 worker nodes of 1 CPU, drivers need none
     with open(storage / "quick" / "leaderboard.csv", newline="") as f:
         statuses = [row["status"] for row in csv.DictReader(f)]
-    # Every trial ran to its end (1 epoch); none errored. (A NaN loss would read "diverged": a finished run too.)
-    assert len(statuses) == 4 and set(statuses) <= {"completed", "diverged"}, (r.stdout + r.stderr)[-6000:]
+    # Every trial ran to its end (1 epoch); none errored or diverged (the space's first points are its recipes).
+    assert statuses == ["completed", "completed"], (r.stdout + r.stderr)[-6000:]
 
     actors = list_actors(address=nodes.address, detail=True, limit=10_000, raise_on_missing_output=False)
     name = {nodes.head: "head", nodes.cpu: "cpu", nodes.gpu: "gpu"}
     seen = sorted(f"{a.class_name}@{name.get(a.node_id, a.node_id)}:{a.state}" for a in actors)
 
-    # Each trial is one RayTrainWorker (workers: 1); they hold the CPUs, which only the worker nodes have.
+    # Each trial is one RayTrainWorker (workers: 1); they hold the CPUs, which only the worker nodes have: one each.
     workers = [a.node_id for a in actors if a.class_name == "RayTrainWorker"]
-    assert len(workers) >= 4, seen
-    assert set(workers) == {nodes.cpu, nodes.gpu}, seen
+    assert sorted(workers) == sorted([nodes.cpu, nodes.gpu]), seen
     # Trial drivers are Tune's function-trainable actors; the driver resource keeps them on the head.
     drivers = [a.node_id for a in actors if a.class_name == "ImplicitFunc"]
-    assert len(drivers) == 4 and set(drivers) == {nodes.head}, seen
+    assert len(drivers) == 2 and set(drivers) == {nodes.head}, seen
 
 
 @pytest.mark.slow
@@ -185,7 +178,7 @@ def test_a_local_run_starts_its_own_ray_even_beside_a_running_cluster(nodes):
 
 # -- losing a worker node mid-search -----------------------------------------------------------------------------
 
-LOSS_EPOCHS = 6  # long enough that a trial seen at its first epochs is still training when its node goes
+LOSS_EPOCHS = 5  # long enough that a trial seen at its first epochs is still training when its node goes
 
 
 def reported(exp: Path) -> dict[str, list[dict]]:
@@ -214,8 +207,10 @@ def two_worker_cluster():
 def test_a_search_survives_losing_a_worker_node_mid_trial(two_worker_cluster, tmp_path):
     cluster, workers, root = two_worker_cluster
     doc = yaml.safe_load(QUICK.read_text())
-    doc.update(num_samples=4, scheduler="none")  # no ASHA: every trial has to run all its epochs
-    doc["fixed"]["epochs"] = LOSS_EPOCHS
+    # Two trials, both at once (one per worker node, so the victim's node is always a worker node); no ASHA:
+    # every trial has to run all its epochs; 700 images an epoch.
+    doc.update(num_samples=2, scheduler="none")
+    doc["fixed"].update(epochs=LOSS_EPOCHS, train_limit=700)
     space = tmp_path / "quick.yaml"
     space.write_text(yaml.safe_dump(doc, sort_keys=False))
     storage = root / "results-node-loss"
@@ -254,14 +249,14 @@ def test_a_search_survives_losing_a_worker_node_mid_trial(two_worker_cluster, tm
     with open(exp / "leaderboard.csv", newline="") as f:
         board = list(csv.DictReader(f))
     # Every trial ran to its end and none is marked errored: exactly num_samples distinct trials, all complete.
-    assert len({row["trial_id"] for row in board}) == len(board) == 4, output[-6000:]
+    assert len({row["trial_id"] for row in board}) == len(board) == 2, output[-6000:]
     assert {(row["status"], row["epochs_run"]) for row in board} == {("completed", str(LOSS_EPOCHS))}, board
 
     rows = reported(exp)
     # Tune saw each epoch once: Ray Train records an epoch's checkpoint before Tune hears of the epoch, so a restart
     # never repeats an epoch Tune already has.
     epochs = {tid: [r["epoch"] for r in trial_rows] for tid, trial_rows in rows.items()}
-    assert len(epochs) == 4 and all(e == list(range(1, LOSS_EPOCHS + 1)) for e in epochs.values()), epochs
+    assert len(epochs) == 2 and all(e == list(range(1, LOSS_EPOCHS + 1)) for e in epochs.values()), epochs
     # The trial whose worker was on the lost node went on elsewhere, in the same Tune trial (Ray Train restarted
     # its worker group; Tune saw no failure), from the checkpoint of an epoch it had finished before the loss.
     history = rows[trial]

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import DATA, need
 from PIL import Image
 
 from distributed.augment import augment, mix_transform
@@ -14,15 +15,11 @@ from distributed.config import TrainConfig
 from distributed.data import DATASETS, DataError, Decoded, decode_data, read_images
 from distributed.splits import class_weights, make_splits
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FER_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 
 
 def needs(name: str) -> Path:
-    path = DATA / name
-    if not path.exists():
-        pytest.skip(f"real data {path} is not available on this machine")
-    return path
+    return need(DATA / name)
 
 
 def split(val_fraction: float, seed: int, **more) -> TrainConfig:

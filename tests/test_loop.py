@@ -184,3 +184,21 @@ def test_loop_on_cuda_with_amp_and_channels_last(synthetic, tmp_path):
     assert not report["diverged"]
     net, _, _, _ = load_model(tmp_path / BEST_FILE)
     assert next(net.parameters()).device.type == "cpu"
+
+
+def test_under_wsd_a_rungs_value_does_not_depend_on_the_trials_budget():
+    """ASHA judges a trial at epoch r of its budget: under wsd the epochs before the decay train the same whatever
+    the budget, so a rung compares like with like; under OneCycle the same config at another budget is elsewhere
+    in its schedule at epoch r, and scores differently."""
+    def curve(schedule: str, epochs: int) -> list[float]:
+        cfg = TrainConfig(model="small_cnn", epochs=epochs, schedule=schedule, train_limit=200, augment=False,
+                          lr_head=3e-3, seed=0)
+        run = LocalRun("cpu")
+        train_loop(cfg, None, run)
+        return [r["val_loss"] for r in run.reports]
+
+    short, long = curve("wsd", 3), curve("wsd", 5)
+    assert short[:2] == long[:2]  # epochs 1-2: warm-up and stable in both (the decay is epoch 3 of 3, 5 of 5)
+    assert short[2] != long[2]
+    one_short, one_long = curve("onecycle", 3), curve("onecycle", 5)
+    assert one_short[0] != one_long[0]

@@ -10,8 +10,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import yaml
-from conftest import SPACES
 from PIL import Image
 
 from distributed.cli import main
@@ -45,17 +43,9 @@ def open_page(page, tmp_path) -> tuple[str, list[str], np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def experiment(ray_local, tmp_path_factory):
-    """Two real trials of two architectures, two objectives (so the page has a Pareto front)."""
-    tmp = tmp_path_factory.mktemp("report")
-    doc = yaml.safe_load((SPACES / "quick.yaml").read_text())
-    doc.update(name="report", num_samples=2, scheduler="none", objectives=[{"val_acc": "max"}, {"num_params": "min"}],
-               fixed={"epochs": 2, "train_limit": 200, "data": "synthetic"},
-               space={"model": {"choice": ["small_cnn", "emotion_cnn48"]}, "lr_head": {"loguniform": [1e-3, 1e-2]}},
-               points_to_evaluate=[{"model": "small_cnn"}, {"model": "emotion_cnn48"}])
-    (tmp / "report.yaml").write_text(yaml.safe_dump(doc))
-    assert main(["tune", str(tmp / "report.yaml"), "--storage-path", str(tmp)]) == 0
-    return tmp / "report"
+def experiment(two_arch_search):
+    """Two real trials of two architectures, two objectives (so the page has a Pareto front): conftest's search."""
+    return two_arch_search
 
 
 @pytest.mark.slow
@@ -64,8 +54,8 @@ def test_search_report_renders_in_a_browser(experiment, tmp_path):
     source = page.read_text()
     assert "<script src" not in source and "<link" not in source  # everything inline: nothing to fetch
     figures = source.count('class="plotly-graph-div"')
-    for title in ("Leaderboard", "Learning curves", "Parameter importances", "Parameters against the metric",
-                  "Pareto front", "Best trial on the validation split"):
+    for title in ("Leaderboard", "Final stage", "Learning curves", "Parameter importances",
+                  "Parameters against the metric", "Pareto front", "Best trial on the validation split"):
         assert f"<h2>{title}</h2>" in source
     # curves, importances, parallel coordinates, Pareto front, confusion matrix, per-class F1: each is there
     assert figures == 6
@@ -82,7 +72,7 @@ def test_search_report_renders_in_a_browser(experiment, tmp_path):
     assert console == [], console
     assert dom.count('class="plotly-graph-div js-plotly-plot"') == figures  # plotly drew every figure...
     assert dom.count('class="main-svg"') >= 2 * figures  # ...into SVG
-    assert dom.count("<tr>") == 1 + 2  # header and one row per trial
+    assert dom.count("<tr>") == 2 * (1 + 2)  # leaderboard and final stage: a header and one row per trial each
     assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 200, "the screenshot is (nearly) blank"
 
 
@@ -106,7 +96,7 @@ def test_report_rebuilds_for_an_interrupted_search(experiment, tmp_path, capsys)
     assert main(["report", str(copy)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {copy / 'report.html'}"
     source = (copy / "report.html").read_text()
-    assert "2 trials (" in source and "incomplete" in source
+    assert "2 trials (1 completed, 1 incomplete)" in source
 
 
 @pytest.mark.slow
