@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from distributed.errors import ConfigError, ModelError, did_you_mean
+from distributed.model_names import check_name
 
 
 def knob(default, help: str, *, low=None, high=None, choices=None, low_open=False):
@@ -182,10 +183,8 @@ PRETRAINED_LR_BACKBONE = 1e-4  # the transfer-learning default of backbone_lr()
 
 
 def check_model_name(name: str, where: str) -> None:
-    from distributed.models import builder  # the registry is the one list of architectures (a downward import)
-
     try:
-        builder(name)
+        check_name(name)  # model_names, not the registry in models.py: naming a model imports no torch
     except ModelError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from distributed.errors import ModelError, did_you_mean
+from distributed.errors import ModelError
+from distributed.model_names import BACKBONES, SCRATCH, check_name, native_size
 
 # what every stem takes: grey faces, or RGB (a backbone's grey stem is its RGB conv summed over R, G and B)
 IN_CHANNELS = (1, 3)
@@ -165,18 +166,18 @@ def chunked_parts(net, n: int = 4) -> tuple[list[nn.Module], int]:
     return [nn.Sequential(*c) for c in chunks], last_conv.out_channels
 
 
-BACKBONES = {
-    "vgg16": vgg_parts,
-    "vgg19": vgg_parts,
-    "resnet18": resnet_parts,
-    "resnet50": resnet_parts,
-    "mobilenet_v2": chunked_parts,
-    "mobilenet_v3_small": chunked_parts,
-    "efficientnet_b0": chunked_parts,
-}
+# how a torchvision body is cut into stages, by family: the start of the backbone's name
+CUTS = {"vgg": vgg_parts, "resnet": resnet_parts, "mobilenet": chunked_parts, "efficientnet": chunked_parts}
 
 
-def build_backbone(name, num_classes, in_channels, dropout, pretrained, weights_path) -> nn.Module:
+def cut_for(name: str) -> Callable[[nn.Module], tuple[list[nn.Module], int]]:
+    for family, cut in CUTS.items():
+        if name.startswith(family):
+            return cut
+    raise KeyError(f"backbone {name}: no family in models.CUTS says how to cut it into stages; add one")
+
+
+def build_backbone(name, cut, num_classes, in_channels, dropout, pretrained, weights_path) -> nn.Module:
     import torchvision
 
     net = getattr(torchvision.models, name)(weights=None)
@@ -186,7 +187,7 @@ def build_backbone(name, num_classes, in_channels, dropout, pretrained, weights_
     elif pretrained:
         state, source = download_imagenet(name)
         load_into(net, state, name, source)
-    parts, features = BACKBONES[name](net)
+    parts, features = cut(net)
     model = Backbone(parts, features, num_classes, dropout)
     if in_channels == 1:
         to_grayscale(model)
@@ -322,20 +323,23 @@ def first_line(exc: Exception) -> str:
 
 # -- registry ------------------------------------------------------------------------------------------
 
+# the network of each scratch name in model_names.SCRATCH
+SCRATCH_NETS = {
+    "small_cnn": functools.partial(BaselineCNN, widths=(16, 32, 64), hidden=(128, 64)),
+    "baseline_cnn": BaselineCNN,
+    "emotion_cnn48": EmotionCNN48,
+}
+
+# keyed by model_names, the one list of names: a name without a network or a cut fails here, at import
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "small_cnn": functools.partial(build_scratch, "small_cnn",
-                                   functools.partial(BaselineCNN, widths=(16, 32, 64), hidden=(128, 64))),
-    "baseline_cnn": functools.partial(build_scratch, "baseline_cnn", BaselineCNN),
-    "emotion_cnn48": functools.partial(build_scratch, "emotion_cnn48", EmotionCNN48),
-    **{name: functools.partial(build_backbone, name) for name in BACKBONES},
+    **{name: functools.partial(build_scratch, name, SCRATCH_NETS[name]) for name in SCRATCH},
+    **{name: functools.partial(build_backbone, name, cut_for(name)) for name in BACKBONES},
 }
 
 
 def builder(name: str) -> Callable[..., nn.Module]:
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ModelError(f"unknown model {name!r}{did_you_mean(name, MODELS, choose_from=True)}") from None
+    check_name(name)  # unknown name -> ModelError, the message config and search spaces give too
+    return MODELS[name]
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 1, dropout: float = 0.5,
@@ -353,11 +357,6 @@ def create_model(name: str, num_classes: int, in_channels: int = 1, dropout: flo
 
 def list_models() -> list[str]:
     return list(MODELS)
-
-
-def native_size(name: str) -> int:
-    builder(name)  # unknown name -> ModelError
-    return 224 if name in BACKBONES else 48
 
 
 def describe_models() -> list[dict]:

@@ -22,6 +22,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 
 from distributed import storage
 from distributed.config import METRICS
+from distributed.outcome import trial_outcome
 
 if TYPE_CHECKING:
     from distributed.search_space import SearchSpace
@@ -212,21 +213,9 @@ def leaderboard_rows(trials: list[dict], meta: dict) -> tuple[list[dict], dict]:
         best = max(values, key=lambda v: sign * v) if values else None
         last = hist[-1] if hist else {}
         epochs_run = int(last.get("epoch", 0))
-        diverged = bool(last.get("diverged", False))
-        early = bool(last.get("early_stopped", False))
-        finished = epochs_run >= cfg["epochs"] or early or diverged
         # error.txt stays after a failed attempt (Ray appends to it and never removes it), also when a retry or a
         # --resume (resume_errored) then ran the trial to its end: the saved state's status decides where there is one
-        if t["status"] == "ERROR" or (t["error"] and t["status"] is None):
-            status = "error"
-        elif diverged:
-            status = "diverged"
-        elif finished:
-            status = "early_stopped" if early else "completed"
-        elif t["status"] == "TERMINATED":
-            status = "asha_stopped"
-        else:
-            status = "incomplete"
+        status = trial_outcome(last, t["status"] or ("ERROR" if t["error"] else None), planned=cfg["epochs"])
         row = {"trial_id": t["trial_id"], "status": status, "model": cfg["model"],
                **{f"param.{k}": v for k, v in flatten_params(t["params"]).items()},
                "epochs_run": epochs_run, f"best_{metric}": best}

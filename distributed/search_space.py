@@ -29,6 +29,7 @@ from distributed.config import (
     read_yaml,
 )
 from distributed.errors import did_you_mean
+from distributed.model_names import BACKBONES
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "quniform")
 TOP_KEYS = ("name", "description", "metric", "mode", "num_samples", "scaling", "scheduler", "search", "fixed",
@@ -125,8 +126,6 @@ class SearchSpace:
     def warnings(self) -> list[str]:
         """Legal but probably unintended: ASHA judging trials while their learning rate is still warming up, or
         before their backbone ever trains. Either way the first rung compares trials that have not yet learnt."""
-        from distributed.models import BACKBONES
-
         if not self.asha:
             return []
         out = []
@@ -165,9 +164,11 @@ class SearchSpace:
         """The weights any trial will load are fetched (or refused) now, before Ray starts: for every model, against
         every shape it can take here (in_channels and classes: fixed, a by_model constant or searched). A backbone's
         file is loaded into torchvision's own model, whatever the shape, so it is read once (ImageNet files are big)."""
-        from distributed.models import BACKBONES, check_weights
-
         for model in self.model_choices():
+            if not any(self.value_span("weights_path", model)) and True not in self.value_span("pretrained", model):
+                continue  # nothing to load (the name is checked already): no torch
+            from distributed.models import check_weights
+
             shapes = list(itertools.product(self.value_span("in_channels", model), self.value_span("classes", model)))
             for channels, classes in shapes[:1] if model in BACKBONES else shapes:
                 check_weights(TrainConfig.from_dict({**self.fixed, "model": model, "in_channels": channels,
@@ -217,7 +218,9 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
         raise SpaceError(f"{where}: no `space` section; add at least one parameter to search, e.g. "
                          f"space: {{lr_head: {{loguniform: [1.0e-4, 1.0e-2]}}}}")
 
-    pinned = parse_overrides(list(overrides))
+    # --set final.top_k=3: a key of the final section (the rest are TrainConfig fields, pinned for every trial)
+    sections = [o for o in overrides if o.partition("=")[0].strip().startswith("final.")]
+    pinned = parse_overrides([o for o in overrides if o not in sections])
 
     fixed = dict(mapping(doc.get("fixed", {}), f"{where}: fixed"))
     fixed.update(pinned)
@@ -266,8 +269,22 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
     if s.algorithm not in ("tpe", "random"):
         raise SpaceError(f"{where}: search.algorithm: {s.algorithm!r} is not one of tpe, random")
     s.points = parse_points(s, doc.get("points_to_evaluate", []), f"{where}: points_to_evaluate", pinned)
-    s.final = parse_final(mapping(doc.get("final", {}), f"{where}: final"), f"{where}: final", s.epochs())
+    final = dict(mapping(doc.get("final", {}), f"{where}: final"))
+    for pair in sections:
+        key, _, text = pair.partition("=")
+        final[key.strip().removeprefix("final.")] = read_scalar(text)
+    s.final = parse_final(final, f"{where}: final" if not sections else f"{where}: final (with --set)", s.epochs())
     return s
+
+
+def read_scalar(text: str):
+    """A --set value as YAML reads it (so 3 is a number), the text itself where YAML cannot."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def parse_final(final: dict, where: str, search_epochs: int) -> dict:

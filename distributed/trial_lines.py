@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from distributed.outcome import trial_outcome
 from distributed.results import exception_line
 
 
@@ -34,11 +35,12 @@ def trial_end_line(trial_id: str, result: dict, metric: str, best: float | None)
     if best is None:  # a trial resumed at its end reports nothing new: its last result carries the best so far
         best = result.get(f"best_{metric}")
     best = f"best {metric} {best:.4f}" if isinstance(best, (int, float)) else "no result"
-    if result.get("diverged"):
+    outcome = trial_outcome(result, "TERMINATED")  # Tune's on_trial_complete: the trial ended without an error
+    if outcome == "diverged":
         return f"trial {trial_id} diverged at epoch {epoch}: stopped (a lower learning rate may help)"
-    if result.get("early_stopped"):
+    if outcome == "early_stopped":
         return f"trial {trial_id} early-stopped at epoch {epoch} (no improvement): {best}"
-    if epoch is not None and planned is not None and epoch < planned:
+    if outcome == "asha_stopped":
         return f"trial {trial_id} stopped by ASHA after epoch {epoch} of {planned}: {best}"
     return f"trial {trial_id} finished {epoch} epochs: {best}"
 

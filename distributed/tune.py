@@ -25,6 +25,7 @@ from distributed import storage
 from distributed.cluster.nodes import autoscaler_node_types, search_node_types, unknown_node_types_line
 from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig, better
 from distributed.modelfile import load_state
+from distributed.outcome import trial_outcome
 from distributed.plan import NodeWait, Plan, cluster_nodes, local_nodes, plan_trials
 from distributed.results import collect, read_meta, saved_trials, write_meta
 from distributed.run import check_reachable, cpu_for_reserved_gpu, make_trainer, passed_env, ray_session
@@ -358,7 +359,9 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         if result and not error and trial_id not in self._completed_trials:
-            if result.get("diverged"):
+            # Results reach searchers flattened ("train_config/epochs"), which trial_outcome reads too.
+            outcome = trial_outcome(result, "TERMINATED")
+            if outcome == "diverged":
                 self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
                 self._completed_trials.add(trial_id)
                 return
@@ -368,10 +371,7 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
                 # Tune hands the result on which its scheduler stopped a trial (ASHA's cut, or max_t) to no
                 # searcher's on_trial_result: tell it here, so the study holds every epoch the trial ran.
                 ot_trial.report(result[self.metric], result[TRAINING_ITERATION])
-            # Results reach searchers flattened ("train_config/epochs").
-            planned = result.get("train_config/epochs")
-            if single and planned is not None and not result.get("early_stopped") and \
-                    result.get("epoch", planned) < planned:
+            if single and outcome == "asha_stopped":
                 self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)  # value: the last intermediate
                 self._completed_trials.add(trial_id)
                 return

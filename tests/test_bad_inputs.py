@@ -95,6 +95,18 @@ def test_missing_file_is_refused_without_importing_torch(argv):
     assert done.stdout.strip() == "", f"imported {done.stdout.strip()} only to refuse a missing file"
 
 
+def test_check_space_on_every_shipped_space_imports_no_torch():
+    """Checking a space names its models against model_names, never the registry in models.py: no torch (seconds)."""
+    spaces = sorted(str(p.relative_to(REPO)) for p in (REPO / "search_spaces").glob("*.yaml"))
+    assert {"search_spaces/quick.yaml", "search_spaces/multi_arch.yaml", "search_spaces/resnet50.yaml"} <= set(spaces)
+    done = subprocess.run([sys.executable, "-c", REPORT_HEAVY, "check-space", *spaces], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    *checked, imported = done.stdout.splitlines()
+    assert sum(": ok (" in line for line in checked) == len(spaces), done.stdout
+    assert imported == "", f"imported {imported} only to check search spaces"
+
+
 def test_every_input_error_is_caught_by_the_cli():
     from distributed.cluster.common import ClusterFileError
     from distributed.config import ConfigError

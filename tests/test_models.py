@@ -142,6 +142,24 @@ def test_unknown_model_suggests_a_name():
         native_size("nope")
 
 
+def test_model_names_and_the_registry_agree():
+    """model_names (torch-free: configs and search spaces check names against it) lists exactly what MODELS builds:
+    every scratch name has its network and every network its name; every backbone is a torchvision model with a
+    way to cut it into stages, and every family of cuts serves some backbone."""
+    import torchvision
+
+    from distributed import model_names
+    from distributed.models import CUTS, MODELS, SCRATCH_NETS, cut_for
+
+    assert list(MODELS) == list_models() == list(model_names.NAMES)
+    assert set(SCRATCH_NETS) == set(model_names.SCRATCH)
+    for name in model_names.BACKBONES:
+        assert callable(getattr(torchvision.models, name)) and cut_for(name) in CUTS.values()
+    assert {f for f in CUTS if any(n.startswith(f) for n in model_names.BACKBONES)} == set(CUTS)
+    with pytest.raises(KeyError, match="no family"):
+        cut_for("densenet121")
+
+
 def test_missing_weights_file(tmp_path):
     with pytest.raises(ModelError, match="no such file"):
         create_model("resnet18", 7, weights_path=str(tmp_path / "missing.pth"))

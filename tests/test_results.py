@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from distributed.config import TrainConfig
+from distributed.outcome import OUTCOMES, trial_outcome
 from distributed.results import collect, leaderboard_rows, pareto_front, read_trials
 
 EPOCHS = 4
@@ -51,6 +52,32 @@ def every_status() -> list[dict]:
         trial("asha", [epoch(1, 0.50, 1.25), epoch(2, 0.52, 1.05, model="emotion_cnn48")], "TERMINATED"),
         trial("orphan", [epoch(1, 0.99, 0.1)], None, orphan=True),
     ]
+
+
+# -- trial_outcome: the one reading of how a trial ended (leaderboard, printed lines, what Optuna is told) -----
+
+OF_4 = {"train_config": {"epochs": 4}}
+
+
+@pytest.mark.parametrize("last, tune_status, planned, want", [
+    ({"epoch": 4, **OF_4}, "TERMINATED", None, "completed"),
+    ({"epoch": 4, **OF_4}, "RUNNING", None, "completed"),  # the saved state lags behind the last report
+    ({"epoch": 2, **OF_4}, "TERMINATED", None, "asha_stopped"),
+    ({"epoch": 2, "train_config/epochs": 4}, "TERMINATED", None, "asha_stopped"),  # flattened, as searchers get it
+    ({"epoch": 4, **OF_4}, "TERMINATED", 6, "asha_stopped"),  # the caller's budget wins
+    ({"epoch": 2, **OF_4}, "RUNNING", None, "incomplete"),
+    ({"epoch": 2, **OF_4}, None, None, "incomplete"),
+    ({}, "PENDING", 4, "incomplete"),
+    ({"epoch": 2, "early_stopped": True, **OF_4}, "TERMINATED", None, "early_stopped"),
+    ({"epoch": 2, "early_stopped": True, **OF_4}, "RUNNING", None, "early_stopped"),
+    ({"epoch": 2, "diverged": True, "val_acc": NAN}, "TERMINATED", None, "diverged"),  # no train_config in it
+    ({"epoch": 4, **OF_4}, "ERROR", None, "error"),
+    ({"epoch": 2, "diverged": True}, "ERROR", None, "error"),
+    ({}, "TERMINATED", None, "completed"),  # no budget known: nothing says it stopped short
+    ({}, None, None, "incomplete"),
+])
+def test_trial_outcome(last, tune_status, planned, want):
+    assert trial_outcome(last, tune_status, planned) == want and want in OUTCOMES
 
 
 # -- leaderboard_rows ---------------------------------------------------------------------------------------
