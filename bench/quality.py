@@ -125,15 +125,54 @@ def one_dataset(name: str, budget: str, data_root: Path, out: Path, plain: bool,
     search, exp = tune(space.relative_to(REPO), out / "search", out / "search.log", *sets, echo=True)
     board = json.loads((exp / "emotune.json").read_text())
     epochs_spent = sum(int(r["epochs_run"]) for r in _leaderboard(exp))
+    final = final_stage(exp)  # the space's final stage, run by `emotune tune` itself (None without one)
     print(f"  scoring every trial's model on the test split ({', '.join(TTAS)})", flush=True)
     scored = score_trials(exp)
     result = {"dataset": name, "seed": seed, "budget": budget, "space": str(space.relative_to(REPO)), "data": data,
               "protocol": extra, "metric": board["metric"], "search_cpu_min": cpu_min(search),
-              "search_wall_s": search["wall_s"], "search_epochs": epochs_spent, **scored}
+              "search_wall_s": search["wall_s"], "search_epochs": epochs_spent, "final": final, **scored}
     if plain:
-        print(f"  plain recipe for the search's {epochs_spent} epochs", flush=True)
-        result["plain"] = plain_recipe(space, data, extra, epochs_spent, out / "plain", budget)
+        # the same work: every epoch the search and its final stage trained, in one plain run
+        total = epochs_spent + (final["epochs"] if final else 0)
+        print(f"  plain recipe for the search's {total} epochs (final stage included)", flush=True)
+        result["plain"] = plain_recipe(space, data, extra, total, out / "plain", budget)
     return result
+
+
+def final_stage(exp: Path) -> dict | None:
+    """The final stage's figures from its record (final/ensemble.json): the chosen member (by validation) and the
+    ensemble on test, and the epochs its members trained."""
+    record = exp / "final" / "ensemble.json"
+    if not record.is_file():
+        return None
+    final = json.loads(record.read_text())
+    return {"members": len(final["members"]), "epochs": sum(m["epochs"] for m in final["members"]),
+            "chosen": final["single_best"]["all"]["test_acc"], "ensemble": final["ensemble"]["all"]["test_acc"]}
+
+
+def interval(acc: float, n: int) -> float:
+    """Half-width of a test accuracy's 95% interval (normal approximation) on n test images."""
+    return 1.96 * (acc * (1 - acc) / n) ** 0.5
+
+
+def print_paired(results: list[dict]) -> None:
+    """Per data set over seeds: final stage (chosen, ensemble) minus the plain run at the same epochs."""
+    print("\n| data (test images) | seeds | final chosen - plain (points, mean ± sd) | final ensemble - plain | "
+          "plain test_acc (95% interval ±) |")
+    print("|---|---:|---:|---:|---:|")
+    for name in dict.fromkeys(r["dataset"] for r in results):
+        rs = [r for r in results if r["dataset"] == name and r.get("final") and r.get("plain")]
+        if not rs:
+            continue
+        one = [100 * (r["final"]["chosen"] - r["plain"]["test_acc"]) for r in rs]
+        ens = [100 * (r["final"]["ensemble"] - r["plain"]["test_acc"]) for r in rs]
+        plain = statistics.mean(r["plain"]["test_acc"] for r in rs)
+
+        def ms(v):
+            return f"{statistics.mean(v):+.1f} ± {statistics.stdev(v) if len(v) > 1 else 0:.1f}"
+
+        print(f"| {name} ({rs[0]['test_images']}) | {len(rs)} | {ms(one)} | {ms(ens)} | {plain:.3f} "
+              f"(± {100 * interval(plain, rs[0]['test_images']):.1f} points) |")
 
 
 def _leaderboard(exp: Path) -> list[dict]:
@@ -145,19 +184,22 @@ def _leaderboard(exp: Path) -> list[dict]:
 
 def print_table(results: list[dict]) -> None:
     print("\n| data (test images) | search: trials, epochs, CPU-min | TTA | pick | median trial | best trial "
-          "(hindsight) | top-5 ensemble | plain recipe (epochs, CPU-min) |")
-    print("|---|---|---|---:|---:|---:|---:|---|")
+          "(hindsight) | top-5 ensemble | final stage: chosen / ensemble (members, epochs) | plain recipe (epochs, "
+          "CPU-min) |")
+    print("|---|---|---|---:|---:|---:|---:|---|---|")
     for r in results:
         top = next(k for k in r["none"] if k.startswith("top"))
         for i, tta in enumerate(TTAS):
             m = r[tta]
             lead = (f"| {r['dataset']} ({r['test_images']}), seed {r['seed']} | {r['trials_scored']}, {r['search_epochs']}, "
                     f"{r['search_cpu_min']:.1f} |" if i == 0 else "| | |")
-            plain = r.get("plain")
+            plain, final = r.get("plain"), r.get("final")
             tail = (f"{plain['test_acc']:.3f} ({plain['epochs']}, {plain['cpu_min']:.1f})" if plain and i == 0
                     else "")
+            fin = (f"{final['chosen']:.3f} / {final['ensemble']:.3f} ({final['members']}, {final['epochs']})"
+                   if final and i == 0 else "")
             print(f"{lead} {tta} | {m['pick']:.3f} | {m['median']:.3f} | {m['best_trial']:.3f} | {m[top]:.3f} | "
-                  f"{tail} |")
+                  f"{fin} | {tail} |")
 
 
 def main(argv=None) -> int:
@@ -181,6 +223,7 @@ def main(argv=None) -> int:
         (out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")  # after each: a crash keeps the rest
     print(f"\n{args.budget} budget, {time.perf_counter() - tic:.0f} s in all; results in {out}")
     print_table(results)
+    print_paired(results)
     for r in results:
         print(f"\n{r['dataset']}: protocol {r['protocol'] or 'validation carved from train'}; {ANCHORS[r['dataset']]}")
     return 0

@@ -143,7 +143,8 @@ DEFAULT_SPACE = "quick"  # a space shipped in the package (search_space.find_spa
 
 
 def cmd_tune(args) -> int:
-    from distributed.results import collect, read_meta
+    from distributed.results import read_meta
+    from distributed.summary import collect
     from distributed.tune import run_search
 
     exp = run_search(args.space, args.overrides, storage_path=args.storage_path, resume=args.resume,
@@ -164,9 +165,11 @@ def cmd_tune(args) -> int:
     elif final.get("top_k"):
         from distributed.ensemble import final_stage
 
-        print(f"emotune: final stage: the top {final['top_k']} configs retrained for {final['epochs']} epochs "
+        data = f"on {final['train_limit']} training images" if final.get("train_limit") else "on every training image"
+        print(f"emotune: final stage: the top {final['top_k']} configs retrained for {final['epochs']} epochs {data} "
               f"({final['seeds']} seed{'s' if final['seeds'] > 1 else ''} each), then tested once", flush=True)
-        final_stage(exp, final["top_k"], final["epochs"], final["seeds"], address=args.address)
+        final_stage(exp, final["top_k"], final["epochs"], final["seeds"], final.get("train_limit", 0),
+                    address=args.address)
         out = collect(exp, top=args.top)
     print_summary(out)
     return 0
@@ -214,7 +217,7 @@ def cmd_check_space(args) -> int:
 
 
 def cmd_best(args) -> int:
-    from distributed.results import collect
+    from distributed.summary import collect
 
     print_summary(collect(args.experiment, top=args.top, model=args.model))
     return 0
@@ -322,7 +325,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from distributed.results import collect
+    from distributed.summary import collect
 
     print(f"wrote {collect(args.experiment)['report']}")
     return 0

@@ -10,6 +10,7 @@ ensemble of one, so predict takes either.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -88,9 +89,10 @@ def top_trials(exp: str | Path, k: int) -> list[tuple[dict, dict, str]]:
 
 def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: bool = False,
                  tta: str | None = None, address: str | None = None, epochs: int | None = None,
-                 seeds: int = 1) -> dict:
+                 seeds: int = 1, train_limit: int | None = None) -> dict:
     """`emotune ensemble` and a search's final stage: everything checked before any training starts; then (with
-    retrain) one `emotune train` per member and seed, at `epochs` (default: each config's own budget); one test
+    retrain) one `emotune train` per member and seed, at `epochs` (default: each config's own budget) and on
+    `train_limit` training images (default: the config's own; 0: all); one test
     evaluation of the ensemble and of its single best member, and the reports of `emotune train`.
 
     The single best member is the search's best trial, or with retrain the retrained member with the best
@@ -99,8 +101,9 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     from distributed import results, storage
     from distributed.config import TTA_MODES, better
     from distributed.data import load_data
+    from distributed.plan import local_cpus
     from distributed.results import read_meta
-    from distributed.run import train_run
+    from distributed.run import in_process, train_run
     from distributed.search_space import load_space
     from distributed.splits import make_splits
 
@@ -117,12 +120,16 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     if retrain:
         meta = read_meta(str(exp))
         scaling = load_space(exp / "space.yaml", meta["overrides"]).scaling
+        if in_process(scaling, address):  # members train one after another here: each may use every core
+            scaling = replace(scaling, cpus_per_worker=max(scaling.cpus_per_worker, local_cpus()))
         members = []
         for row, cfg, _ in chosen:
             for seed in range(seeds):
                 # cv_folds off: the retrained member learns from all of train, not from one fold
                 cfg_run = TrainConfig.from_dict({**cfg, "cv_folds": 0, "epochs": epochs or cfg["epochs"],
-                                                 "seed": cfg["seed"] + seed})
+                                                 "seed": cfg["seed"] + seed,
+                                                 "train_limit": cfg["train_limit"] if train_limit is None
+                                                 else train_limit})
                 run_dir = out / "retrain" / (row["trial_id"] + (f"-seed{seed}" if seeds > 1 else ""))
                 print(f"emotune: member {len(members) + 1} of {len(chosen) * seeds}: trial {row['trial_id']}'s "
                       f"config, seed {cfg_run.seed}, {cfg_run.epochs} epochs -> {run_dir}", flush=True)
@@ -158,7 +165,8 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
 FINAL_DIR = "final"
 
 
-def final_stage(exp: str | Path, top_k: int, epochs: int, seeds: int = 1, address: str | None = None) -> dict:
+def final_stage(exp: str | Path, top_k: int, epochs: int, seeds: int = 1, train_limit: int = 0,
+                address: str | None = None) -> dict:
     """A search's final stage: its top_k configs retrained at the full budget (`epochs`, `seeds` seeds each) by
     `emotune train`, the ensemble of those members and the best of them by validation tested once on the test split
     (run_ensemble with retrain: the same mechanism as `emotune ensemble --retrain`). best_config.yaml becomes the
@@ -168,7 +176,7 @@ def final_stage(exp: str | Path, top_k: int, epochs: int, seeds: int = 1, addres
         raise ConfigError(f"{exp}: no trial finished with a model, so there is nothing for the final stage to "
                           f"retrain; see the leaderboard's errors")
     return run_ensemble(exp, k, output=str(Path(exp) / FINAL_DIR), retrain=True, epochs=epochs, seeds=seeds,
-                        address=address)
+                        train_limit=train_limit, address=address)
 
 
 def accuracy_gain(summary: dict) -> float:

@@ -61,21 +61,20 @@ def load_study(exp: str):
     return optuna.load_study(study_name=names[0], storage=url) if len(names) == 1 else None
 
 
-def write_report(exp: str, meta: dict, rows: list[dict], final: dict | None = None) -> str:
-    """Build report.html from the experiment directory or URI; `meta` is its emotune.json, `rows` the leaderboard
-    rows (best first), `final` the final stage's record (None: the search has none)."""
-    from distributed.results import flatten_params, pareto_front, read_trials
-
+def write_report(exp: str, meta: dict, rows: list[dict], final: dict | None, trials: list[dict],
+                 front: list[dict] | None) -> str:
+    """Build report.html for the experiment directory or URI from what summary.collect read: `meta` (emotune.json),
+    the leaderboard `rows` (best first), the final stage's record (None: none), every trial (results.read_trials)
+    and the Pareto front (None: one objective)."""
     metric, mode = meta["metric"], meta["mode"]
-    objectives = [tuple(o) for o in meta["objectives"]]
     name = str(exp).rstrip("/").rsplit("/", 1)[-1]
-    trials = [t for t in read_trials(exp) if not t["orphan"]]
+    trials = [t for t in trials if not t["orphan"]]
     sections = [("Leaderboard", leaderboard_html(rows, metric)),
                 ("Learning curves", figure_html(curves_figure(trials, rows, metric))),
-                ("Parameter importances", importances_html(exp, metric, len(objectives) > 1)),
-                ("Parameters against the metric", figure_html(parallel_figure(rows, trials, metric, flatten_params)))]
-    if len(objectives) > 1:
-        front = pareto_front([r for r in rows if r.get(f"best_{metric}") is not None], objectives, metric)
+                ("Parameter importances", importances_html(exp, metric, len(meta["objectives"]) > 1)),
+                ("Parameters against the metric", figure_html(parallel_figure(rows, metric)))]
+    if front is not None:
+        objectives = [tuple(o) for o in meta["objectives"]]
         sections.append(("Pareto front", figure_html(pareto_figure(rows, front, objectives, metric))))
     sections.append(("Best trial on the validation split", best_trial_html(exp, rows, metric)))
     if final:
@@ -212,7 +211,7 @@ def importances_html(exp: str, metric: str, multi_objective: bool) -> str:
             f"not counted)</p>" + notes + figure_html(fig))
 
 
-def parallel_figure(rows: list[dict], trials: list[dict], metric: str, flatten_params):
+def parallel_figure(rows: list[dict], metric: str):
     """One line per trial through its parameters to best_<metric>; log-distributed numbers on a log10 axis."""
     import plotly.graph_objects as go
 

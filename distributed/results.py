@@ -292,64 +292,6 @@ def read_meta(exp: str, resuming: bool = False) -> dict:
     return meta
 
 
-def collect(exp: str, top: int = 5, model: str | None = None) -> dict:
-    """Leaderboard, best_config.yaml, best_by_architecture/, Pareto front; from any experiment directory or URI.
-    Everything it needs about the search (metric, mode, objectives, models) is in emotune.json."""
-
-    exp = storage.resolve(exp).rstrip("/")
-    meta = read_meta(exp)
-    metric = meta["metric"]
-    objectives = [tuple(o) for o in meta["objectives"]]
-    trials = read_trials(exp)
-    rows, configs = leaderboard_rows(trials, meta)
-    write_table(rows, storage.join(exp, "leaderboard"))
-    out = {"experiment": exp, "leaderboard": storage.join(exp, "leaderboard.csv"), "rows": rows,
-           "orphans": [t["dir"] for t in trials if t["orphan"]]}
-    ranked = [r for r in rows if r[f"best_{metric}"] is not None]
-    final = read_final(exp)
-    if final:  # the search ended with its final stage: the best config is the winner as retrained
-        out["final"] = final
-        out["best_config"] = storage.join(exp, "best_config.yaml")
-        write_final_best_config(out["best_config"], final, meta)
-    elif ranked:
-        best = ranked[0]
-        out["best_config"] = storage.join(exp, "best_config.yaml")
-        write_best_config(out["best_config"], best, configs[best["trial_id"]], meta, metric)
-    if ranked:
-        if len(meta["models"]) > 1:
-            out["best_by_architecture"] = storage.join(exp, "best_by_architecture")
-            for m in sorted({r["model"] for r in ranked}):
-                first = next(r for r in ranked if r["model"] == m)
-                write_best_config(storage.join(out["best_by_architecture"], f"{m}.yaml"), first,
-                                  configs[first["trial_id"]], meta, metric)
-    if len(objectives) > 1:
-        front = pareto_front(ranked, objectives, metric)
-        write_table(front, storage.join(exp, "pareto_front"))
-        out["pareto_front"] = storage.join(exp, "pareto_front.csv")
-    from distributed.report import write_report  # the page people open: report.html
-
-    out["report"] = write_report(exp, meta, rows, final)
-    # --model only narrows what is shown: the files above always hold every trial
-    out["top"] = [r for r in ranked if model is None or r["model"] == model][:top]
-    return out
-
-
-def write_best_config(path: str, row: dict, config: dict, meta: dict, metric: str) -> None:
-    """A complete TrainConfig that `emotune train --config` re-runs as is, with where it came from."""
-    from datetime import datetime, timezone
-
-    from distributed.config import TrainConfig
-
-    cfg = TrainConfig.from_dict(config)
-    header = (f"best trial {row['trial_id']}: {metric} = {row[f'best_{metric}']:.4f} "
-              f"(epoch budget {cfg.epochs}, ran {row['epochs_run']})\n"
-              f"search space: {meta.get('space_file')}  overrides: {' '.join(meta.get('overrides', [])) or 'none'}\n"
-              f"git commit: {meta.get('git_commit', 'unknown')}  collected: "
-              f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n"
-              f"re-run: emotune train --config {path}")
-    cfg.save(path, header=header)
-
-
 FINAL_RECORD = "final/ensemble.json"  # written by ensemble.final_stage (the same record as `emotune ensemble`)
 
 
@@ -357,21 +299,3 @@ def read_final(exp: str) -> dict | None:
     """The final stage's record, or None when the search has none (yet)."""
     path = storage.join(exp, FINAL_RECORD)
     return json.loads(storage.read_text(path)) if storage.is_file(path) else None
-
-
-def write_final_best_config(path: str, final: dict, meta: dict) -> None:
-    """best_config.yaml after a final stage: the config of the member the final stage chose (by validation), as it
-    was retrained (the full budget), with its validation and test figures."""
-    from distributed.config import TrainConfig
-
-    chosen = final["members"][0]
-    run_dir = chosen["file"].rsplit("/", 1)[0]
-    cfg = TrainConfig.load(storage.join(run_dir, "config.yaml"))
-    val = next((f"{k[5:]} = {v:.4f}" for k, v in chosen.items() if k.startswith("best_val")), "")
-    header = (f"final stage: trial {chosen['trial_id']}'s config retrained for {cfg.epochs} epochs (best epoch "
-              f"{chosen.get('best_epoch')}): {val}, test_acc = {chosen['test_acc']:.4f}; chosen by validation among "
-              f"{len(final['members'])} retrained members\n"
-              f"search space: {meta.get('space_file')}  overrides: {' '.join(meta.get('overrides', [])) or 'none'}\n"
-              f"git commit: {meta.get('git_commit', 'unknown')}\n"
-              f"re-run: emotune train --config {path}")
-    cfg.save(path, header=header)

@@ -34,7 +34,7 @@ from distributed.model_names import BACKBONES
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "quniform")
 TOP_KEYS = ("name", "description", "metric", "mode", "num_samples", "scaling", "scheduler", "search", "fixed",
             "space", "by_model", "points_to_evaluate", "objectives", "final")
-FINAL_KEYS = ("top_k", "epochs", "seeds")
+FINAL_KEYS = ("top_k", "epochs", "seeds", "train_limit")
 OBJECTIVE_METRICS = METRICS + ("num_params", "epoch_s")  # also read from each trial's reports
 
 
@@ -77,9 +77,10 @@ class SearchSpace:
     by_model: dict = field(default_factory=dict)    # model -> {name -> Param | constant}
     points: list = field(default_factory=list)
     objectives: list = field(default_factory=list)  # [(metric, mode)], >1 means multi-objective
-    # The final stage (ensemble.final_stage): the top_k configs retrained at `epochs` (the full budget) with
-    # `seeds` seeds each, then tested once and ensembled. top_k 0: no final stage.
-    final: dict = field(default_factory=lambda: {"top_k": 0, "epochs": None, "seeds": 1})
+    # The final stage (ensemble.final_stage): the top_k configs retrained at `epochs` (the full budget) on
+    # train_limit training images (0: all of them, whatever the search used) with `seeds` seeds each, then tested
+    # once and ensembled. top_k 0: no final stage.
+    final: dict = field(default_factory=lambda: {"top_k": 0, "epochs": None, "seeds": 1, "train_limit": 0})
 
     # -- sampling ---------------------------------------------------------------------------------------
 
@@ -288,8 +289,9 @@ def read_scalar(text: str):
 
 
 def parse_final(final: dict, where: str, search_epochs: int) -> dict:
-    """The final stage: {top_k, epochs, seeds}; epochs defaults to the search's own budget (fixed.epochs) and may
-    not be below it (the final stage trains the winners longer, never shorter)."""
+    """The final stage: {top_k, epochs, seeds, train_limit}; epochs defaults to the search's own budget
+    (fixed.epochs) and may not be below it (the final stage trains the winners longer, never shorter); train_limit
+    defaults to 0, every training image (a search may train on a subset to go faster)."""
     known_keys(final, FINAL_KEYS, where)
     top_k = int(bounded(final.get("top_k", 0), int, 0, 100, f"{where}.top_k"))
     epochs = int(bounded(final.get("epochs", search_epochs), int, 1, 100_000, f"{where}.epochs"))
@@ -297,7 +299,8 @@ def parse_final(final: dict, where: str, search_epochs: int) -> dict:
         raise SpaceError(f"{where}.epochs: {epochs} is below the search's own {search_epochs} (fixed.epochs); the "
                          f"final stage trains the winners at the full budget, so give at least {search_epochs}")
     seeds = int(bounded(final.get("seeds", 1), int, 1, 100, f"{where}.seeds"))
-    return {"top_k": top_k, "epochs": epochs, "seeds": seeds}
+    train_limit = int(bounded(final.get("train_limit", 0), int, 0, 10**9, f"{where}.train_limit"))
+    return {"top_k": top_k, "epochs": epochs, "seeds": seeds, "train_limit": train_limit}
 
 
 def mapping(value, where: str) -> dict:

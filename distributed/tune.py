@@ -27,10 +27,11 @@ from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig,
 from distributed.modelfile import load_state
 from distributed.outcome import trial_outcome
 from distributed.plan import NodeWait, Plan, cluster_nodes, local_nodes, plan_trials
-from distributed.results import collect, read_meta, saved_trials, write_meta
+from distributed.results import read_meta, saved_trials, write_meta
 from distributed.run import check_reachable, cpu_for_reserved_gpu, make_trainer, passed_env, ray_session
 from distributed.search_space import SearchSpace, find_space, load_space
 from distributed.study import StudyFiles
+from distributed.summary import collect
 from distributed.train import Run, train_loop
 from distributed.trial_lines import last_error_line, say, trial_end_line, trial_epoch_line, trial_start_line
 

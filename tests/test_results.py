@@ -13,7 +13,8 @@ import yaml
 
 from distributed.config import TrainConfig
 from distributed.outcome import OUTCOMES, trial_outcome
-from distributed.results import collect, leaderboard_rows, pareto_front, read_trials
+from distributed.results import leaderboard_rows, pareto_front, read_trials
+from distributed.summary import collect
 
 EPOCHS = 4
 META = {"metric": "val_acc", "mode": "max", "model": "small_cnn", "epochs": EPOCHS}

@@ -44,8 +44,16 @@ def test_default_tune_end_to_end_and_best_config_reruns(ray_local, tmp_path, mon
     assert not [w for w in ("Trial status", "Checkpoint successfully created", "A new study created") if w in out]
     best, worst = rows[0]["best_val_acc"], rows[-1]["best_val_acc"]
     assert best > worst + 0.15, (best, worst)
+    # The final stage retrained the top 2 configs for 8 epochs and chose one by validation; it says so beside the
+    # search's figure, and best_config.yaml is that member's config as retrained.
+    final = json.loads((exp / "final" / "ensemble.json").read_text())
+    assert len(final["members"]) == 2 and {m["trial_id"] for m in final["members"]} == {r["trial_id"] for r in rows[:2]}
+    assert re.search(rf"^search: best val_acc {best:.4f} \(trial {rows[0]['trial_id']}, ", out, re.M), out[-3000:]
+    assert re.search(r"^final:  trial \S+'s config retrained for 8 epochs: val_acc [\d.]+, test_acc [\d.]+; "
+                     r"ensemble of 2 test_acc [\d.]+$", out, re.M), out[-3000:]
     header = (exp / "best_config.yaml").read_text()
-    assert f"best trial {rows[0]['trial_id']}: val_acc = {best:.4f}" in header and "git commit:" in header
+    assert header.startswith(f"# final stage: trial {final['members'][0]['trial_id']}'s config retrained for 8 epochs")
+    assert "git commit:" in header
     # The published study: a trial ASHA stopped is PRUNED, the others COMPLETE; every epoch a trial ran is an
     # intermediate value (the one it was stopped on included), and its value is the last.
     study = load_study(exp, "quick")
@@ -65,14 +73,17 @@ def test_default_tune_end_to_end_and_best_config_reruns(ray_local, tmp_path, mon
         [line["val_acc"] for line in read_json_lines(exp / rows[0]["trial_id"] / "result.json")], abs=1e-6)
 
     # The best config re-runs as is through `emotune train` and, at the same seed and with as many torch threads as
-    # the trial had (one CPU per trial in quick.yaml; a float sum split over 2 threads rounds differently), repeats
-    # the trial's curve exactly for every epoch the trial ran (ASHA may have stopped it before the end).
+    # the member had (every core: the final stage trains its members one after another; a float sum split over
+    # another number of threads rounds differently), repeats the member's curve exactly.
+    from distributed.plan import local_cpus
+
     assert main(["train", "--config", str(exp / "best_config.yaml"), "--output", str(tmp_path / "rerun"),
-                 "--cpus-per-worker", "1"]) == 0
+                 "--cpus-per-worker", str(local_cpus())]) == 0
     rerun = pq.read_table(tmp_path / "rerun" / "metrics.parquet").to_pylist()
-    trial = [json.loads(line) for line in next(exp.glob(f"{rows[0]['trial_id']}*/result.json")).read_text().splitlines()]
-    assert [r["val_acc"] for r in rerun][:len(trial)] == [r["val_acc"] for r in trial]
-    assert [r["train_loss"] for r in rerun][:len(trial)] == [r["train_loss"] for r in trial]
+    member = pq.read_table(Path(final["members"][0]["file"]).parent / "metrics.parquet").to_pylist()
+    assert len(rerun) == len(member) == 8
+    assert [r["val_acc"] for r in rerun] == [r["val_acc"] for r in member]
+    assert [r["train_loss"] for r in rerun] == [r["train_loss"] for r in member]
 
     # `emotune best` re-collects the same from the directory alone.
     (exp / "leaderboard.csv").unlink()
@@ -101,7 +112,8 @@ def test_trials_reuse_their_process_and_each_starts_afresh(ray_local, tmp_path):
     # The same point three times, one trial at a time: in-process trials reuse their trial process, and each
     # builds its model, optimiser and RNGs anew, so all three follow the same curve (MixUp and augmentation draw
     # random numbers, so leftover RNG state would show).
-    point = {"lr_head": 3.0e-3, "lr_backbone": 3.0e-3, "dropout": 0.3, "mixup_alpha": 0.2, "weight_decay": 1.0e-4}
+    point = {"lr_head": 3.0e-3, "lr_backbone": 3.0e-3, "dropout": 0.3, "mixup_alpha": 0.2, "weight_decay": 1.0e-4,
+             "schedule": "onecycle"}
     space = small_space(tmp_path, "reuse", num_samples=3, scheduler="none", scaling={"workers": 1, "cpus_per_worker": 2},
                         fixed={"model": "small_cnn", "data": "synthetic", "epochs": 2, "batch_size": 64,
                                "train_limit": 700},
@@ -129,7 +141,9 @@ def test_diverging_trial_is_marked_and_the_search_goes_on(ray_local, tmp_path, c
                         space={"lr_head": {"loguniform": [1.0e-4, 10]}, "weight_decay": {"uniform": [0.0, 1.0]}},
                         points_to_evaluate=[{"lr_head": 10, "weight_decay": 1.0}, {"lr_head": 3.0e-3, "weight_decay": 1.0e-4}])
     assert main(["tune", str(space), "--storage-path", str(tmp_path), "--verbose"]) == 0
-    assert "Trial status" in capfd.readouterr().out  # --verbose: Ray's own trial table instead of emotune's lines
+    out = capfd.readouterr().out  # --verbose: Ray's own trial table instead of emotune's lines
+    assert "== Status ==" in out and "Number of trials: 2/2" in out, out[-3000:]
+    assert not re.search(r"^trial \S+ (started|epoch|finished)", out, re.M), out[-3000:]
     rows = {r["param.lr_head"]: r for r in leaderboard(tmp_path / "diverge")}
     assert rows[10]["status"] == "diverged" and rows[10]["epochs_run"] < 3
     assert rows[3e-3]["status"] == "completed"
