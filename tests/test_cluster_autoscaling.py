@@ -127,7 +127,7 @@ def test_a_gpu_search_scales_the_cluster_up_from_no_gpu_node(autoscaling_cluster
     assert [n for n in nodes_ever(address, env) if n["resources"].get("GPU")] == []  # no GPU node before the search
 
     doc = yaml.safe_load(QUICK.read_text())
-    doc.update(num_samples=2, scaling={"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1})
+    doc.update(num_samples=2, scaling={"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1}, final={"top_k": 0})
     space = tmp_path / "quick.yaml"
     space.write_text(yaml.safe_dump(doc, sort_keys=False))
     storage = root / "results"

@@ -40,6 +40,7 @@ def space_with(tmp_path: Path, num_samples: int = 8, **scaling) -> Path:
     doc = yaml.safe_load(QUICK.read_text())
     doc["scaling"] = {**doc["scaling"], **scaling}
     doc["num_samples"] = num_samples
+    doc["final"] = {"top_k": 0}  # the search only: these tests are about placement
     path = tmp_path / f"quick-{'-'.join(f'{k}{v}' for k, v in scaling.items()) or 'as-is'}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -145,7 +146,7 @@ def test_search_spreads_trial_workers_over_nodes_and_keeps_drivers_on_the_head(n
     storage = nodes.root / "results-search"
     # Two 1-CPU trials at once on two 1-CPU worker nodes: they must land one per node.
     r = python(["-m", "distributed", "tune", str(QUICK), "--address", nodes.address, "--num-samples", "2",
-                "--set", "epochs=1", "--set", "train_limit=200", "--storage-path", str(storage)])
+                "--set", "epochs=1", "--set", "train_limit=200", "--set", "final.top_k=0", "--storage-path", str(storage)])
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     assert "2 at a time, 1-worker Ray Train trials" in r.stdout  # 2 worker nodes of 1 CPU, drivers need none
     with open(storage / "quick" / "leaderboard.csv", newline="") as f:
@@ -209,7 +210,7 @@ def test_a_search_survives_losing_a_worker_node_mid_trial(two_worker_cluster, tm
     doc = yaml.safe_load(QUICK.read_text())
     # Two trials, both at once (one per worker node, so the victim's node is always a worker node); no ASHA:
     # every trial has to run all its epochs; 700 images an epoch.
-    doc.update(num_samples=2, scheduler="none")
+    doc.update(num_samples=2, scheduler="none", final={"top_k": 0})
     doc["fixed"].update(epochs=LOSS_EPOCHS, train_limit=700)
     space = tmp_path / "quick.yaml"
     space.write_text(yaml.safe_dump(doc, sort_keys=False))

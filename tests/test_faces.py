@@ -174,7 +174,8 @@ def test_ensemble_of_copies_equals_the_model_and_its_file_loads_safely(tiny, tmp
 def test_grace_period_inside_the_warmup_warns(tmp_path):
     doc = yaml.safe_load((SPACES / "quick.yaml").read_text())
     assert load_space(SPACES / "quick.yaml").warnings() == []
-    doc["scheduler"]["asha"]["grace_period"] = 1  # warm-up: 0.25 x 6 = 1.5 epochs
+    doc["scheduler"]["asha"]["grace_period"] = 1  # OneCycle's warm-up: 0.25 x 6 = 1.5 epochs
+    doc["space"]["schedule"] = {"choice": ["onecycle", "wsd", "constant"]}  # (quick itself searches wsd, constant)
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
     (warning,) = load_space(tmp_path / "s.yaml").warnings()
     assert "grace_period (1) ends inside the OneCycle warm-up" in warning and "1.5 epochs" in warning
