@@ -143,6 +143,10 @@ DEFAULT_SPACE = "quick"  # a space shipped in the package (search_space.find_spa
 
 
 def cmd_tune(args) -> int:
+    if not args.resume:  # a wrong space or --set is answered before Ray, Optuna and torch are imported
+        from distributed.search_space import find_space, load_space
+
+        load_space(find_space(args.space), args.overrides)
     from distributed.results import read_meta
     from distributed.summary import collect
     from distributed.tune import run_search
@@ -289,9 +293,9 @@ def scaling_from(args):
 
 
 def cmd_train(args) -> int:
+    cfg = load_train_config(args)  # a wrong config or --set is answered before torch and Ray are imported
     from distributed.run import train_run
 
-    cfg = load_train_config(args)
     summary = train_run(cfg, args.output, scaling_from(args), address=args.address, verbose=args.verbose)
     print(f"\nbest val {cfg.monitor} {summary[f'best_{cfg.monitor}']:.4f}  test_acc {summary['test_acc']:.4f}  "
           f"test_macro_f1 {summary['test_macro_f1']:.4f}  "

@@ -74,7 +74,7 @@ def small_space(tmp_path: Path, name: str, **changes) -> Path:
     """quick.yaml, shrunk for a test (fewer trials and epochs), with any top-level key replaced; without its final
     stage unless `final` is given (tests/test_final_stage.py and the default search test it)."""
     doc = yaml.safe_load((SPACES / "quick.yaml").read_text())
-    doc.update(name=name, final={"top_k": 0}, **changes)
+    doc.update({"name": name, "final": {"top_k": 0}, **changes})
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path

@@ -233,10 +233,10 @@ def test_search_on_gcs_with_data_there_then_best_and_train(gcs, tmp_path):
 
 @pytest.mark.slow
 def test_search_on_s3_killed_then_resumed_runs_each_trial_once_then_best_and_train(s3, tmp_path):
-    data = f"s3://{BUCKET}/data/fer.parquet"
-    storage.write_bytes(data, parquet_from_synthetic(400))
+    # (the data on this machine: reading it from a bucket is test_imagefolder_and_parquet_read_from_s3_equal_local's
+    # and the gs:// workflow's)
     space = small_space(tmp_path, "resume", num_samples=4, scheduler="none",
-                        fixed={"model": "small_cnn", "epochs": 2, "train_limit": 200, "data": f"parquet:{data}"})
+                        fixed={"model": "small_cnn", "epochs": 2, "train_limit": 200})
     exp = f"s3://{BUCKET}/k/resume"
     cmd = [sys.executable, "-m", "distributed", "tune", str(space), "--storage-path", f"s3://{BUCKET}/k"]
     # killed as the driver says a first trial finished (Tune is then saving and uploading its state); the bucket

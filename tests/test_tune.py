@@ -112,8 +112,7 @@ def test_trials_reuse_their_process_and_each_starts_afresh(ray_local, tmp_path):
     # The same point three times, one trial at a time: in-process trials reuse their trial process, and each
     # builds its model, optimiser and RNGs anew, so all three follow the same curve (MixUp and augmentation draw
     # random numbers, so leftover RNG state would show).
-    point = {"lr_head": 3.0e-3, "lr_backbone": 3.0e-3, "dropout": 0.3, "mixup_alpha": 0.2, "weight_decay": 1.0e-4,
-             "schedule": "onecycle"}
+    point = {"lr_head": 3.0e-3, "dropout": 0.3, "mixup_alpha": 0.2, "weight_decay": 1.0e-4, "schedule": "wsd"}
     space = small_space(tmp_path, "reuse", num_samples=3, scheduler="none", scaling={"workers": 1, "cpus_per_worker": 2},
                         fixed={"model": "small_cnn", "data": "synthetic", "epochs": 2, "batch_size": 64,
                                "train_limit": 700},
