@@ -57,18 +57,42 @@ def materialise(case: dict, tmp: Path) -> None:
         torch.save({"format": "emotune-model/1", "payload": Payload(str(tmp / target))}, tmp / rel)
 
 
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory) -> dict:
+    """Every case run as the real CLI in a fresh process, three at a time (each its own files and Ray temp folder;
+    the processes are what costs, mostly imports): {case: (case, its folder, the folder's files before, the Ray temp
+    folder, the finished process)}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prepared = []
+    for path in CASES:  # the folders one by one (mktemp numbers them: not from several threads at once)
+        case = yaml.safe_load(path.read_text())
+        tmp = tmp_path_factory.mktemp(path.stem)
+        materialise(case, tmp)
+        prepared.append((path, case, tmp, sorted(p.name for p in tmp.iterdir())))
+
+    def run(item):
+        path, case, tmp, before = item
+        argv = [a.replace("{tmp}", str(tmp)) for a in case["argv"]]
+        ray_tmp = tmp.parent / f"{tmp.name}-raytmp"
+        env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+        for name in ("RAY_ADDRESS", "PYTHONWARNINGS"):
+            env.pop(name, None)
+        done = subprocess.run([sys.executable, "-m", "distributed", *argv], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+        return path.stem, (case, tmp, before, ray_tmp, done)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(pool.map(run, prepared))
+
+
+def test_the_cases_are_there():
+    assert len(CASES) >= 60, CASES  # a moved or emptied folder would otherwise collect no case at all
+
+
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
-def test_bad_input_is_refused_clearly(path, tmp_path):
-    case = yaml.safe_load(path.read_text())
-    materialise(case, tmp_path)
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in case["argv"]]
-    before = sorted(p.name for p in tmp_path.iterdir())
-    ray_tmp = tmp_path.parent / f"{tmp_path.name}-raytmp"
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    for name in ("RAY_ADDRESS", "PYTHONWARNINGS"):
-        env.pop(name, None)
-    done = subprocess.run([sys.executable, "-m", "distributed", *argv], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+def test_bad_input_is_refused_clearly(path, refusals):
+    case, tmp_path, before, ray_tmp, done = refusals[path.stem]
     err = done.stderr.strip()
     assert done.returncode == 2, (case["what"], done.stdout[-500:], err[-2000:])
     lines = [line for line in err.splitlines() if line.strip()]

@@ -4,8 +4,9 @@ The head is a `ray start --head --autoscaling-config=FILE` process with RAY_FAKE
 fake multi-node provider, through a subclass named as an external provider module) "launches" a worker node by
 starting a Ray node on this machine, LAUNCH_DELAY_S after it was asked, as a cloud GPU node takes minutes to boot.
 The head has {CPU: 2, emotune_driver}; the one worker type has {CPU: 1, GPU: 1} (logical GPUs), min 0, max 2, as
-the shipped cloud files have. `emotune tune SPACE --address A`, with no emotune flag for the cluster, must read the
-node types where `ray up` leaves them on a head (~/ray_bootstrap_config.yaml; here the test's file), plan two trials
+the shipped cloud files have. `ray job submit -- python -m distributed tune SPACE`, with no emotune flag for the
+cluster, must read the node types where `ray up` leaves them on a head (~/ray_bootstrap_config.yaml; here the test's
+file, named to the head's processes by EMOTUNE_BOOTSTRAP_CONFIG), plan two trials
 at a time against what the autoscaler may launch, wait past Ray Train's 60 s worker-group start timeout saying so
 in its own lines only, and the autoscaler must then launch the nodes.
 
@@ -95,15 +96,18 @@ def autoscaling_cluster():
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                # The GPUs are logical: trials that reserved one train on the CPU and say so.
                EMOTUNE_LOGICAL_GPUS="1")
+    # On the head (where a job's entrypoint runs), the cluster config where `ray up` leaves it for the head's own
+    # autoscaler: ~/ray_bootstrap_config.yaml, here the test's file (the head's processes, jobs included, see it).
+    head_env = {**env, BOOTSTRAP_CONFIG: str(config)}
     procs = []
     try:
         procs.append(start_node(
             ["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--autoscaling-config={config}",
              "--num-cpus=2", f'--resources={{"{DRIVER_RESOURCE}": 1000}}', "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
-             f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={root}/ray"], root / "head.log", env))
+             f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={root}/ray"], root / "head.log", head_env))
         wait_for_dashboard(f"http://127.0.0.1:{dashboard}")
-        yield f"127.0.0.1:{gcs}", config, env, root
+        yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", config, env, root
     finally:
         stop(procs, root)
         remove(root)
@@ -121,23 +125,25 @@ def nodes_ever(address: str, env: dict) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_gpu_search_scales_the_cluster_up_from_no_gpu_node(autoscaling_cluster, tmp_path):
-    address, config, env, root = autoscaling_cluster
+    address, dashboard, config, env, root = autoscaling_cluster
     # The file the autoscaler runs is a valid cluster file for emotune too.
     assert validate_cluster_file(config) == []
     assert [n for n in nodes_ever(address, env) if n["resources"].get("GPU")] == []  # no GPU node before the search
 
     doc = yaml.safe_load(QUICK.read_text())
     doc.update(num_samples=2, scaling={"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1}, final={"top_k": 0})
-    space = tmp_path / "quick.yaml"
+    space = root / "quick-gpu.yaml"  # (on this machine: the job's entrypoint runs on the head, which is here)
     space.write_text(yaml.safe_dump(doc, sort_keys=False))
     storage = root / "results"
-    # No --cluster: the node types come from the cluster config `ray up` leaves on the head (here, the test's file).
-    r = subprocess.run([sys.executable, "-m", "distributed", "tune", str(space), "--address", address,
-                        "--set", "epochs=1", "--set", "train_limit=200", "--storage-path", str(storage)],
-                       env={**env, BOOTSTRAP_CONFIG: str(config)}, cwd=REPO, capture_output=True, text=True,
-                       timeout=SEARCH_TIMEOUT, check=False)
+    # The ordinary Ray way, no emotune flag for the cluster: Ray's own `ray job submit -- emotune tune SPACE`, the
+    # entrypoint on the head (emotune installed there, as on the nodes of a `ray up` cluster), where the node types
+    # come from the cluster config `ray up` leaves (no --cluster, no --address). (No --working-dir: the fake nodes
+    # share the head's temp folder, and a node unpacking a job's working_dir deletes it under the running job.)
+    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--", "emotune", "tune",
+                        str(space), "--set", "epochs=1", "--set", "train_limit=200", "--storage-path", str(storage)],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=SEARCH_TIMEOUT, check=False)
     out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-8000:]
+    assert r.returncode == 0 and "succeeded" in out, out[-8000:]
     # Planned against the two GPU nodes the autoscaler may launch, though none was up.
     assert "2 trials of quick, 2 at a time, 1-worker Ray Train trials" in out, out[-8000:]
     assert "counting nodes the autoscaler may launch: gpu_1x (up to 2)" in out

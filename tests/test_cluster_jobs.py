@@ -233,15 +233,16 @@ def test_submit_runs_a_search_as_a_job_and_results_land_in_the_bucket(ray_cluste
 
 @pytest.mark.slow
 def test_ray_job_submit_as_the_readme_shows(ray_cluster):
-    storage = ray_cluster.root / "results-ray"
+    """The README's `ray job submit --working-dir . -- python -m distributed ...`: the checkout is uploaded and the
+    entrypoint runs from it on the cluster. (A whole search submitted this way, with no emotune flag for the
+    cluster, is tests/test_cluster_autoscaling.py's; here the entrypoint checks every shipped space.)"""
     r = run([str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", ".", "--",
-             "python", "-m", "distributed", "tune", QUICK, "--num-samples", "2", "--set", "epochs=1",
-             "--set", "train_limit=200", "--set", "final.top_k=0", "--storage-path", str(storage)], ray_cluster.env)
+             "python", "-m", "distributed", "check-space", "quick", "fer2013", "multi_arch"], ray_cluster.env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
     assert "succeeded" in out
-    exp = storage / "quick"
-    assert_search_results((exp / "leaderboard.csv").read_text(), (exp / "best_config.yaml").read_text(), trials=2)
+    for name in ("quick", "fer2013", "multi_arch"):
+        assert f"{name}: ok (" in out, out[-6000:]
 
 
 @pytest.mark.slow
