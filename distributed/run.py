@@ -301,10 +301,12 @@ class ProcessRun(Run):
     command finds them to resume; each epoch's line goes to progress.log (follow() prints it) and its scalars to
     TensorBoard, as the Ray Train callbacks do for a worker group."""
 
-    def __init__(self, out: str, local: Path, epochs: int, threads: int):
+    def __init__(self, out: str, local: Path, epochs: int, threads: int, gpu: bool):
         import torch
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # the GPU only where the run asked for one (--gpus-per-worker 0 on a GPU box trains on the CPU, as under
+        # Ray Train with use_gpu=False)
+        self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
         torch.set_num_threads(threads)  # the CPUs this run may use (a one-node run: every core)
         self.checkpoint = storage.join(out, "run", "checkpoint")
         self.local, self.epochs, self.epoch_times, self.writer = local, epochs, [], None
@@ -362,13 +364,15 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
 
     progress = local / "progress.log"
     if in_process(scaling, address):
-        run = ProcessRun(out, local, cfg.epochs, threads=max(1, int(scaling.cpus_per_worker)))
+        run = ProcessRun(out, local, cfg.epochs, threads=max(1, int(scaling.cpus_per_worker)),
+                         gpu=scaling.gpus_per_worker > 0)
         with follow(progress, cfg.epochs):
             train_loop(cfg, data, run)
-        if run.resume() is None:
+        saved = run.resume()  # the last checkpoint: the final state and the best model
+        if saved is None:
             raise ConfigError(f"{out}: the run diverged in its first epoch (the loss is not finite), so there is no "
                               f"model to save; try a lower lr_head")
-        state, best = run.resume()
+        state, best = saved
     else:
         with ray_session(address, verbose=verbose) as ray, follow(progress, cfg.epochs):
             loop_config = {"train": cfg.to_dict(), "data": ray.put(data), "env": passed_env(), "verbose": verbose}
