@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 from distributed import storage
-from distributed.config import METRICS
+from distributed.config import EARLIER_EPOCHS, METRICS
 from distributed.outcome import trial_outcome
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ def read_trials(exp: str) -> list[dict]:
                     if i < len(lines) and line.strip():  # the last line may be cut short by a crash; others not
                         warnings.warn(f"{storage.join(exp, tdir, 'result.json')}: line {i} is not JSON, skipped "
                                       f"(the file was damaged after Tune wrote it)", stacklevel=2)
-        rows = [r for r in rows if "epoch" in r]
+        rows = fill_earlier_epochs([r for r in rows if "epoch" in r])
         trial_id = rows[-1]["trial_id"] if rows else tdir
         last = saved.get(trial_id, {}).get("last_result", {})
         if isinstance(last.get("epoch"), int) and last["epoch"] > (rows[-1]["epoch"] if rows else 0):
@@ -156,6 +156,24 @@ def read_trials(exp: str) -> list[dict]:
                        "rows": rows, "error": f"{tdir}/error.txt" in files, "status": status.get(trial_id),
                        "orphan": bool(status) and trial_id not in status})
     return trials
+
+
+def fill_earlier_epochs(rows: list[dict]) -> list[dict]:
+    """A trial's reports in epoch order with the epochs its result.json lacks taken from the first report after a
+    resume (EARLIER_EPOCHS): a driver killed after a checkpoint reached the bucket and before the result.json did
+    leaves such a gap, and the trial resumes after it."""
+    have = {r["epoch"] for r in rows}
+    missing = []
+    for r in rows:
+        if EARLIER_EPOCHS in r:
+            earlier = json.loads(r.pop(EARLIER_EPOCHS))
+            missing += [e for e in earlier if e["epoch"] not in have]
+            have |= {e["epoch"] for e in earlier}
+    if not missing:
+        return rows
+    for e in missing:
+        e["trial_id"] = rows[0].get("trial_id")
+    return sorted(rows + missing, key=lambda r: r["epoch"])
 
 
 def exception_line(error_text: str) -> str:

@@ -7,6 +7,7 @@ report. What a checkpoint and a model file hold, and how they are written and re
 """
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -25,7 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from distributed import storage
 from distributed.augment import augment, mix_transform
-from distributed.config import TrainConfig, better
+from distributed.config import EARLIER_EPOCHS, TrainConfig, better
 from distributed.data import Decoded, load_data
 from distributed.modelfile import (
     BEST_FILE,
@@ -124,7 +125,12 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
         else:
             bad_epochs += 1
         metrics["best_" + cfg.monitor] = best["value"]
-        history.append(metrics)
+        if epoch == run_start > 1:
+            # Tune uploads a trial's result.json after its checkpoints: a driver killed in between leaves a bucket
+            # whose result.json lacks epochs this resume starts after. The first epoch resumed carries them (as
+            # text, which no logger tries to plot); results.read_trials fills the gap from it.
+            metrics[EARLIER_EPOCHS] = json.dumps(history)
+        history.append({k: v for k, v in metrics.items() if k != EARLIER_EPOCHS})
         stop = cfg.early_stop_patience > 0 and bad_epochs >= cfg.early_stop_patience
         metrics.update(early_stopped=stop, diverged=False)
 
