@@ -143,17 +143,18 @@ DEFAULT_SPACE = "quick"  # a space shipped in the package (search_space.find_spa
 
 
 def cmd_tune(args) -> int:
-    if not args.resume:  # a wrong space or --set is answered before Ray, Optuna and torch are imported
-        from distributed.search_space import find_space, load_space
+    from distributed.prepare import prepare_search
 
-        load_space(find_space(args.space), args.overrides)
+    # everything wrong with the input is answered here, before Ray, Optuna and torch are imported
+    ready = prepare_search(args.space, args.overrides, storage_path=args.storage_path, resume=args.resume,
+                           address=args.address, num_samples=args.num_samples, cluster=args.cluster,
+                           wait_timeout_min=args.wait_timeout)
     from distributed.results import read_meta
     from distributed.summary import collect
     from distributed.tune import run_search
 
-    exp = run_search(args.space, args.overrides, storage_path=args.storage_path, resume=args.resume,
-                     address=args.address, num_samples=args.num_samples, cluster=args.cluster,
-                     wait_timeout_min=args.wait_timeout, verbose=args.verbose)
+    exp = run_search(ready, args.overrides, storage_path=args.storage_path, resume=args.resume,
+                     address=args.address, wait_timeout_min=args.wait_timeout, verbose=args.verbose)
     out = collect(exp, top=args.top)
     failed = [r for r in out["rows"] if r["status"] == "error"]
     if failed:
@@ -265,38 +266,58 @@ def load_train_config(args):
     return cfg.with_overrides(args.overrides)
 
 
-def scaling_from(args):
-    """A single-machine run uses the whole machine: one worker per GPU (or one on the CPUs), every CPU shared
-    among the workers. On a cluster (--address) the defaults stay small, since this machine is not the cluster."""
-    import torch
+def scaling_flags(args) -> tuple[int | None, float | None, float | None]:
+    """--workers, --cpus-per-worker and --gpus-per-worker as given (None: not given, or auto), checked without
+    importing torch."""
+    from distributed.config import ConfigError
 
-    from distributed.config import ConfigError, Scaling
-    from distributed.plan import local_cpus
-
-    gpus_here = torch.cuda.device_count() if not args.address else 0
-    if args.workers == "auto":
-        workers = max(1, gpus_here)
-    else:
+    workers = None
+    if args.workers != "auto":
         try:
             workers = int(args.workers)
         except ValueError:
             raise ConfigError(f"--workers {args.workers!r}: expected a number or auto, e.g. --workers 2") from None
-    gpus = args.gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if (torch.cuda.is_available() if args.address else gpus_here) else 0.0
-    cpus = args.cpus_per_worker
+    cpus, gpus = args.cpus_per_worker, args.gpus_per_worker
+    if (workers is not None and workers < 1) or (cpus is not None and cpus < 0) or (gpus is not None and gpus < 0):
+        raise ConfigError("--workers must be >= 1 and --cpus-per-worker/--gpus-per-worker >= 0; fix the flag")
+    return workers, cpus, gpus
+
+
+def scaling_from(args):
+    """A single-machine run uses the whole machine: one worker per GPU (or one on the CPUs), every CPU shared
+    among the workers. On a cluster (--address) the defaults stay small, since this machine is not the cluster."""
+    from distributed.config import Scaling
+    from distributed.plan import local_cpus
+
+    workers, cpus, gpus = scaling_flags(args)
+    if workers is None or gpus is None:
+        import torch
+
+        gpus_here = torch.cuda.device_count() if not args.address else 0
+        if workers is None:
+            workers = max(1, gpus_here)
+        if gpus is None:
+            gpus = 1.0 if (torch.cuda.is_available() if args.address else gpus_here) else 0.0
     if cpus is None:
         cpus = 1.0 if args.address else float(max(1, local_cpus() // workers))
-    if workers < 1 or cpus < 0 or gpus < 0:
-        raise ConfigError("--workers must be >= 1 and --cpus-per-worker/--gpus-per-worker >= 0; fix the flag")
     return Scaling(workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus)
 
 
 def cmd_train(args) -> int:
-    cfg = load_train_config(args)  # a wrong config or --set is answered before torch and Ray are imported
+    cfg = load_train_config(args)  # a wrong config, --set or flag is answered before torch and Ray are imported
+    scaling_flags(args)
+    data = None
+    if not (cfg.weights_path or cfg.pretrained):
+        # so is wrong data (weights, where there are some, are checked first: that needs torch anyway, and a
+        # wrong file should not wait for a long decode)
+        from distributed.data import load_data
+        from distributed.splits import make_splits
+
+        data = load_data(cfg)
+        make_splits(data, cfg)
     from distributed.run import train_run
 
-    summary = train_run(cfg, args.output, scaling_from(args), address=args.address, verbose=args.verbose)
+    summary = train_run(cfg, args.output, scaling_from(args), address=args.address, verbose=args.verbose, data=data)
     print(f"\nbest val {cfg.monitor} {summary[f'best_{cfg.monitor}']:.4f}  test_acc {summary['test_acc']:.4f}  "
           f"test_macro_f1 {summary['test_macro_f1']:.4f}  "
           f"(best epoch {summary['best_epoch']} of {summary['epochs_run']})")

@@ -69,7 +69,7 @@ def plan_trials(space: SearchSpace, nodes: list[dict], node_types: list[NodeType
     waits = node_types is None and sum(per_node) < s.workers
     if not any(per_node) and not waits:
         biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-        largest = f"largest: {biggest.get('CPU', 0):g} CPU, {biggest.get('GPU', 0):g} GPU"
+        largest = f"largest: {biggest.get('CPU', 0):g} CPU" + (f", {biggest['GPU']:g} GPU" if "GPU" in biggest else "")
         if node_types:
             top = max(node_types, key=lambda t: (t.resources.get("GPU", 0), t.resources.get("CPU", 0)))
             largest = (f"largest node type: {top.name} with {top.resources.get('CPU', 0):g} CPU, "
@@ -93,11 +93,15 @@ def plan_trials(space: SearchSpace, nodes: list[dict], node_types: list[NodeType
     return Plan(min(concurrent, space.num_samples), in_process, resources, pinned, [t for t, _ in more], waits)
 
 
-def local_nodes() -> list[dict]:
-    """This machine as Ray would see it, known before Ray starts (so a request that can't fit exits 2 early)."""
-    import torch
+def local_nodes(count_gpus: bool = True) -> list[dict]:
+    """This machine as Ray would see it, known before Ray starts (so a request that can't fit exits 2 early).
+    count_gpus False: a request without GPUs, which no GPU count changes, is planned without importing torch."""
+    node = {"CPU": float(local_cpus()), DRIVER_RESOURCE: 1000}
+    if count_gpus:
+        import torch
 
-    return [{"CPU": float(local_cpus()), "GPU": float(torch.cuda.device_count()), DRIVER_RESOURCE: 1000}]
+        node["GPU"] = float(torch.cuda.device_count())
+    return [node]
 
 
 def local_cpus() -> int:

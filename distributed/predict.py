@@ -89,12 +89,13 @@ def crop(rgb: np.ndarray, box, in_channels: int, size: int) -> np.ndarray:
 
 def classify_photos(model_path: str, paths: list[str], tta: str | None = None) -> list[tuple[Path, np.ndarray, list[Face]]]:
     """-> [(photo path, RGB pixels, faces)], photos in order; every photo is read before the model is loaded, so an
-    unreadable one is refused before any work. The model may be one model file or an ensemble file."""
+    unreadable one is refused before any work (and before torch is imported). The model may be one model file or
+    an ensemble file."""
+    photos = [(p, read_photo(p)) for p in image_files(paths)]
     import torch
 
     from distributed.ensemble import load_predictor
 
-    photos = [(p, read_photo(p)) for p in image_files(paths)]
     model = load_predictor(model_path)
     cfg, names = model.config, model.class_names
     out = []
@@ -156,15 +157,14 @@ def run_predict(model: str, images: list[str], as_json: bool = False, annotate_t
 def export(model: str, fmt: str, output: str | None = None) -> tuple[Path, Path]:
     """Write the network as ONNX or TorchScript (input: a float batch [N, C, size, size] already normalised; output:
     logits; any batch size) and, beside it, a JSON file with the class names and the preprocessing."""
+    if fmt not in EXPORT_FORMATS:  # answered before torch is imported
+        raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
     import torch
 
+    from distributed.ensemble import ENSEMBLE_FORMAT
     from distributed.modelfile import MODEL_FORMAT, load_file, load_model
     from distributed.models import native_size
     from distributed.train import MEAN, STD
-
-    if fmt not in EXPORT_FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
-    from distributed.ensemble import ENSEMBLE_FORMAT
 
     if load_file(model, (MODEL_FORMAT, ENSEMBLE_FORMAT))["format"] == ENSEMBLE_FORMAT:
         raise ConfigError(f"{model}: is an ensemble of several networks; export exports one: export a member's "

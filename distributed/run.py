@@ -15,6 +15,7 @@ from pathlib import Path
 from distributed import storage
 from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, ConfigError, Scaling, TrainConfig
 from distributed.modelfile import BEST_FILE, STATE_FILE, load_state
+from distributed.prepare import check_reachable
 from distributed.train import Run, train_loop
 
 
@@ -89,21 +90,6 @@ def cpu_for_reserved_gpu(gpus: float, node: str):
     print(f"emotune: node {node}: reserved {gpus:g} logical GPU and trains on the CPU ({LOGICAL_GPUS}=1)",
           file=sys.stderr, flush=True)
     return torch.device("cpu")
-
-
-def check_reachable(address: str) -> None:
-    """ray.init() waits minutes on an address where no Ray listens; say so at once (HOST:PORT addresses only:
-    "auto" and ray:// fail fast or differently)."""
-    import socket
-
-    host, sep, port = address.rpartition(":")
-    if "://" in address or not sep or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=10).close()
-    except OSError as exc:
-        raise ConfigError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); start it, or "
-                          f"give the head's GCS address HOST:6379 (`ray status` on the head prints it)") from None
 
 
 @contextlib.contextmanager
@@ -334,11 +320,13 @@ class ProcessRun(Run):
 
 
 def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | None = None,
-              max_failures: int = 1, verbose: bool = False) -> dict:
+              max_failures: int = 1, verbose: bool = False, data=None) -> dict:
     """`emotune train`: one run through Ray Train, then one evaluation on the test split and the reports.
 
     Everything that can be wrong with the input (model name, weights, data path, classes) is checked before Ray
     starts. Running the same command again with the same --output resumes an interrupted run from its last epoch.
+    data: cfg's data, already decoded (the CLI decodes it before importing torch, so a data problem is answered in
+    a second).
     """
     import torch
 
@@ -351,7 +339,7 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
 
     out = storage.resolve(output)
     check_weights(cfg)  # before a long decode: the file exists and fits (a scratch model's head: below)
-    data = load_data(cfg)
+    data = data or load_data(cfg)
     splits = make_splits(data, cfg)
     if cfg.weights_path and cfg.model not in BACKBONES and not cfg.classes:
         check_weights(cfg, num_classes=len(splits.class_names))  # the head of a scratch model's file fits the data

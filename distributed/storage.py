@@ -15,6 +15,9 @@ import tempfile
 from distributed.errors import StorageError
 
 GCS_RETRY_S = 20
+# The first request of a command to a bucket: an endpoint that does not answer is then a wrong one (or no network),
+# to be said in seconds
+FIRST_TOUCH_RETRY_S = 3
 
 
 def is_uri(location) -> bool:
@@ -76,8 +79,8 @@ def aws_credentials_set() -> bool:
                 or os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") or os.path.exists(shared))
 
 
-def filesystem(location):
-    """-> (pyarrow FileSystem, path inside it)."""
+def filesystem(location, retry_s: float = GCS_RETRY_S):
+    """-> (pyarrow FileSystem, path inside it). retry_s: how long a gs:// request is retried."""
     import pyarrow.fs as pafs
 
     location = str(location)
@@ -87,15 +90,15 @@ def filesystem(location):
     if location.startswith("gs://") and "?" not in location:
         # google-cloud-cpp retries an unreachable endpoint for 15 minutes by default; a wrong endpoint or a network
         # problem should be one clear line within seconds (Ray's own uploads keep the default)
-        uri = f"{location}?retry_limit_seconds={GCS_RETRY_S}"
+        uri = f"{location}?retry_limit_seconds={retry_s:g}"
     try:
         return pafs.FileSystem.from_uri(uri)
     except (OSError, ValueError) as exc:
         raise problem(exc, location) from None
 
 
-def _info(location):
-    fs, path = filesystem(location)
+def _info(location, retry_s: float = GCS_RETRY_S):
+    fs, path = filesystem(location, retry_s)
     try:
         return fs.get_file_info(path)
     except OSError as exc:
@@ -246,8 +249,15 @@ def check_writable(location, what: str = "--storage-path") -> None:
     import pyarrow.fs as pafs
 
     uri, missing = bucket(location)
-    if _info(uri).type == pafs.FileType.NotFound:
+    if _info(uri, FIRST_TOUCH_RETRY_S).type == pafs.FileType.NotFound:
         raise StorageError(f"{location}: bucket {missing!r} does not exist; create it or fix the {what}")
     probe = join(location, ".emotune-write-test")
     write_bytes(probe, b"")
     delete(probe)
+
+
+def check_reachable(location) -> None:
+    """For a URI: its bucket's endpoint answers (an error line within seconds, not after the retries of a
+    request to an endpoint that answered before)."""
+    if is_uri(location):
+        _info(bucket(location)[0], FIRST_TOUCH_RETRY_S)

@@ -22,14 +22,15 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils import flatten_dict
 
 from distributed import storage
-from distributed.cluster.nodes import autoscaler_node_types, search_node_types, unknown_node_types_line
-from distributed.config import DECODE_FIELDS, METRICS, ConfigError, TrainConfig, better
+from distributed.cluster.nodes import autoscaler_node_types, unknown_node_types_line
+from distributed.config import METRICS, ConfigError, better
 from distributed.modelfile import load_state
 from distributed.outcome import trial_outcome
-from distributed.plan import NodeWait, Plan, cluster_nodes, local_nodes, plan_trials
-from distributed.results import read_meta, saved_trials, write_meta
-from distributed.run import check_reachable, cpu_for_reserved_gpu, make_trainer, passed_env, ray_session
-from distributed.search_space import SearchSpace, find_space, load_space
+from distributed.plan import NodeWait, Plan, cluster_nodes, plan_trials
+from distributed.prepare import Prepared
+from distributed.results import saved_trials, write_meta
+from distributed.run import cpu_for_reserved_gpu, make_trainer, passed_env, ray_session
+from distributed.search_space import SearchSpace
 from distributed.study import StudyFiles
 from distributed.summary import collect
 from distributed.train import Run, train_loop
@@ -103,54 +104,14 @@ def quiet_exit(unraisable, default=sys.__unraisablehook__) -> None:
 
 # ---------------------------------------------------------------------------------------------- a search
 
-def experiment_dir(storage_path: str, name: str) -> str:
-    return storage.join(storage.resolve(storage_path), name)
-
-
-def run_search(space_file: str, overrides: list[str], storage_path: str = "results", resume: bool = False,
-               address: str | None = None, verbose: bool = False, num_samples: int | None = None,
-               cluster: str | None = None, wait_timeout_min: float = 20) -> str:
-    """`emotune tune`: validate everything, then search; returns the experiment directory (a path or a URI).
-    cluster: the cluster file of the cluster at `address`, whose node types the autoscaler may launch."""
+def run_search(ready: Prepared, overrides: list[str], storage_path: str = "results", resume: bool = False,
+               address: str | None = None, verbose: bool = False, wait_timeout_min: float = 20) -> str:
+    """`emotune tune` once prepare.prepare_search has checked everything: search; returns the experiment
+    directory (a path or a URI)."""
     import ray
 
-    from distributed.data import load_data
-    from distributed.splits import make_splits
-
-    space_file = find_space(space_file)
-    if resume:
-        exp = experiment_dir(storage_path, load_space(space_file, overrides).name)
-        meta = read_meta(exp, resuming=True)
-        space = load_space(storage.join(exp, "space.yaml"), meta["overrides"])
-        space.num_samples = meta["num_samples"]
-    else:
-        space = load_space(space_file, overrides)
-        if num_samples is not None:
-            if num_samples < 1:
-                raise ConfigError("--num-samples must be >= 1")
-            space.num_samples = num_samples
-        exp = experiment_dir(storage_path, space.name)
-        if storage.is_dir(exp) and [n for n in storage.list_dir(exp) if not n.startswith(".")]:
-            raise ConfigError(f"{exp}: an experiment of this name exists; add --resume to finish it, or pick another "
-                              f"--storage-path or name")
-    for w in space.warnings():
-        warnings.warn(w, stacklevel=1)
-    space.check_weights()
-    fixed = TrainConfig.from_dict({k: v for k, v in space.fixed.items()})
-    data = None
-    if not space.searches(DECODE_FIELDS):  # decode once here: bad data fails before Ray starts, trials share it
-        data = load_data(fixed)
-        make_splits(data, fixed)
-    # (autoscaling) an unreachable address or an unreadable cluster file exits 2 here, before Ray starts
-    if wait_timeout_min <= 0:
-        raise ConfigError("--wait-timeout must be > 0 minutes")
-    if address:
-        check_reachable(address)
-    joining = bool(address or os.environ.get("RAY_ADDRESS"))
-    node_types, notes = search_node_types(cluster, joining)  # [] for a Ray started here; None: nothing names them
-    if not joining:
-        plan_trials(space, local_nodes())  # refuse an impossible request before starting Ray
-    storage.check_writable(exp)  # last check (it creates a local experiment directory)
+    space, exp, data, node_types, notes, space_file = (ready.space, ready.exp, ready.data, ready.node_types,
+                                                       ready.notes, ready.space_file)
     study = StudyFiles(exp)
     study.fetch() if resume else study.fresh()
 
