@@ -116,8 +116,8 @@ def plain_recipe(space_file: Path, data: str, extra: list[str], epochs: int, out
 
 def one_dataset(name: str, budget: str, data_root: Path, out: Path, plain: bool, seed: int) -> dict:
     space = BUDGET_SPACES[budget][name]
-    if seed:  # the same space with another sampler seed
-        space = derived_space(space, out, f"seed{seed}", {"search.seed": seed})
+    if seed:  # the same space with another sampler seed, training seed and split (the plain run reads it too)
+        space = derived_space(space, out, f"seed{seed}", {"search.seed": seed, "fixed.seed": seed})
     data, extra = DATASETS[name]
     data = data.format(root=data_root)
     print(f"{name} ({budget} budget, search seed {seed}): search {space.relative_to(REPO)}", flush=True)
@@ -208,7 +208,9 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     p.add_argument("--data-root", default=str(DATA))
     p.add_argument("--no-plain", action="store_true", help="skip the plain-recipe comparison")
-    p.add_argument("--seeds", type=int, default=1, help="searches per data set, sampler seeds 0..N-1")
+    p.add_argument("--seeds", type=int, default=1, help="searches per data set, seeds FIRST..N-1 (sampler, "
+                   "training and split; the plain run's too)")
+    p.add_argument("--first-seed", type=int, default=0, help="skip the seeds below (run before)")
     p.add_argument("--out", default=None, help="default: results/bench/quality/<budget>-<time>")
     args = p.parse_args(argv)
     out = out_dir("quality", args.out, prefix=f"{args.budget}-")
@@ -217,7 +219,7 @@ def main(argv=None) -> int:
     tic = time.perf_counter()
     results = []
     for name in args.datasets:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.seeds):
             where = out / name / f"seed{seed}" if args.seeds > 1 else out / name
             results.append(one_dataset(name, args.budget, root, where, not args.no_plain, seed))
         (out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")  # after each: a crash keeps the rest
