@@ -73,10 +73,9 @@ def train_config(task: dict) -> dict:
 
     from distributed.config import TrainConfig
     from distributed.data import load_data
+    from distributed.evaluate import score_model
     from distributed.modelfile import BEST_FILE, load_model
-    from distributed.models import native_size
-    from distributed.splits import make_splits
-    from distributed.train import predict, train_loop
+    from distributed.train import train_loop
 
     torch.set_num_threads(task["threads"])
     data = task["data"]
@@ -89,10 +88,9 @@ def train_config(task: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run = KeepBest(tmp)
         train_loop(cfg, _DATA[data], run)
-        net, _, _, saved = load_model(Path(tmp) / BEST_FILE, device=run.device)
-        splits = make_splits(_DATA[data], cfg)
-        logits = predict(net, torch.from_numpy(splits.test_x), cfg, native_size(cfg.model), run.device)
-        test_acc = float((logits.argmax(1).cpu().numpy() == splits.test_y).mean())
+        scored = score_model(Path(tmp) / BEST_FILE, "test", device=run.device, data=_DATA[data])
+        test_acc = float((scored.y_pred == scored.y_true).mean())
+        saved = load_model(Path(tmp) / BEST_FILE)[3]
     return {"task": task["key"], "reports": [{k: r[k] for k in ("epoch", *METRICS) if k in r} for r in run.reports],
             "best_epoch": int(saved["epoch"]), "test_acc_at_best": test_acc, "wall_s": time.perf_counter() - tic,
             "diverged": any(r.get("diverged") for r in run.reports)}

@@ -25,8 +25,9 @@ from bench.common import REPO, Deadline, free_port, read_results, record, spread
 from distributed.augment import mix_transform
 from distributed.config import TrainConfig
 from distributed.data import decode_data
+from distributed.evaluate import prepare_batch
 from distributed.models import create_model
-from distributed.train import LocalRun, Run, prepare_batch, train_loop
+from distributed.train import LocalRun, Run, train_loop
 
 
 def device() -> torch.device:
@@ -110,7 +111,7 @@ def time_pipeline(cfg: TrainConfig, dev: torch.device, steps: int, repeats: int,
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     mix = mix_transform(cfg.mixup_alpha, cfg.cutmix_alpha, 7)
     gen = torch.Generator(device=dev).manual_seed(0)
-    ready_x = prepare_batch(pool[:b], cfg, size, dev)  # normalised, channels_last: what the model takes
+    ready_x = prepare_batch(pool[:b], cfg, dev)  # normalised, channels_last: what the model takes
     ready_y = labels[:b].to(dev)
 
     def train_step(x, y):
@@ -122,7 +123,7 @@ def time_pipeline(cfg: TrainConfig, dev: torch.device, steps: int, repeats: int,
 
     def full():
         idx = torch.randint(0, len(pool), (b,))
-        x = prepare_batch(pool[idx], cfg, size, dev, augment_with=gen)
+        x = prepare_batch(pool[idx], cfg, dev, augment_with=gen)
         y = labels[idx].to(dev, non_blocking=True)
         train_step(*mix(x, y))
 

@@ -38,12 +38,12 @@ from bench.common import sync
 from distributed.augment import augment, mix_transform
 from distributed.config import TrainConfig
 from distributed.data import Decoded, decode_data
+from distributed.evaluate import prepare_batch
 from distributed.splits import make_splits
 from distributed.train import (
     LocalRun,
     build_member,
     make_schedule,
-    prepare_batch,
     shared_tensor,
     steps_per_epoch,
     train_epoch,
@@ -71,13 +71,13 @@ def bench_row(model: str, size: int, batch: int, steps: int, rounds: int, run: L
     gen = torch.Generator(device=device)
     epoch = 0
     first = m.train_idx[:batch]
-    ready_x, ready_y = mix(prepare_batch(images[first], cfg, size, device, augment_with=gen), labels[first].to(device))
+    ready_x, ready_y = mix(prepare_batch(images[first], cfg, device, augment_with=gen), labels[first].to(device))
 
     def full_block() -> int:
         nonlocal epoch
         epoch += 1
         gen.manual_seed(cfg.seed * 1000 + epoch * 10 + run.rank)  # as train_loop seeds each epoch
-        return train_epoch(m, cfg, epoch, images, labels, size, mix, gen, run)[1]
+        return train_epoch(m, cfg, epoch, images, labels, mix, gen, run)[1]
 
     def raw_block() -> int:
         # train_epoch's step without its data pieces (grad_clip and EMA are off in this config)
@@ -132,9 +132,9 @@ def bench_row(model: str, size: int, batch: int, steps: int, rounds: int, run: L
     x01 = x_u8.to(device).float().div_(255)
     x01 = F.interpolate(x01, size=(size, size), mode="bilinear", align_corners=False) if size != x01.shape[-1] else x01
     y = labels[idx].to(device)
-    x_aug = prepare_batch(x_u8, cfg, size, device, augment_with=gen)
+    x_aug = prepare_batch(x_u8, cfg, device, augment_with=gen)
     pieces = {"gather_ms": ms(lambda: images[batch_idx()]),
-              "prepare_ms": ms(lambda: prepare_batch(x_u8, cfg, size, device)),  # without augmentation
+              "prepare_ms": ms(lambda: prepare_batch(x_u8, cfg, device)),  # without augmentation
               "augment_ms": ms(lambda: augment(x01, gen)),  # on [0, 1] pixels at the model's size, as in prepare_batch
               "mix_ms": ms(lambda: mix(x_aug, y)),
               "model_step_ms": 1e3 * batch / statistics.median(raw)}

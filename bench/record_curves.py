@@ -20,10 +20,8 @@ import torch
 
 from distributed.config import TrainConfig
 from distributed.data import load_data
-from distributed.modelfile import load_model
-from distributed.models import native_size
-from distributed.splits import make_splits
-from distributed.train import LocalRun, predict, train_loop
+from distributed.evaluate import score_model
+from distributed.train import LocalRun, train_loop
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # The searched knobs (the bench_search spaces' ranges); lr_backbone follows lr_head (one learning rate).
@@ -43,7 +41,6 @@ def draw(rng: np.random.Generator) -> dict:
 def record(dataset: str, configs: int, epochs: int, sets: list[str], seed: int, out: Path) -> None:
     base = TrainConfig(model="small_cnn", data=f"imagefolder:{DATA / dataset}", epochs=epochs).with_overrides(sets)
     data = load_data(base)
-    splits = make_splits(data, base)
     rng = np.random.default_rng(seed)
     rows = []
     for cid in range(configs):
@@ -52,10 +49,8 @@ def record(dataset: str, configs: int, epochs: int, sets: list[str], seed: int, 
         with tempfile.TemporaryDirectory() as tmp:
             run = LocalRun("cpu", checkpoint_dir=tmp)
             train_loop(cfg, data, run)
-            net, _, _, _ = load_model(Path(tmp) / "best_model.pt")
-        logits = predict(net, torch.from_numpy(splits.test_x), cfg, cfg.image_size or native_size(cfg.model),
-                         torch.device("cpu"))
-        test_acc = float((logits.argmax(1).numpy() == splits.test_y).mean())
+            scored = score_model(Path(tmp) / "best_model.pt", "test", data=data)
+        test_acc = float((scored.y_pred == scored.y_true).mean())
         for r in run.reports:
             rows.append({"config_id": cid, "dataset": dataset, "model": cfg.model, **params,
                          **{k: float(r[k]) if k != "epoch" else int(r[k]) for k in CURVE},

@@ -73,20 +73,11 @@ def one_search(kind: str, dataset: str, seed: int, trials: int, epochs: int, out
 
 def pick_test_acc(exp: Path, trial_id: str) -> float:
     """Test accuracy of the best-epoch weights the trial kept (its latest checkpoint carries best_model.pt)."""
-    import torch
-
-    from distributed.data import load_data
-    from distributed.modelfile import load_model
-    from distributed.models import native_size
-    from distributed.splits import make_splits
-    from distributed.train import predict
+    from distributed.evaluate import score_model
 
     ckpt = max((exp / trial_id).glob("checkpoint_*"), key=lambda p: p.name)
-    net, cfg, _, _ = load_model(ckpt / "best_model.pt")
-    splits = make_splits(load_data(cfg), cfg)
-    logits = predict(net, torch.from_numpy(splits.test_x), cfg, cfg.image_size or native_size(cfg.model),
-                     torch.device("cpu"))
-    return float((logits.argmax(1).numpy() == splits.test_y).mean())
+    scored = score_model(ckpt / "best_model.pt", "test")
+    return float((scored.y_pred == scored.y_true).mean())
 
 
 def curve(progress: Path) -> list[float]:

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from distributed.config import ConfigError, TrainConfig
+from distributed.evaluate import predict, write_test_report
 from distributed.modelfile import BEST_FILE, MODEL_FORMAT, ModelFileError, best_model_file, load_file, model_from_blob
-from distributed.models import native_size
-from distributed.train import predict
 
 ENSEMBLE_FORMAT = "emotune-ensemble/1"
 MODEL_FILE = "ensemble_model.pt"
@@ -43,8 +42,7 @@ class Ensemble:
     def probs(self, x: torch.Tensor, tta: str | None = None) -> torch.Tensor:
         """Class probabilities [N, K] for uint8 images [N, C, S, S]; tta None: the first member's config.tta."""
         tta = tta or self.config.tta
-        return torch.stack([predict(net, x, cfg, cfg.image_size or native_size(cfg.model), self.device,
-                                    tta=tta).softmax(1) for net, cfg in self.members]).mean(0)
+        return torch.stack([predict(net, x, cfg, self.device, tta=tta).softmax(1) for net, cfg in self.members]).mean(0)
 
     def save(self, path: str | Path) -> None:
         torch.save({"format": ENSEMBLE_FORMAT, "members": self.blobs, "class_names": self.class_names}, path)
@@ -154,8 +152,7 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     for name, predictor, where in (("ensemble", ensemble, out),
                                    ("single_best", Ensemble(ensemble.blobs[:1]), out / "single_best")):
         pred = predictor.probs(x, tta).argmax(1).numpy()
-        summary[name] = results.write_test_report(where, splits.test_y, pred, ensemble.class_names,
-                                                  splits.test_groups)
+        summary[name] = write_test_report(where, splits.test_y, pred, ensemble.class_names, splits.test_groups)
     ensemble.save(out / MODEL_FILE)
     results.write_json(summary, out / "ensemble.json")
     return {"output": str(out), **summary}

@@ -162,15 +162,14 @@ def export(model: str, fmt: str, output: str | None = None) -> tuple[Path, Path]
     import torch
 
     from distributed.ensemble import ENSEMBLE_FORMAT
+    from distributed.evaluate import MEAN, STD, input_size
     from distributed.modelfile import MODEL_FORMAT, load_file, load_model
-    from distributed.models import native_size
-    from distributed.train import MEAN, STD
 
     if load_file(model, (MODEL_FORMAT, ENSEMBLE_FORMAT))["format"] == ENSEMBLE_FORMAT:
         raise ConfigError(f"{model}: is an ensemble of several networks; export exports one: export a member's "
                           f"best_model.pt (ensemble.json lists their files)")
     net, cfg, names, metrics = load_model(model)
-    size = cfg.image_size or native_size(cfg.model)
+    size = input_size(cfg)
     out = Path(output) if output else Path(model).with_suffix(EXPORT_FORMATS[fmt])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -287,24 +287,10 @@ def best_trial_html(exp: str, rows: list[dict], metric: str) -> str:
 
 def score_on_validation(ckpt: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Labels and predictions of a model file on the validation split of the config it was trained with."""
-    import tempfile
+    from distributed.evaluate import score_model
 
-    import torch
-
-    from distributed.data import load_data
-    from distributed.modelfile import load_model
-    from distributed.models import native_size
-    from distributed.splits import make_splits
-    from distributed.train import predict
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "best_model.pt")
-        storage.download(ckpt, local)
-        net, cfg, names, _ = load_model(local)
-    splits = make_splits(load_data(cfg), cfg)
-    logits = predict(net, torch.from_numpy(splits.val_x), cfg, cfg.image_size or native_size(cfg.model),
-                     torch.device("cpu"))
-    return splits.val_y, logits.argmax(1).numpy(), names
+    scored = score_model(ckpt, "val")
+    return scored.y_true, scored.y_pred, scored.class_names
 
 
 def confusion_figure(y_true, y_pred, names: list[str]):

@@ -14,11 +14,9 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 from distributed import storage
 from distributed.config import EARLIER_EPOCHS, METRICS
@@ -67,59 +65,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
     b.plot(epochs, [h["val_macro_f1"] for h in history], label="val_macro_f1")
     b.set_xlabel("epoch"), b.set_title("validation"), b.legend()
     save_figure(fig, path)
-
-
-def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * k, 0.8 + 0.6 * k))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
-    save_figure(fig, path)
-
-
-def classification_summary(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], prefix: str = "test") -> dict:
-    labels = list(range(len(class_names)))
-    return {f"{prefix}_acc": float(accuracy_score(y_true, y_pred)),
-            f"{prefix}_macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-            f"{prefix}_count": int(len(y_true))}
-
-
-def write_test_report(out: Path, y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str],
-                      groups: np.ndarray | None = None) -> dict:
-    """One evaluation on the test split: accuracy, macro-F1, sklearn's per-class report (text and JSON) and the
-    confusion matrix (CSV and PNG); per group too (e.g. FER2013 PublicTest / PrivateTest) when groups are given."""
-    labels = list(range(len(class_names)))
-    parts = {"all": np.ones(len(y_true), bool)}
-    if groups is not None:
-        parts.update({str(g): groups == g for g in sorted(set(groups.tolist()))})
-    summary = {}
-    for part, mask in parts.items():
-        suffix = "" if part == "all" else f"_{part}"
-        yt, yp = y_true[mask], y_pred[mask]
-        summary[part] = classification_summary(yt, yp, class_names)
-        report = classification_report(yt, yp, labels=labels, target_names=class_names, zero_division=0, digits=4)
-        storage.write_text(out / f"classification_report{suffix}.txt", report)
-        write_json(classification_report(yt, yp, labels=labels, target_names=class_names, zero_division=0,
-                                         output_dict=True), out / f"classification_report{suffix}.json")
-        cm = confusion_matrix(yt, yp, labels=labels)
-        rows = [{"true": name, **{pred: int(cm[i, j]) for j, pred in enumerate(class_names)}}
-                for i, name in enumerate(class_names)]
-        write_table(rows, out / f"confusion_matrix{suffix}", parquet=False)  # a K x K matrix needs no Parquet copy
-        plot_confusion(cm, class_names, out / f"confusion_matrix{suffix}.png",
-                       f"test {part}: acc {summary[part]['test_acc']:.3f}, macro-F1 {summary[part]['test_macro_f1']:.3f}")
-    write_json(summary, out / "test_metrics.json")
-    return summary
 
 
 # ------------------------------------------------------------------------------- collecting a search's results

@@ -328,14 +328,12 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
     data: cfg's data, already decoded (the CLI decodes it before importing torch, so a data problem is answered in
     a second).
     """
-    import torch
-
     from distributed import results
     from distributed.data import load_data
-    from distributed.modelfile import FINAL_FILE, final_blob, load_model, save_model
-    from distributed.models import BACKBONES, check_weights, native_size
+    from distributed.evaluate import score_model, write_test_report
+    from distributed.modelfile import FINAL_FILE, final_blob, save_model
+    from distributed.models import BACKBONES, check_weights
     from distributed.splits import make_splits
-    from distributed.train import predict
 
     out = storage.resolve(output)
     check_weights(cfg)  # before a long decode: the file exists and fits (a scratch model's head: below)
@@ -376,10 +374,8 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
     results.write_table(state["history"], local / "metrics")
     results.plot_curves(state["history"], local / "curves.png")
 
-    net, _, names, _ = load_model(local / BEST_FILE)
-    logits = predict(net, torch.from_numpy(splits.test_x), cfg, cfg.image_size or native_size(cfg.model),
-                     torch.device("cpu"), tta=cfg.tta)
-    summary = results.write_test_report(local, splits.test_y, logits.argmax(1).numpy(), names, splits.test_groups)
+    scored = score_model(local / BEST_FILE, "test", data=data)
+    summary = write_test_report(local, scored.y_true, scored.y_pred, scored.class_names, scored.groups)
     if storage.is_uri(out):
         storage.upload_dir(local, out)
         shutil.rmtree(local, ignore_errors=True)

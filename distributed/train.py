@@ -19,15 +19,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torchvision.transforms.v2 import functional as TF
 
 from distributed import storage
-from distributed.augment import augment, mix_transform
+from distributed.augment import mix_transform
 from distributed.config import EARLIER_EPOCHS, TrainConfig, better
 from distributed.data import Decoded, load_data
+from distributed.evaluate import metrics, predict, prepare_batch
 from distributed.modelfile import (
     BEST_FILE,
     STATE_FILE,
@@ -39,13 +38,11 @@ from distributed.modelfile import (
     save_state,
     training_state,
 )
-from distributed.models import create_model, native_size, stages
+from distributed.models import create_model, stages
 from distributed.splits import Splits, class_weights, make_splits
 
 MIN_BATCH = 2  # BatchNorm cannot train on a batch of one: epoch_batches skips it, steps_per_epoch does not count it
 # ImageNet statistics; grey input uses their mean, which matches backbones whose first conv sums RGB filters.
-MEAN = {1: (0.449,), 3: (0.485, 0.456, 0.406)}
-STD = {1: (0.226,), 3: (0.229, 0.224, 0.225)}
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -71,7 +68,6 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
     labels = torch.from_numpy(folds[0].y)
     members = [build_member(cfg, s, run) for s in folds]
     mix = mix_transform(cfg.mixup_alpha, cfg.cutmix_alpha, len(class_names))
-    size = cfg.image_size or native_size(cfg.model)
     steps = [steps_per_epoch(len(m.train_idx), run.world, cfg.batch_size) for m in members]
 
     start_epoch, best, bad_epochs, history, best_blob = 1, None, 0, [], None
@@ -94,7 +90,7 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
         train_loss, seen = 0.0, 0
         for fold, m in enumerate(members):
             gen.manual_seed(cfg.seed * 1000 + epoch * 10 + run.rank + fold * 100_003)
-            loss, n = train_epoch(m, cfg, epoch, images, labels, size, mix, gen, run)
+            loss, n = train_epoch(m, cfg, epoch, images, labels, mix, gen, run)
             train_loss, seen = train_loss + loss, seen + n
         # Keep every rank stepping through the epoch (each must join each all-reduce); NaN spreads through DDP's
         # gradients anyway, so the epoch's summed loss tells whether any step diverged.
@@ -110,7 +106,7 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
 
         for m in members:
             run.sync_buffers(m.scored)  # every rank scores with rank 0's BatchNorm statistics: the model that is saved
-        scores = [evaluate(m.scored, m.val_x, m.val_y, cfg, size, run, prefix="val") for m in members]
+        scores = [validate(m.scored, m.val_x, m.val_y, cfg, run, prefix="val") for m in members]
         metrics = {k: float(np.mean([sc[k] for sc in scores])) for k in scores[0]}  # cross-validated: the fold mean
         metrics["val_count"] = sum(sc["val_count"] for sc in scores)
         metrics.update(epoch=epoch, train_loss=run.mean(train_loss, seen),
@@ -188,7 +184,7 @@ def build_member(cfg: TrainConfig, splits: Splits, run: "Run") -> Member:
                   splits.train_y, torch.from_numpy(splits.val_x), torch.from_numpy(splits.val_y))
 
 
-def train_epoch(m: Member, cfg: TrainConfig, epoch: int, images: torch.Tensor, labels: torch.Tensor, size: int,
+def train_epoch(m: Member, cfg: TrainConfig, epoch: int, images: torch.Tensor, labels: torch.Tensor,
                 mix, gen: torch.Generator, run: "Run") -> tuple[float, int]:
     """One epoch of one member -> (summed training loss, images seen)."""
     now_trainable = set_trainable(m.stages, cfg, epoch)
@@ -203,7 +199,7 @@ def train_epoch(m: Member, cfg: TrainConfig, epoch: int, images: torch.Tensor, l
     train_loss, seen = torch.zeros((), device=run.device), 0
     for idx in epoch_batches(m.train_y, cfg, run.rank, run.world, epoch):
         idx = m.train_idx[idx]
-        x = prepare_batch(images[idx], cfg, size, run.device, augment_with=gen if cfg.augment else None)
+        x = prepare_batch(images[idx], cfg, run.device, augment_with=gen if cfg.augment else None)
         y = labels[idx].to(run.device, non_blocking=True)
         if mix is not None:
             x, y = mix(x, y)
@@ -299,23 +295,6 @@ def shared_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def prepare_batch(x_uint8: torch.Tensor, cfg: TrainConfig, size: int, device: torch.device,
-                  augment_with: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 [B,C,S,S] -> normalised float on the device, resized batch-wise there (never per image on the CPU).
-    With a generator, the batch is augmented on the device first (augmentation works on [0, 1] pixels)."""
-    x = x_uint8.to(device, non_blocking=True).float().div_(255)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    if augment_with is not None:
-        x = augment(x, augment_with)
-    mean = torch.tensor(MEAN[cfg.in_channels], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(STD[cfg.in_channels], device=device).view(1, -1, 1, 1)
-    x = (x - mean) / std
-    if cfg.channels_last and device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
 def steps_per_epoch(n: int, world: int, batch_size: int) -> int:
     per_rank = math.ceil(n / world)
     steps, rest = divmod(per_rank, batch_size)
@@ -397,50 +376,12 @@ def set_trainable(groups: list[nn.Module], cfg: TrainConfig, epoch: int) -> int:
     return n
 
 
-@torch.no_grad()
-def predict(net: nn.Module, x: torch.Tensor, cfg: TrainConfig, size: int, device, batch_size: int = 256,
-            tta: str = "none"):
-    """Logits for uint8 images, in batches. With test-time augmentation (tta_views) the result is the log of the
-    mean softmax over the views: still logits (argmax and softmax work on them), averaged as probabilities."""
-    net.eval()
-    out = []
-    for start in range(0, len(x), batch_size):
-        xb = prepare_batch(x[start:start + batch_size], cfg, size, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            if tta == "none":
-                out.append(net(xb).float())
-            else:
-                views = tta_views(xb, tta)
-                out.append(torch.stack([net(v).float().softmax(1) for v in views]).mean(0).log())
-    return torch.cat(out) if out else torch.empty(0)
-
-
-TENCROP_FRACTION = 11 / 12  # the FER2013 convention: 44-px crops of 48-px faces
-
-
-def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
-    """Views of a prepared batch [B, C, S, S] to average over: the batch and its mirror (flip), or ten-crop
-    (four corners and the centre at TENCROP_FRACTION of the side, and the same of the mirror), each crop resized
-    back to S so the model sees its usual input size."""
-    if tta == "none":
-        return [x]
-    if tta == "flip":
-        return [x, TF.horizontal_flip(x)]
-    side = x.shape[-1]
-    crop = round(side * TENCROP_FRACTION)
-    return [F.interpolate(v, size=(side, side), mode="bilinear", align_corners=False)
-            for v in TF.ten_crop(x, [crop, crop])]
-
-
-def evaluate(net, x, y, cfg, size, run: Run, prefix: str) -> dict:
+def validate(net, x, y, cfg, run: Run, prefix: str) -> dict:
     """Each rank scores its shard; predictions are gathered so every rank computes identical metrics over the
     whole split (Ray Tune only sees rank 0's dict, but early stopping runs on every rank)."""
     mine = torch.arange(run.rank, len(y), run.world)
-    logits = predict(net, x[mine], cfg, size, run.device)
+    logits = predict(net, x[mine], cfg, run.device)
     loss = F.cross_entropy(logits, y[mine].to(run.device), reduction="sum").item() if len(mine) else 0.0
     y_true = run.gather(y[mine].numpy())
     y_pred = run.gather(logits.argmax(1).cpu().numpy())
-    return {f"{prefix}_loss": run.sum(loss) / max(len(y_true), 1),
-            f"{prefix}_acc": float(accuracy_score(y_true, y_pred)),
-            f"{prefix}_macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            f"{prefix}_count": int(len(y_true))}
+    return {f"{prefix}_loss": run.sum(loss) / max(len(y_true), 1), **metrics(y_true, y_pred, prefix)}

@@ -15,11 +15,12 @@ from distributed.cli import main
 from distributed.config import TrainConfig
 from distributed.data import DataError, Decoded, decode_data, load_data
 from distributed.ensemble import ENSEMBLE_FORMAT, Ensemble, load_predictor
+from distributed.evaluate import predict, tta_views
 from distributed.modelfile import model_blob
 from distributed.models import create_model
 from distributed.search_space import load_space
 from distributed.splits import make_splits
-from distributed.train import LocalRun, predict, train_loop, tta_views
+from distributed.train import LocalRun, train_loop
 
 # -- group-aware validation on CK+48 (person split) ----------------------------------------------------------
 
@@ -81,7 +82,7 @@ def test_cross_validated_loop_reports_the_fold_mean_over_all_images(tmp_path):
         split = make_splits(decoded, cfg, fold)
         net = create_model("small_cnn", len(split.class_names))
         net.load_state_dict(saved["model"])
-        pred = predict(net.eval(), torch.from_numpy(split.val_x), cfg, 48, torch.device("cpu")).argmax(1).numpy()
+        pred = predict(net.eval(), torch.from_numpy(split.val_x), cfg, torch.device("cpu")).argmax(1).numpy()
         accs.append(float((pred == split.val_y).mean()))
     assert len(set(accs)) > 1  # three different models
     assert run.reports[-1]["val_acc"] == pytest.approx(np.mean(accs), abs=1e-9)
@@ -126,25 +127,25 @@ def test_flip_and_tencrop_on_symmetric_and_constant_faces(tiny):
     rng = np.random.default_rng(0)
     half = rng.integers(0, 255, (4, 1, 48, 24), dtype=np.uint8)
     sym = torch.from_numpy(np.concatenate([half, half[..., ::-1]], axis=-1).copy())
-    plain = predict(net, sym, cfg, 48, torch.device("cpu")).softmax(1)
-    flip = predict(net, sym, cfg, 48, torch.device("cpu"), tta="flip").softmax(1)
+    plain = predict(net, sym, cfg, torch.device("cpu")).softmax(1)
+    flip = predict(net, sym, cfg, torch.device("cpu"), tta="flip").softmax(1)
     assert torch.allclose(flip, plain, atol=1e-5)
 
-    from distributed.train import prepare_batch
+    from distributed.evaluate import prepare_batch
 
-    views = tta_views(prepare_batch(sym, cfg, 48, torch.device("cpu")), "tencrop")
+    views = tta_views(prepare_batch(sym, cfg, torch.device("cpu")), "tencrop")
     assert len(views) == 10 and all(v.shape == (4, 1, 48, 48) for v in views)
     with torch.no_grad():
         five = torch.stack([net(v).softmax(1) for v in views[:5]]).mean(0)
-    ten = predict(net, sym, cfg, 48, torch.device("cpu"), tta="tencrop").softmax(1)
+    ten = predict(net, sym, cfg, torch.device("cpu"), tta="tencrop").softmax(1)
     assert torch.allclose(ten, five, atol=1e-5)
 
     const = torch.full((2, 1, 48, 48), 90, dtype=torch.uint8)
-    assert torch.allclose(predict(net, const, cfg, 48, torch.device("cpu"), tta="tencrop").softmax(1),
-                          predict(net, const, cfg, 48, torch.device("cpu")).softmax(1), atol=1e-5)
+    assert torch.allclose(predict(net, const, cfg, torch.device("cpu"), tta="tencrop").softmax(1),
+                          predict(net, const, cfg, torch.device("cpu")).softmax(1), atol=1e-5)
     noise = torch.from_numpy(rng.integers(0, 255, (4, 1, 48, 48), dtype=np.uint8))
-    assert not torch.allclose(predict(net, noise, cfg, 48, torch.device("cpu"), tta="tencrop"),
-                              predict(net, noise, cfg, 48, torch.device("cpu")).log_softmax(1), atol=1e-4)
+    assert not torch.allclose(predict(net, noise, cfg, torch.device("cpu"), tta="tencrop"),
+                              predict(net, noise, cfg, torch.device("cpu")).log_softmax(1), atol=1e-4)
 
 
 # -- ensembles -----------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def test_ensemble_of_copies_equals_the_model_and_its_file_loads_safely(tiny, tmp
     x = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (5, 1, 48, 48), dtype=np.uint8))
     one, three = Ensemble([blob]), Ensemble([blob] * 3)
     assert torch.allclose(three.probs(x), one.probs(x), atol=1e-6)
-    assert torch.allclose(one.probs(x, "none"), predict(net, x, cfg, 48, torch.device("cpu")).softmax(1), atol=1e-6)
+    assert torch.allclose(one.probs(x, "none"), predict(net, x, cfg, torch.device("cpu")).softmax(1), atol=1e-6)
 
     three.save(tmp_path / "ensemble_model.pt")
     raw = torch.load(tmp_path / "ensemble_model.pt", weights_only=True)

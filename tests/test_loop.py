@@ -66,17 +66,16 @@ def test_resume_continues_from_the_checkpoint(synthetic, tmp_path):
 
 
 def test_best_model_file_loads_and_scores_like_the_loop(synthetic, tmp_path):
+    from distributed.evaluate import predict
     from distributed.modelfile import BEST_FILE
-    from distributed.models import native_size
     from distributed.splits import make_splits
-    from distributed.train import predict
 
     cfg = TrainConfig(**TINY)
     run = LocalRun(device="cpu", checkpoint_dir=tmp_path)
     train_loop(cfg, synthetic, run)
     net, loaded, names, metrics = load_model(tmp_path / BEST_FILE)
     splits = make_splits(synthetic, cfg)
-    pred = predict(net, torch.from_numpy(splits.val_x), loaded, native_size(cfg.model), torch.device("cpu")).argmax(1)
+    pred = predict(net, torch.from_numpy(splits.val_x), loaded, torch.device("cpu")).argmax(1)
     acc = float((pred.numpy() == splits.val_y).mean())
     best = max(r["val_acc"] for r in run.reports)
     assert acc == pytest.approx(best, abs=1e-9) and metrics["val_acc"] == pytest.approx(best, abs=1e-9)

@@ -79,9 +79,9 @@ def test_final_model_without_ema_is_the_last_weights(tmp_path):
 def test_final_model_scores_like_the_loops_last_epoch(tmp_path):
     """The real loop with EMA: final_model.pt scores on the validation split what the last epoch reported."""
     from distributed.data import decode_data
-    from distributed.models import native_size
+    from distributed.evaluate import predict
     from distributed.splits import make_splits
-    from distributed.train import LocalRun, predict, train_loop
+    from distributed.train import LocalRun, train_loop
 
     cfg = TrainConfig(model="small_cnn", epochs=2, batch_size=64, train_limit=280, augment=False, lr_head=3e-3,
                       lr_backbone=3e-3, ema_decay=0.9, seed=0)
@@ -94,7 +94,7 @@ def test_final_model_scores_like_the_loops_last_epoch(tmp_path):
 
     net, loaded, _, metrics = modelfile.load_model(path)
     splits = make_splits(data, cfg)
-    logits = predict(net, torch.from_numpy(splits.val_x), loaded, native_size(cfg.model), torch.device("cpu"))
+    logits = predict(net, torch.from_numpy(splits.val_x), loaded, torch.device("cpu"))
     y = torch.from_numpy(splits.val_y).long()
     last = run.reports[-1]
     # The loss, not only the accuracy: on a two-epoch run the raw and the EMA weights can pick the same classes.

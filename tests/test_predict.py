@@ -106,8 +106,7 @@ def test_an_rgb_model_classifies_each_face_as_its_training_images_were_decoded(t
     """A 3-channel model trained at 64 px: each face found in a photo is cut out, decoded by the training decoder
     (data._decode: RGB, bilinear to data_size) and scored; predict's probabilities are exactly that model's."""
     from distributed.data import _decode
-    from distributed.models import native_size
-    from distributed.train import predict
+    from distributed.evaluate import predict
 
     out = tmp_path / "rgb"
     cfg = TrainConfig(model="small_cnn", data="synthetic", epochs=1, train_limit=100, batch_size=32, in_channels=3,
@@ -125,8 +124,8 @@ def test_an_rgb_model_classifies_each_face_as_its_training_images_were_decoded(t
     Image.fromarray(photo[y:y + h, x:x + w]).save(tmp_path / "face.png")
     face = _decode(str(tmp_path / "face.png"), "RGB", 64)
     net, loaded, names, _ = load_model(out / BEST_FILE)
-    size = loaded.image_size or native_size(loaded.model)  # the model's input: a second resize, as in training
-    probs = predict(net, torch.from_numpy(face[None].copy()), loaded, size, torch.device("cpu")).softmax(1)[0]
+    # predict resizes to the model's input (a second resize, as in training)
+    probs = predict(net, torch.from_numpy(face[None].copy()), loaded, torch.device("cpu")).softmax(1)[0]
     top = probs.topk(3)
     assert [(names[i], round(float(v), 5)) for v, i in zip(top.values, top.indices)] == \
         [(t["class"], round(t["p"], 5)) for t in rec["top3"]]

@@ -17,12 +17,13 @@ from conftest import DATA, REPO, Payload, need, tensorboard_scalars
 from distributed.cli import main
 from distributed.config import Scaling, TrainConfig
 from distributed.data import load_data
+from distributed.evaluate import predict
 from distributed.modelfile import MODEL_FORMAT, load_model
 from distributed.models import create_model, stages
 from distributed.plan import local_cpus
 from distributed.run import train_run
 from distributed.splits import make_splits
-from distributed.train import predict, set_trainable
+from distributed.train import set_trainable
 
 RAY_INTERNALS = ("Requesting resources", "Attempting to start training worker group",
                  "PreemptionWatcher", "TrainingReport(", "Token authentication")
@@ -70,11 +71,11 @@ def test_two_worker_ddp_run_from_the_cli_prints_plain_lines_then_resumes(tmp_pat
     cfg = TrainConfig.load(out / "config.yaml")
     splits = make_splits(load_data(cfg), cfg)
     net, loaded, _, _ = load_model(out / "best_model.pt")
-    pred = predict(net, torch.from_numpy(splits.val_x), loaded, 48, torch.device("cpu")).argmax(1).numpy()
+    pred = predict(net, torch.from_numpy(splits.val_x), loaded, torch.device("cpu")).argmax(1).numpy()
     best = max(history, key=lambda h: h["val_acc"])
     assert abs(float((pred == splits.val_y).mean()) - best["val_acc"]) <= 1 / 315 + 1e-9
     # The test figure is the saved best model's accuracy on the whole test split, and the confusion matrix agrees.
-    test_pred = predict(net, torch.from_numpy(splits.test_x), loaded, 48, torch.device("cpu")).argmax(1).numpy()
+    test_pred = predict(net, torch.from_numpy(splits.test_x), loaded, torch.device("cpu")).argmax(1).numpy()
     test = json.loads((out / "test_metrics.json").read_text())["all"]
     assert test["test_acc"] == pytest.approx(float((test_pred == splits.test_y).mean()), abs=1e-12)
     cm = np.loadtxt(out / "confusion_matrix.csv", delimiter=",", skiprows=1, usecols=range(1, 8))
@@ -177,7 +178,7 @@ def test_a_ckplus_model_trained_in_process_predicts_photos(tmp_path, capsys):
     net, loaded, names, _ = load_model(tmp_path / "best_model.pt")
     from distributed.data import read_images
 
-    logits = predict(net, torch.from_numpy(read_images([str(i) for i in images])), loaded, 48, torch.device("cpu"))
+    logits = predict(net, torch.from_numpy(read_images([str(i) for i in images])), loaded, torch.device("cpu"))
     assert [r["class"] for r in records] == [names[i] for i in logits.argmax(1).tolist()]
     assert sum(r["class"] == "happy" for r in records) > len(records) / 2
 
