@@ -90,6 +90,11 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, prefix: str) -> dict:
             f"{prefix}_count": int(len(y_true))}
 
 
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> list[list[int]]:
+    """The confusion matrix (rows: true class, columns: predicted) as plain lists, as a model file keeps it."""
+    return confusion_matrix(y_true, y_pred, labels=list(range(classes))).tolist()
+
+
 @dataclass
 class Scored:
     """A model's predictions on one split: labels, predicted classes, class names, the split's groups (FER2013's
@@ -120,6 +125,24 @@ def score_model(model_file: str | Path, split: str = "test", tta: str | None = N
     logits = predict(net, torch.from_numpy(x), cfg, device, tta=tta or cfg.tta)
     groups = splits.test_groups if split == "test" else None
     return Scored(np.asarray(y), logits.argmax(1).cpu().numpy(), list(names), groups, cfg)
+
+
+def validation_confusion(model_file: str | Path) -> tuple[np.ndarray, list[str], bool]:
+    """A saved model's confusion matrix on its validation split -> (matrix, class names, scored again). The loop
+    keeps the best epoch's matrix in best_model.pt (val_confusion; the first fold's under cv_folds); a file without
+    one (final_model.pt, or written by an older emotune) is scored again, which decodes its data."""
+    from distributed.modelfile import MODEL_FORMAT, load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = str(model_file)
+        if storage.is_uri(local):
+            local = os.path.join(tmp, storage.name(model_file))
+            storage.download(str(model_file), local)
+        blob = load_file(local, MODEL_FORMAT)
+    if blob.get("val_confusion"):
+        return np.asarray(blob["val_confusion"]), list(blob["class_names"]), False
+    scored = score_model(model_file, "val")
+    return np.asarray(confusion(scored.y_true, scored.y_pred, len(scored.class_names))), scored.class_names, True
 
 
 def write_test_report(out: Path, y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str],

@@ -25,13 +25,18 @@ STATE_FILE, BEST_FILE = "state.pt", "best_model.pt"  # one checkpoint directory:
 FINAL_FILE = "final_model.pt"  # beside best_model.pt at the end of `emotune train`
 
 
-def model_blob(net: nn.Module, cfg: TrainConfig, class_names: list[str], metrics: dict) -> dict:
-    """A self-describing model file: weights (copied to CPU), the config that made them and the class names."""
+def model_blob(net: nn.Module, cfg: TrainConfig, class_names: list[str], metrics: dict,
+               val_confusion: list[list[int]] | None = None) -> dict:
+    """A self-describing model file: weights (copied to CPU), the config that made them, the class names, the
+    metrics of its epoch and, from the loop, its validation confusion matrix (what the search report draws)."""
     net = getattr(net, "module", net)
-    return {"format": MODEL_FORMAT, "model": cfg.model,
+    blob = {"format": MODEL_FORMAT, "model": cfg.model,
             "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()},
             "config": cfg.to_dict(), "class_names": list(class_names),
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}}
+    if val_confusion is not None:
+        blob["val_confusion"] = val_confusion
+    return blob
 
 
 def save_model(path: str | Path, blob: dict) -> None:

@@ -26,7 +26,7 @@ from distributed import storage
 from distributed.augment import mix_transform
 from distributed.config import EARLIER_EPOCHS, TrainConfig, better
 from distributed.data import Decoded, load_data
-from distributed.evaluate import metrics, predict, prepare_batch
+from distributed.evaluate import confusion, metrics, predict, prepare_batch
 from distributed.modelfile import (
     BEST_FILE,
     STATE_FILE,
@@ -106,7 +106,8 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
 
         for m in members:
             run.sync_buffers(m.scored)  # every rank scores with rank 0's BatchNorm statistics: the model that is saved
-        scores = [validate(m.scored, m.val_x, m.val_y, cfg, run, prefix="val") for m in members]
+        validated = [validate(m.scored, m.val_x, m.val_y, cfg, run, len(class_names)) for m in members]
+        scores = [sc for sc, _ in validated]
         metrics = {k: float(np.mean([sc[k] for sc in scores])) for k in scores[0]}  # cross-validated: the fold mean
         metrics["val_count"] = sum(sc["val_count"] for sc in scores)
         metrics.update(epoch=epoch, train_loss=run.mean(train_loss, seen),
@@ -131,7 +132,7 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
         metrics.update(early_stopped=stop, diverged=False)
 
         if improved and run.rank == 0:  # only the newest checkpoint is kept, so each carries the best weights
-            best_blob = model_blob(members[0].scored, cfg, class_names, metrics)
+            best_blob = model_blob(members[0].scored, cfg, class_names, metrics, val_confusion=validated[0][1])
         with tempfile.TemporaryDirectory() as tmp:
             if run.rank == 0:
                 states = [model_state(m.net, m.optimizer, m.ema) for m in members]
@@ -376,12 +377,14 @@ def set_trainable(groups: list[nn.Module], cfg: TrainConfig, epoch: int) -> int:
     return n
 
 
-def validate(net, x, y, cfg, run: Run, prefix: str) -> dict:
-    """Each rank scores its shard; predictions are gathered so every rank computes identical metrics over the
-    whole split (Ray Tune only sees rank 0's dict, but early stopping runs on every rank)."""
+def validate(net, x, y, cfg, run: Run, classes: int) -> tuple[dict, list[list[int]]]:
+    """-> (val_ metrics, confusion matrix). Each rank scores its shard; predictions are gathered so every rank
+    computes identical metrics over the whole split (Ray Tune only sees rank 0's dict, but early stopping runs on
+    every rank)."""
     mine = torch.arange(run.rank, len(y), run.world)
     logits = predict(net, x[mine], cfg, run.device)
     loss = F.cross_entropy(logits, y[mine].to(run.device), reduction="sum").item() if len(mine) else 0.0
     y_true = run.gather(y[mine].numpy())
     y_pred = run.gather(logits.argmax(1).cpu().numpy())
-    return {f"{prefix}_loss": run.sum(loss) / max(len(y_true), 1), **metrics(y_true, y_pred, prefix)}
+    return ({"val_loss": run.sum(loss) / max(len(y_true), 1), **metrics(y_true, y_pred, "val")},
+            confusion(y_true, y_pred, classes))

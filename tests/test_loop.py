@@ -79,6 +79,20 @@ def test_best_model_file_loads_and_scores_like_the_loop(synthetic, tmp_path):
     acc = float((pred.numpy() == splits.val_y).mean())
     best = max(r["val_acc"] for r in run.reports)
     assert acc == pytest.approx(best, abs=1e-9) and metrics["val_acc"] == pytest.approx(best, abs=1e-9)
+    # the file keeps that epoch's validation confusion matrix (the report draws it without decoding the data); a
+    # file without one is scored again, to the same matrix
+    from sklearn.metrics import confusion_matrix
+
+    from distributed.evaluate import validation_confusion
+    from distributed.modelfile import MODEL_FORMAT, load_file, save_model
+
+    expected = confusion_matrix(splits.val_y, pred.numpy(), labels=list(range(len(names))))
+    cm, cm_names, again = validation_confusion(tmp_path / BEST_FILE)
+    assert (cm == expected).all() and cm_names == names and not again
+    older = {k: v for k, v in load_file(tmp_path / BEST_FILE, MODEL_FORMAT).items() if k != "val_confusion"}
+    save_model(tmp_path / "older.pt", older)
+    cm, _, again = validation_confusion(tmp_path / "older.pt")
+    assert (cm == expected).all() and again
 
 
 @pytest.mark.parametrize("class_balance", ["none", "sampler"])
