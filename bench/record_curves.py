@@ -60,6 +60,27 @@ def record(dataset: str, configs: int, epochs: int, sets: list[str], seed: int, 
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), out)
     print(f"{len(rows)} rows -> {out}")
+    print_rank_correlation(rows)
+
+
+def print_rank_correlation(rows: list[dict]) -> None:
+    """How well a rung at epoch e ranks the configs: Spearman of val_acc at e with each config's final (last
+    epoch's) val_acc, its best val_acc, and its best weights' test accuracy."""
+    from scipy.stats import spearmanr
+
+    curves = {}
+    for r in rows:
+        curves.setdefault(r["config_id"], []).append(r)
+    curves = [sorted(c, key=lambda r: r["epoch"]) for c in curves.values()]
+    last = min(len(c) for c in curves)
+    finals = [c[last - 1]["val_acc"] for c in curves]
+    bests = [max(r["val_acc"] for r in c) for c in curves]
+    tests = [c[0]["test_acc_at_best"] for c in curves]
+    print("epoch | Spearman with final val_acc | with best val_acc | with test acc")
+    for e in range(1, last + 1):
+        at = [c[e - 1]["val_acc"] for c in curves]
+        cells = [spearmanr(at, other).statistic for other in (finals, bests, tests)]
+        print(f"{e} | " + " | ".join(f"{v:+.2f}" for v in cells))
 
 
 def main(argv=None) -> None:
