@@ -37,8 +37,8 @@ DATASETS = {"fer2013_small": "fer2013_small", "ckplus48": "ckplus48"}
 # ~10 frames of each sequence, so a random split scores a config on frames of people it trained on.
 GROUP_BY = {"ckplus48": "subject"}
 MODELS = ("small_cnn", "baseline_cnn", "emotion_cnn48")
-METRICS = ("val_acc", "val_macro_f1", "val_loss", "train_loss", "epoch_s")  # per epoch (not the scheduled lr:
-# its report key, lr_head, would clash with the sampled peak lr_head)
+METRICS = ("val_acc", "val_macro_f1", "val_loss", "train_loss", "epoch_s")  # per epoch (the scheduled rate, lr,
+# follows from the config)
 PARAMS = ("model", "lr_head", "weight_decay", "dropout", "mixup_alpha", "batch_size", "label_smoothing")
 
 

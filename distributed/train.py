@@ -111,7 +111,7 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
         metrics = {k: float(np.mean([sc[k] for sc in scores])) for k in scores[0]}  # cross-validated: the fold mean
         metrics["val_count"] = sum(sc["val_count"] for sc in scores)
         metrics.update(epoch=epoch, train_loss=run.mean(train_loss, seen),
-                       lr_head=members[0].optimizer.param_groups[0]["lr"],
+                       lr=members[0].optimizer.param_groups[0]["lr"],  # the head's scheduled rate now (lr_head: its peak)
                        images_per_s=run.sum(seen) / max(train_time, 1e-9), epoch_s=time.perf_counter() - tic,
                        trainable_stages=members[0].trainable, num_params=sum(p.numel() for p in members[0].net.parameters()),
                        run_start_epoch=run_start, node=run.node, torch_threads=torch.get_num_threads())
