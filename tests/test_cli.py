@@ -10,7 +10,7 @@ from distributed.cli import build_parser, main
 
 # A README flag with no end-to-end run, and why (each one a known gap, said in the README's test section).
 NOT_RUN: dict[tuple[str, str], str] = {}
-# Test helpers that run one subcommand: their calls count as that subcommand's (tests/test_train.py's train_cli).
+# Test helpers that run one subcommand: their calls count as that subcommand's (tests/test_run.py's train_cli).
 WRAPPERS = {"train_cli(": "train"}
 
 
