@@ -13,8 +13,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-
 from bench import proc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,24 +60,6 @@ def tune(space: str | Path, storage: Path, log: Path, *args: str, echo: bool = F
         raise SystemExit(f"{storage}: expected one experiment directory (with emotune.json), found {len(found)}; "
                          f"use a fresh --storage-path (see {log})")
     return run, found[0]
-
-
-def derived_space(src: Path, out: Path, suffix: str, changes: dict) -> Path:
-    """A copy of the space `src` with `changes` ({"section.key": value}) applied, written to OUT/spaces: for what
-    neither the file nor --set says (the search seed, scaling.worker_group), so one file serves every variant."""
-    doc = yaml.safe_load(src.read_text())
-    for dotted, value in changes.items():
-        *parents, key = dotted.split(".")
-        node = doc
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[key] = value
-    path = out / "spaces" / f"{src.stem}_{suffix}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    said = ", ".join(f"{k}={v}" for k, v in changes.items())
-    path.write_text(f"# {src.relative_to(REPO)} with {said} (written by the bench)\n"
-                    + yaml.safe_dump(doc, sort_keys=False))
-    return path
 
 
 def read_results(out: str | Path) -> dict:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from bench import proc
-from bench.common import REPO, SPACES, derived_space, out_dir, spread, tune
+from bench.common import REPO, SPACES, out_dir, spread, tune
 
 SPACE = SPACES / "overhead.yaml"
 MODES = ("plain", "in-process", "group")
@@ -137,8 +137,8 @@ def run_one(mode: str, n: int, epochs: int, tag: str, out: Path, cfg_file: Path,
         if run["rc"]:
             raise SystemExit(f"plain loop failed; see {out / f'{tag}.log'}")
         return summarise_plain(run, out / f"{tag}.log")
-    space = SPACE if mode == "in-process" else derived_space(SPACE, out, "group", {"scaling.worker_group": "always"})
-    run, exp = tune(space, out / tag, out / f"{tag}.log", "--num-samples", str(n), "--set", f"epochs={epochs}")
+    group = ["--set", "scaling.worker_group=always"] if mode == "group" else []
+    run, exp = tune(SPACE, out / tag, out / f"{tag}.log", "--num-samples", str(n), "--set", f"epochs={epochs}", *group)
     return summarise_tune(run, exp, n, epochs)
 
 

@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from bench import proc
-from bench.common import DATA, REPO, SPACES, derived_space, emotune, out_dir, tune
+from bench.common import DATA, REPO, SPACES, emotune, out_dir, tune
 
 DATASETS = {"fer2013": ("parquet:{root}/fer2013", ["val_from=PublicTest"]),
             "ckplus48": ("imagefolder:{root}/ckplus48", ["group_by=subject"]),
@@ -116,12 +116,12 @@ def plain_recipe(space_file: Path, data: str, extra: list[str], epochs: int, out
 
 def one_dataset(name: str, budget: str, data_root: Path, out: Path, plain: bool, seed: int) -> dict:
     space = BUDGET_SPACES[budget][name]
-    if seed:  # the same space with another sampler seed, training seed and split (the plain run reads it too)
-        space = derived_space(space, out, f"seed{seed}", {"search.seed": seed, "fixed.seed": seed})
     data, extra = DATASETS[name]
     data = data.format(root=data_root)
+    if seed:  # another sampler seed, training seed and validation split (the plain run's too)
+        extra = [*extra, f"seed={seed}"]
     print(f"{name} ({budget} budget, search seed {seed}): search {space.relative_to(REPO)}", flush=True)
-    sets = [a for e in [f"data={data}", *extra] for a in ("--set", e)]
+    sets = [a for e in [f"data={data}", *extra, *([f"search.seed={seed}"] if seed else [])] for a in ("--set", e)]
     search, exp = tune(space.relative_to(REPO), out / "search", out / "search.log", *sets, echo=True)
     board = json.loads((exp / "emotune.json").read_text())
     epochs_spent = sum(int(r["epochs_run"]) for r in _leaderboard(exp))

@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from bench import proc
-from bench.common import DATA, SPACES, derived_space, out_dir, read_csv, tune
+from bench.common import DATA, SPACES, out_dir, read_csv, tune
 
 # kind -> (space, what the bench changes in it besides the seed). "random-asha" is the replay's winner (section 3b):
 # the same schedule as "asha" with random sampling instead of TPE.
@@ -45,20 +45,19 @@ KINDS = {"random": (SPACES / "search_random.yaml", {}), "asha": (SPACES / "searc
 LABELS = {"asha": "TPE+ASHA", "random-asha": "random+ASHA"}
 
 
-def kind_space(kind: str, seed: int, epochs: int, out: Path) -> Path:
-    """The space file one search runs. The search seed and ASHA's max_t are not TrainConfig fields, so --set cannot
-    change them: a copy of the space carries them (max_t follows --epochs: no trial is cut short of the epochs
-    random search trains)."""
+def kind_sets(kind: str, seed: int, epochs: int) -> list[str]:
+    """The --set pairs one search runs with: its kind's, the search seed, and ASHA's max_t following --epochs (no
+    trial is cut short of the epochs random search trains)."""
     src, changes = KINDS[kind]
     if yaml.safe_load(src.read_text()).get("scheduler") not in (None, "none"):
         changes = {**changes, "scheduler.asha.max_t": epochs}
-    return derived_space(src, out, f"{kind}_seed{seed}", {**changes, "search.seed": seed})
+    return [a for k, v in {**changes, "search.seed": seed}.items() for a in ("--set", f"{k}={v}")]
 
 
 def one_search(kind: str, dataset: str, seed: int, trials: int, epochs: int, out: Path, sets=()) -> dict:
-    space = kind_space(kind, seed, epochs, out)
     storage = out / f"{dataset}-seed{seed}-{kind}"
-    run, exp = tune(space, storage, storage.with_suffix(".log"), "--num-samples", str(trials),
+    run, exp = tune(KINDS[kind][0], storage, storage.with_suffix(".log"), "--num-samples", str(trials),
+                    *kind_sets(kind, seed, epochs),
                     "--set", f"data=imagefolder:{DATA / dataset}", "--set", f"epochs={epochs}",
                     *(a for kv in sets for a in ("--set", kv)))
     rows = read_csv(exp / "leaderboard.csv")

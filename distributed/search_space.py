@@ -215,13 +215,14 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
     if not isinstance(doc, dict):
         raise SpaceError(f"{where}: expected a mapping with keys like name, metric, space; got {type(doc).__name__}")
     known_keys(doc, TOP_KEYS, where)
+    overrides = set_sections(doc, overrides)
+    if doc.pop(SET_MARK, False):
+        where = f"{where} (with --set)"
     if "space" not in doc and "by_model" not in doc:
         raise SpaceError(f"{where}: no `space` section; add at least one parameter to search, e.g. "
                          f"space: {{lr_head: {{loguniform: [1.0e-4, 1.0e-2]}}}}")
 
-    # --set final.top_k=3: a key of the final section (the rest are TrainConfig fields, pinned for every trial)
-    sections = [o for o in overrides if o.partition("=")[0].strip().startswith("final.")]
-    pinned = parse_overrides([o for o in overrides if o not in sections])
+    pinned = parse_overrides(overrides)
 
     fixed = dict(mapping(doc.get("fixed", {}), f"{where}: fixed"))
     fixed.update(pinned)
@@ -270,12 +271,34 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
     if s.algorithm not in ("tpe", "random"):
         raise SpaceError(f"{where}: search.algorithm: {s.algorithm!r} is not one of tpe, random")
     s.points = parse_points(s, doc.get("points_to_evaluate", []), f"{where}: points_to_evaluate", pinned)
-    final = dict(mapping(doc.get("final", {}), f"{where}: final"))
-    for pair in sections:
-        key, _, text = pair.partition("=")
-        final[key.strip().removeprefix("final.")] = read_scalar(text)
-    s.final = parse_final(final, f"{where}: final" if not sections else f"{where}: final (with --set)", s.epochs())
+    s.final = parse_final(mapping(doc.get("final", {}), f"{where}: final"), f"{where}: final", s.epochs())
     return s
+
+
+SECTIONS = ("num_samples", "metric", "mode", "scaling", "scheduler", "search", "final")
+SET_MARK = "__set__"
+
+
+def set_sections(doc: dict, overrides: list[str]) -> list[str]:
+    """`--set` pairs that name a section of the space (`scaling.workers=2`, `scheduler.asha.grace_period=4`,
+    `search.seed=3`, `final.top_k=3`, `num_samples=16`, `scheduler=none`) are written into the document before it
+    is checked, so they pass the same checks as the file; the others (TrainConfig fields, pinned for every trial)
+    are returned."""
+    fields = []
+    for pair in overrides:
+        key, sep, text = pair.partition("=")
+        parts = key.strip().split(".")
+        if parts[0] not in SECTIONS or not sep:
+            fields.append(pair)
+            continue
+        node = doc
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}  # e.g. scheduler: none, then --set scheduler.asha.max_t=12
+            node = node[part]
+        node[parts[-1]] = read_scalar(text)
+        doc[SET_MARK] = True
+    return fields
 
 
 def read_scalar(text: str):

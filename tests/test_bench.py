@@ -26,29 +26,22 @@ def test_script_answers_help(name, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-def test_derived_space_changes_only_what_it_names(tmp_path):
-    from bench.common import SPACES, derived_space
+def test_search_efficiency_kinds_differ_in_sampler_and_schedule_only():
+    """Each kind is its space file and --set pairs (search seed, sampler, ASHA's max_t), read as emotune reads them."""
+    from bench.search_efficiency import KINDS, kind_sets
 
-    src = SPACES / "overhead.yaml"
-    copy = derived_space(src, tmp_path, "group", {"scaling.worker_group": "always", "search.seed": 7})
-    assert copy.parent == tmp_path / "spaces" and copy.name == "overhead_group.yaml"
-    base, group = load_space(src), load_space(copy)
-    assert (base.worker_group, group.worker_group) == ("auto", "always")
-    assert (base.seed, group.seed) == (0, 7)
-    assert group.fixed == base.fixed and group.points == base.points and group.scaling == base.scaling
+    def space(kind, epochs):
+        sets = kind_sets(kind, 3, epochs)
+        return load_space(KINDS[kind][0], [v for flag, v in zip(sets[::2], sets[1::2]) if flag == "--set"])
 
-
-def test_search_efficiency_kinds_differ_in_sampler_and_schedule_only(tmp_path):
-    from bench.search_efficiency import KINDS, kind_space
-
-    spaces = {kind: load_space(kind_space(kind, 3, 12, tmp_path)) for kind in KINDS}
+    spaces = {kind: space(kind, 12) for kind in KINDS}
     assert {k: s.algorithm for k, s in spaces.items()} == {"random": "random", "asha": "tpe", "random-asha": "random"}
     assert spaces["random"].asha is None
     assert spaces["asha"].asha == spaces["random-asha"].asha == {"max_t": 12, "grace_period": 2, "reduction_factor": 3}
     for s in spaces.values():
         assert s.seed == 3 and s.fixed == spaces["random"].fixed and s.num_samples == 16
     # a longer search moves ASHA's last rung with it (a trial is never cut short of random search's epochs)
-    assert load_space(kind_space("asha", 3, 30, tmp_path / "long")).asha["max_t"] == 30
+    assert space("asha", 30).asha["max_t"] == 30
 
 
 def test_curves_record_ckplus48_validated_by_person(tmp_path):

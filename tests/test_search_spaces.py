@@ -9,7 +9,7 @@ from ray.tune.utils.util import unflatten_dict
 
 from distributed.cli import main
 from distributed.config import ConfigError, TrainConfig
-from distributed.search_space import Param, load_space
+from distributed.search_space import Param, SpaceError, load_space
 
 FILES = sorted(SPACES.glob("*.yaml")) + sorted((REPO / "bench" / "spaces").glob("*.yaml"))
 
@@ -95,6 +95,23 @@ def test_multi_arch_samples_only_the_drawn_architectures_parameters():
 def test_overrides_pin_a_searched_value():
     space = load_space(SPACES / "quick.yaml", ["lr_head=0.005", "epochs=2"])
     assert "lr_head" not in space.params and space.fixed["lr_head"] == 0.005 and space.epochs() == 2
+
+
+def test_set_reaches_every_section_through_the_files_own_checks():
+    """--set section.key=value for the space's own sections (not TrainConfig fields), as if the file said it."""
+    space = load_space(SPACES / "quick.yaml", ["scaling.workers=2", "scaling.worker_group=always", "search.seed=7",
+                                                "scheduler.asha.grace_period=2", "final.top_k=1", "final.epochs=9",
+                                                "num_samples=3", "epochs=4"])
+    assert space.scaling.workers == 2 and space.worker_group == "always" and space.asha["grace_period"] == 2
+    assert space.seed == 7 and space.fixed["epochs"] == 4
+    assert space.final["top_k"] == 1 and space.final["epochs"] == 9 and space.num_samples == 3
+    assert load_space(SPACES / "quick.yaml", ["scheduler=none"]).asha is None
+    for pair, message in (("scheduler.asha.grace_period=0", r"\(with --set\): scheduler\.asha\.grace_period: 0 is out "
+                                                            r"of range"),
+                          ("search.sed=1", r"\(with --set\): search: unknown key 'sed'; did you mean 'seed'\?"),
+                          ("final.epochs=1", r"final\.epochs: 1 is below the search's own")):
+        with pytest.raises(SpaceError, match=message):
+            load_space(SPACES / "quick.yaml", [pair])
 
 
 def test_set_wins_over_the_points_and_sections_it_pins(tmp_path):
