@@ -266,46 +266,18 @@ def load_train_config(args):
     return cfg.with_overrides(args.overrides)
 
 
-def scaling_flags(args) -> tuple[int | None, float | None, float | None]:
-    """--workers, --cpus-per-worker and --gpus-per-worker as given (None: not given, or auto), checked without
-    importing torch."""
-    from distributed.config import ConfigError
-
-    workers = None
-    if args.workers != "auto":
-        try:
-            workers = int(args.workers)
-        except ValueError:
-            raise ConfigError(f"--workers {args.workers!r}: expected a number or auto, e.g. --workers 2") from None
-    cpus, gpus = args.cpus_per_worker, args.gpus_per_worker
-    if (workers is not None and workers < 1) or (cpus is not None and cpus < 0) or (gpus is not None and gpus < 0):
-        raise ConfigError("--workers must be >= 1 and --cpus-per-worker/--gpus-per-worker >= 0; fix the flag")
-    return workers, cpus, gpus
-
-
 def scaling_from(args):
-    """A single-machine run uses the whole machine: one worker per GPU (or one on the CPUs), every CPU shared
-    among the workers. On a cluster (--address) the defaults stay small, since this machine is not the cluster."""
-    from distributed.config import Scaling
-    from distributed.plan import local_cpus
+    """--workers, --cpus-per-worker, --gpus-per-worker (and --address) -> Scaling (plan.train_scaling)."""
+    from distributed.plan import train_scaling
 
-    workers, cpus, gpus = scaling_flags(args)
-    if workers is None or gpus is None:
-        import torch
-
-        gpus_here = torch.cuda.device_count() if not args.address else 0
-        if workers is None:
-            workers = max(1, gpus_here)
-        if gpus is None:
-            gpus = 1.0 if (torch.cuda.is_available() if args.address else gpus_here) else 0.0
-    if cpus is None:
-        cpus = 1.0 if args.address else float(max(1, local_cpus() // workers))
-    return Scaling(workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus)
+    return train_scaling(args.workers, args.cpus_per_worker, args.gpus_per_worker, args.address)
 
 
 def cmd_train(args) -> int:
     cfg = load_train_config(args)  # a wrong config, --set or flag is answered before torch and Ray are imported
-    scaling_flags(args)
+    from distributed.plan import train_flags
+
+    train_flags(args.workers, args.cpus_per_worker, args.gpus_per_worker)
     data = None
     if not (cfg.weights_path or cfg.pretrained):
         # so is wrong data (weights, where there are some, are checked first: that needs torch anyway, and a

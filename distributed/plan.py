@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from distributed.cluster.common import NodeType
-from distributed.config import DRIVER_RESOURCE
+from distributed.config import DRIVER_RESOURCE, ConfigError, Scaling
 from distributed.search_space import SearchSpace, SpaceError
 
 EPS = 1e-9
@@ -166,3 +166,36 @@ class NodeWait:
         up = sum(is_of_type(n, t) for n in nodes)
         return (f"waiting for {count} {kind} node{'s' if count > 1 else ''} (type {t.name}): {up} of "
                 f"{t.max_workers} up, {waited_s // 60:.0f} min")
+
+
+# ------------------------------------------------------------------------------------------ emotune train
+
+def train_flags(workers: str, cpus: float | None, gpus: float | None) -> tuple[int | None, float | None, float | None]:
+    """--workers (a number or auto), --cpus-per-worker and --gpus-per-worker as given (None: not given, or auto),
+    checked without importing torch."""
+    count = None
+    if workers != "auto":
+        try:
+            count = int(workers)
+        except ValueError:
+            raise ConfigError(f"--workers {workers!r}: expected a number or auto, e.g. --workers 2") from None
+    if (count is not None and count < 1) or (cpus is not None and cpus < 0) or (gpus is not None and gpus < 0):
+        raise ConfigError("--workers must be >= 1 and --cpus-per-worker/--gpus-per-worker >= 0; fix the flag")
+    return count, cpus, gpus
+
+
+def train_scaling(workers: str, cpus: float | None, gpus: float | None, address: str | None) -> Scaling:
+    """A single-machine run uses the whole machine: one worker per GPU (or one on the CPUs), every CPU shared
+    among the workers. On a cluster (address) the defaults stay small, since this machine is not the cluster."""
+    count, cpus, gpus = train_flags(workers, cpus, gpus)
+    if count is None or gpus is None:
+        import torch
+
+        gpus_here = torch.cuda.device_count() if not address else 0
+        if count is None:
+            count = max(1, gpus_here)
+        if gpus is None:
+            gpus = 1.0 if (torch.cuda.is_available() if address else gpus_here) else 0.0
+    if cpus is None:
+        cpus = 1.0 if address else float(max(1, local_cpus() // count))
+    return Scaling(workers=count, cpus_per_worker=cpus, gpus_per_worker=gpus)

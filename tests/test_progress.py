@@ -1,7 +1,7 @@
 """What `emotune train` prints: one plain line per epoch and a summary, none of Ray's own log lines."""
 from __future__ import annotations
 
-from distributed.run import epoch_line
+from distributed.progress import epoch_line
 
 
 def test_epoch_line_reads_plainly_and_estimates_what_is_left():
@@ -20,7 +20,7 @@ def test_live_bar_on_a_terminal_only(tmp_path, monkeypatch):
     import io
     import time
 
-    from distributed.run import follow
+    from distributed.progress import follow
 
     class Terminal(io.StringIO):
         def isatty(self):
