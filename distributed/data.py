@@ -10,7 +10,6 @@ import csv
 import io
 import math
 import os
-import re
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from PIL import Image
 from distributed import storage
 from distributed.config import check_field
 from distributed.errors import DataError
+from distributed.groups import read_groups
 from distributed.synthetic import draw_dataset
 
 PROGRESS_FROM = 5000  # decodes of at least this many images report their progress
@@ -350,7 +350,7 @@ def load_data(cfg) -> Decoded:
     """The data a TrainConfig names, decoded (the one place that reads the fields in config.DECODE_FIELDS)."""
     decoded = decode_data(cfg.data, in_channels=cfg.in_channels, size=cfg.data_size, seed=cfg.seed)
     if cfg.group_by:
-        decoded.train_groups = read_groups(decoded, cfg.group_by, cfg.data)
+        decoded.train_groups = read_groups(decoded.train_names, cfg.group_by, cfg.data)
     return decoded
 
 
@@ -366,46 +366,3 @@ def decode_data(data: str = "synthetic", in_channels: int = 1, size: int = 48, s
         raise DataError(f"data={data!r}: {kind} needs a path, e.g. {kind}:/data/fer2013")
     check_field("in_channels", in_channels, "in_channels")  # the knob's rule: 1 or 3
     return loader(path if storage.is_uri(path) else os.path.expanduser(path), in_channels, size, seed)
-
-
-# -- groups: who each training image shows --------------------------------------------------------------------
-
-def read_groups(decoded: Decoded, group_by: str, data: str) -> np.ndarray:
-    """cfg.group_by -> one group name per training image. `re:REGEX` is searched in the file name and its first
-    capture group (or the whole match) names the group; any other value is a column of the manifest.csv beside
-    the imagefolder, matched on the image's path under the folder (the manifest's `path` column)."""
-    kind, _, root = data.partition(":")
-    names = decoded.train_names
-    if names is None:
-        raise DataError(f"group_by={group_by!r}: groups come from file names or a manifest.csv, which only "
-                        f"imagefolder data has ({kind} given); remove group_by or use imagefolder:PATH")
-    if group_by.startswith("re:"):
-        try:
-            pattern = re.compile(group_by[3:])
-        except re.error as exc:
-            raise DataError(f"group_by={group_by!r}: not a regular expression ({exc}); fix the pattern") from None
-        found = [pattern.search(Path(n).name) for n in names]
-        groups = [(m.group(1) if pattern.groups else m.group(0)) if m else None for m in found]
-        missing = [n for n, g in zip(names, groups) if not g]
-        if missing:
-            what = "none" if len(missing) == len(names) else f"{len(missing)}"
-            raise DataError(f"group_by={group_by!r} matches {what} of the {len(names)} training file names "
-                            f"(e.g. not {Path(missing[0]).name!r}); every image needs a group: fix the pattern")
-    else:
-        manifest = storage.join(root if storage.is_uri(root) else os.path.expanduser(root), "manifest.csv")
-        if not storage.is_file(manifest):
-            raise DataError(f"group_by={group_by!r}: no {manifest} to read that column from; add one (columns path,"
-                            f"{group_by}) or group by file name with group_by: 're:REGEX'")
-        reader = csv.DictReader(io.StringIO(storage.read_text(manifest), newline=""))
-        columns = reader.fieldnames or []
-        for column in ("path", group_by):
-            if column not in columns:
-                raise DataError(f"{manifest}: no {column!r} column (columns: {', '.join(columns)}); "
-                                f"set group_by to one of them, or to 're:REGEX' on file names")
-        table = {row["path"]: row[group_by] for row in reader}
-        groups = [table.get(n) for n in names]
-        missing = [n for n, g in zip(names, groups) if not g]
-        if missing:
-            raise DataError(f"{manifest}: {len(missing)} training images have no {group_by!r} (e.g. {missing[0]}); "
-                            f"add their rows (path relative to the folder)")
-    return np.array(groups, dtype=str)
