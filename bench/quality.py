@@ -24,6 +24,12 @@ Budgets (state which one a figure came from):
     python -m bench.quality --budget cpu
     python -m bench.quality --budget cpu --datasets ckplus48 fer2013_small
     python -m bench.quality --datasets synthetic --seeds 3 --no-plain   # the default search: pick against median
+
+Compute: `--compute 1 3` trains the plain run at the search's epochs (1x: both sides pass over the images as often)
+and at a third of them (3x: the search and its final stage spent three times the plain run's epochs). `--from DIR`
+reuses the searches of an earlier run (its quality.json and seed folders) and trains only what is asked: the plain
+runs, and with `--final-epochs N` the final stage again at N epochs per member (into the experiment's final_eN/),
+so a longer final stage is measured on the very searches the shorter one had.
 """
 from __future__ import annotations
 
@@ -108,13 +114,28 @@ def plain_recipe(space_file: Path, data: str, extra: list[str], epochs: int, out
     sets = {**fixed, **PLAIN, "epochs": epochs, "data": data, **dict(e.split("=", 1) for e in extra)}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     scaling = ["--cpus-per-worker", "1", "--gpus-per-worker", "0"] if budget == "cpu" else ["--cpus-per-worker", "4"]
-    run = emotune(["train", *args, "--output", str(out), *scaling], out.parent / "plain.log", echo=True)
+    run = emotune(["train", *args, "--output", str(out), *scaling], out.parent / f"{out.name}.log", echo=True)
     test = json.loads((out / "test_metrics.json").read_text())
     return {"epochs": epochs, "cpu_min": cpu_min(run), "wall_s": run["wall_s"], "test_acc": test["all"]["test_acc"],
             "test_macro_f1": test["all"]["test_macro_f1"]}
 
 
-def one_dataset(name: str, budget: str, data_root: Path, out: Path, plain: bool, seed: int) -> dict:
+def plain_runs(result: dict, space: Path, out: Path, budget: str, compute: list[float]) -> None:
+    """The plain recipe at the search's total epochs divided by each compute factor (1: the same work; 3: the search
+    side spent three times the plain run's epochs), into result["plain"] (1x) and result["plain_by_compute"]."""
+    total = result["search_epochs"] + (result["final"]["epochs"] if result.get("final") else 0)
+    runs = result.setdefault("plain_by_compute", {})
+    out.mkdir(parents=True, exist_ok=True)
+    for factor in compute:
+        epochs = max(1, round(total / factor))
+        print(f"  plain recipe at {factor:g}x: {epochs} epochs (the search and its final stage: {total})", flush=True)
+        where = out / "plain" if factor == 1 else out / f"plain_x{factor:g}"
+        runs[f"{factor:g}"] = plain_recipe(space, result["data"], result["protocol"], epochs, where, budget)
+    if "1" in runs:
+        result["plain"] = runs["1"]
+
+
+def one_dataset(name: str, budget: str, data_root: Path, out: Path, compute: list[float], seed: int) -> dict:
     space = BUDGET_SPACES[budget][name]
     data, extra = DATASETS[name]
     data = data.format(root=data_root)
@@ -131,23 +152,43 @@ def one_dataset(name: str, budget: str, data_root: Path, out: Path, plain: bool,
     result = {"dataset": name, "seed": seed, "budget": budget, "space": str(space.relative_to(REPO)), "data": data,
               "protocol": extra, "metric": board["metric"], "search_cpu_min": cpu_min(search),
               "search_wall_s": search["wall_s"], "search_epochs": epochs_spent, "final": final, **scored}
-    if plain:
-        # the same work: every epoch the search and its final stage trained, in one plain run
-        total = epochs_spent + (final["epochs"] if final else 0)
-        print(f"  plain recipe for the search's {total} epochs (final stage included)", flush=True)
-        result["plain"] = plain_recipe(space, data, extra, total, out / "plain", budget)
+    plain_runs(result, space, out, budget, compute)
     return result
 
 
-def final_stage(exp: Path) -> dict | None:
+def again(record: dict, out: Path, dest: Path, budget: str, compute: list[float], final_epochs: int | None) -> dict:
+    """An earlier run's search (record, its folder `out`) with, if asked, its final stage again at `final_epochs`
+    per member (into the experiment), then the plain runs (into `dest`); the search itself is not run again."""
+    result = {k: v for k, v in record.items() if k not in ("plain", "plain_by_compute")}
+    if final_epochs:
+        exp = next(p.parent for p in (out / "search").glob("*/emotune.json"))
+        members = record["final"]["members"]
+        print(f"{record['dataset']} seed {record['seed']}: the final stage again, {members} members x {final_epochs} "
+              f"epochs", flush=True)
+        code = (f"from distributed.ensemble import run_ensemble; run_ensemble({str(exp)!r}, {members}, "
+                f"output={str(exp / f'final_e{final_epochs}')!r}, retrain=True, epochs={final_epochs})")
+        run = proc.run([sys.executable, "-c", code], out / f"final_e{final_epochs}.log", cwd=str(REPO))
+        if run["rc"]:
+            raise SystemExit(f"the final stage failed (rc {run['rc']}); see {out / f'final_e{final_epochs}.log'}")
+        result["final"] = {**final_stage(exp, f"final_e{final_epochs}"), "cpu_min": cpu_min(run),
+                           "wall_s": run["wall_s"]}
+    space = REPO / result["space"]
+    if not space.is_file():  # an earlier bench copied its space into the run's folder
+        space = out / "spaces" / Path(result["space"]).name
+    plain_runs(result, space, dest, budget, compute)
+    return result
+
+
+def final_stage(exp: Path, folder: str = "final") -> dict | None:
     """The final stage's figures from its record (final/ensemble.json): the chosen member (by validation) and the
     ensemble on test, and the epochs its members trained."""
-    record = exp / "final" / "ensemble.json"
+    record = exp / folder / "ensemble.json"
     if not record.is_file():
         return None
     final = json.loads(record.read_text())
     return {"members": len(final["members"]), "epochs": sum(m["epochs"] for m in final["members"]),
-            "chosen": final["single_best"]["all"]["test_acc"], "ensemble": final["ensemble"]["all"]["test_acc"]}
+            "chosen": final["single_best"]["all"]["test_acc"], "ensemble": final["ensemble"]["all"]["test_acc"],
+            "member_test_acc": [m["test_acc"] for m in final["members"]]}
 
 
 def interval(acc: float, n: int) -> float:
@@ -156,23 +197,27 @@ def interval(acc: float, n: int) -> float:
 
 
 def print_paired(results: list[dict]) -> None:
-    """Per data set over seeds: final stage (chosen, ensemble) minus the plain run at the same epochs."""
-    print("\n| data (test images) | seeds | final chosen - plain (points, mean ± sd) | final ensemble - plain | "
-          "plain test_acc (95% interval ±) |")
-    print("|---|---:|---:|---:|---:|")
+    """Per data set and compute factor over seeds: final stage (chosen, ensemble) minus the plain run."""
+    print("\n| data (test images) | compute | seeds | final chosen - plain (points, mean ± sd; per seed) | "
+          "final ensemble - plain | plain test_acc (95% interval ±) |")
+    print("|---|---:|---:|---:|---:|---:|")
+
+    def ms(v):
+        return (f"{statistics.mean(v):+.1f} ± {statistics.stdev(v) if len(v) > 1 else 0:.1f} "
+                f"({' / '.join(f'{x:+.1f}' for x in v)})")
+
     for name in dict.fromkeys(r["dataset"] for r in results):
-        rs = [r for r in results if r["dataset"] == name and r.get("final") and r.get("plain")]
-        if not rs:
-            continue
-        one = [100 * (r["final"]["chosen"] - r["plain"]["test_acc"]) for r in rs]
-        ens = [100 * (r["final"]["ensemble"] - r["plain"]["test_acc"]) for r in rs]
-        plain = statistics.mean(r["plain"]["test_acc"] for r in rs)
-
-        def ms(v):
-            return f"{statistics.mean(v):+.1f} ± {statistics.stdev(v) if len(v) > 1 else 0:.1f}"
-
-        print(f"| {name} ({rs[0]['test_images']}) | {len(rs)} | {ms(one)} | {ms(ens)} | {plain:.3f} "
-              f"(± {100 * interval(plain, rs[0]['test_images']):.1f} points) |")
+        rs = [r for r in results if r["dataset"] == name and r.get("final")]
+        for factor in dict.fromkeys(f for r in rs for f in r.get("plain_by_compute", {"1": 0})):
+            pairs = [(r, (r.get("plain_by_compute") or {"1": r.get("plain")})[factor]) for r in rs]
+            pairs = [(r, p) for r, p in pairs if p]
+            if not pairs:
+                continue
+            one = [100 * (r["final"]["chosen"] - p["test_acc"]) for r, p in pairs]
+            ens = [100 * (r["final"]["ensemble"] - p["test_acc"]) for r, p in pairs]
+            plain = statistics.mean(p["test_acc"] for _, p in pairs)
+            print(f"| {name} ({pairs[0][0]['test_images']}) | {factor}x | {len(pairs)} | {ms(one)} | {ms(ens)} | "
+                  f"{plain:.3f} (± {100 * interval(plain, pairs[0][0]['test_images']):.1f} points) |")
 
 
 def _leaderboard(exp: Path) -> list[dict]:
@@ -208,6 +253,11 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     p.add_argument("--data-root", default=str(DATA))
     p.add_argument("--no-plain", action="store_true", help="skip the plain-recipe comparison")
+    p.add_argument("--compute", type=float, nargs="+", default=[1.0], help="plain runs at the search's epochs "
+                   "divided by each factor (default 1: the same work; 3: the search spent three times the plain's)")
+    p.add_argument("--from", dest="again", default=None, help="reuse the searches of this earlier run's folder")
+    p.add_argument("--final-epochs", type=int, default=None, help="with --from: the final stage again, at this "
+                   "many epochs per member")
     p.add_argument("--seeds", type=int, default=1, help="searches per data set, seeds FIRST..N-1 (sampler, "
                    "training and split; the plain run's too)")
     p.add_argument("--first-seed", type=int, default=0, help="skip the seeds below (run before)")
@@ -217,11 +267,21 @@ def main(argv=None) -> int:
     root = Path(args.data_root).resolve()
     print(proc.code_version(), flush=True)
     tic = time.perf_counter()
+    compute = [] if args.no_plain else args.compute
     results = []
-    for name in args.datasets:
+    if args.again:
+        earlier = Path(args.again).resolve()
+        for record in json.loads((earlier / "quality.json").read_text()):
+            if record["dataset"] in args.datasets:
+                folder = earlier / record["dataset"]
+                folder = folder / f"seed{record['seed']}" if (folder / f"seed{record['seed']}").is_dir() else folder
+                dest = out / record["dataset"] / f"seed{record['seed']}"
+                results.append(again(record, folder, dest, args.budget, compute, args.final_epochs))
+                (out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
+    for name in [] if args.again else args.datasets:
         for seed in range(args.first_seed, args.seeds):
             where = out / name / f"seed{seed}" if args.seeds > 1 else out / name
-            results.append(one_dataset(name, args.budget, root, where, not args.no_plain, seed))
+            results.append(one_dataset(name, args.budget, root, where, compute, seed))
         (out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")  # after each: a crash keeps the rest
     print(f"\n{args.budget} budget, {time.perf_counter() - tic:.0f} s in all; results in {out}")
     print_table(results)
