@@ -71,6 +71,6 @@ step ddp 45 python3 -m bench.gpu ddp --out "$OUT" $TINY --limit-s $(( 40 * SCALE
 # the curves take what is left (their own limit stops them 10 s early and keeps every finished config)
 CURVES_S=$(( ($(left) - RESERVE - 40 * SCALE) / SCALE ))
 [ $CURVES_S -gt 330 ] && CURVES_S=330
-step curves $CURVES_S python3 -m bench.curves --data-dir "$DATA" --out "$OUT" $CURVES --limit-s $(( (CURVES_S - 10) * SCALE ))
+step curves $CURVES_S python3 -m bench.hpo.curves --data-dir "$DATA" --out "$OUT" $CURVES --limit-s $(( (CURVES_S - 10) * SCALE ))
 step compile 60 python3 -m bench.gpu compile --out "$OUT" $TINY
 python3 -m bench.gpu summary --out "$OUT" $TINY | tee -a "$LOG"

@@ -252,7 +252,7 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
     - stopped by ASHA (last epoch below its configured epochs, neither early-stopped nor diverged): PRUNED, with
       its per-epoch values as intermediate values. Ray tells COMPLETE with the last (low-fidelity) value, so TPE and
       optuna-dashboard would take an epoch-3 score for a trial's result; TPE ranks PRUNED trials by how far they
-      got, then by value (bench/search_replay.py compares both).
+      got, then by value (bench/hpo/search_replay.py compares both).
 
     Each save of the searcher (with the experiment state) also snapshots the study (StudyFiles)."""
 

@@ -28,7 +28,7 @@ def test_script_answers_help(name, capsys):
 
 def test_search_efficiency_kinds_differ_in_sampler_and_schedule_only():
     """Each kind is its space file and --set pairs (search seed, sampler, ASHA's max_t), read as emotune reads them."""
-    from bench.search_efficiency import KINDS, kind_sets
+    from bench.hpo.search_efficiency import KINDS, kind_sets
 
     def space(kind, epochs):
         sets = kind_sets(kind, 3, epochs)
@@ -45,13 +45,13 @@ def test_search_efficiency_kinds_differ_in_sampler_and_schedule_only():
 
 
 def test_curves_record_ckplus48_validated_by_person(tmp_path):
-    """bench.curves on the real CK+48: one tiny config, its table named 'ckplus48 by subject', every val_acc a
+    """bench.hpo.curves on the real CK+48: one tiny config, its table named 'ckplus48 by subject', every val_acc a
     whole number of the person-split validation faces (splits.make_splits with group_by=subject)."""
     import numpy as np
     import pyarrow.parquet as pq
     from conftest import DATA, need
 
-    from bench import curves
+    from bench.hpo import curves
     from distributed.config import TrainConfig
     from distributed.data import load_data
     from distributed.splits import make_splits

@@ -1,4 +1,4 @@
-"""bench/search_replay.py: its Ray-ASHA pruner follows Ray's own bracket, and a replay on a small written table
+"""bench/hpo/search_replay.py: its Ray-ASHA pruner follows Ray's own bracket, and a replay on a small written table
 measures what it says (real Optuna studies, real Parquet)."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import REPO
 from ray.tune.schedulers.async_hyperband import _Bracket
 
 sys.path.insert(0, str(REPO))
-from bench import search_replay
+from bench.hpo import search_replay
 
 
 def test_ray_asha_pruner_stops_what_rays_bracket_stops():

@@ -4,9 +4,13 @@ the real loop (`train_loop` + a LocalRun per config), one Parquet file per data 
     curves_<dataset>.parquet: config_id, dataset, every sampled param, epoch, val_acc, val_macro_f1, val_loss,
                               train_loss, epoch_s, best_epoch, test_acc_at_best (per config, on every row)
 
-    python3 -m bench.curves --data-dir DIR --out OUT [--configs 64 --epochs 30 --workers 8 --limit-s 300]
-    python3 -m bench.curves --data-dir DATA --datasets ckplus48 --models small_cnn --workers 2 --limit-s 5400 --out OUT
-(the last: BENCHMARKS 3b's CPU table, ~55 min on 2 cores).
+    python3 -m bench.hpo.curves --data-dir DIR --out OUT [--configs 64 --epochs 30 --workers 8 --limit-s 300]
+    python3 -m bench.hpo.curves --data-dir DATA --datasets ckplus48 --models small_cnn --workers 2 --limit-s 5400 --out OUT
+(the last: BENCHMARKS 3b's CPU table, ~55 min on 2 cores). `--set KEY=VALUE` changes every config the same way
+(`--set schedule=wsd --set warmup_pct=0.2`: the rung-correlation tables of 3b); at the end, per data set, the
+Spearman correlation of each epoch's val_acc with each config's final and best val_acc and its test accuracy: how
+well a rung at that epoch ranks the configs. The project's one curve recorder (bench/record_curves.py until git 245ab62, a
+one-process copy with its own space, was folded in here).
 
 CK+48 is validated by person (GROUP_BY: no subject on both sides of the split); fer2013_small has no person labels.
 
@@ -81,7 +85,8 @@ def train_config(task: dict) -> dict:
     data = task["data"]
     params = {k: task["config"][k] for k in (*PARAMS, "lr_backbone")}
     cfg = TrainConfig(data=data, epochs=task["epochs"], seed=0, amp=True, channels_last=True,
-                      train_limit=task["train_limit"], group_by=GROUP_BY.get(task["key"][0], ""), **params)
+                      train_limit=task["train_limit"], group_by=GROUP_BY.get(task["key"][0], ""),
+                      **params).with_overrides(task["sets"])
     if data not in _DATA:
         _DATA[data] = load_data(cfg)
     tic = time.perf_counter()
@@ -141,6 +146,28 @@ def write_parquet(out: Path, dataset: str, done: list[dict], configs: dict) -> P
     return path
 
 
+def print_rank_correlation(rows: list[dict]) -> None:
+    """How well a rung at epoch e ranks the configs: Spearman of val_acc at e with each config's final (last
+    epoch's) val_acc, its best val_acc, and its best weights' test accuracy."""
+    from scipy.stats import spearmanr
+
+    curves = {}
+    for r in rows:
+        curves.setdefault(r["config_id"], []).append(r)
+    curves = [sorted(c, key=lambda r: r["epoch"]) for c in curves.values()]
+    if len(curves) < 3:
+        return
+    last = min(len(c) for c in curves)
+    finals = [c[last - 1]["val_acc"] for c in curves]
+    bests = [max(r["val_acc"] for r in c) for c in curves]
+    tests = [c[0]["test_acc_at_best"] for c in curves]
+    print(f"{rows[0]['dataset']}, {len(curves)} configs: epoch | Spearman with final val_acc | with best val_acc | "
+          f"with test acc")
+    for e in range(1, last + 1):
+        at = [c[e - 1]["val_acc"] for c in curves]
+        print(f"{e} | " + " | ".join(f"{spearmanr(at, other).statistic:+.2f}" for other in (finals, bests, tests)))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", required=True, help="folder holding fer2013_small/ and ckplus48/ (imagefolder)")
@@ -153,6 +180,8 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of the data sets")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of the sampled models")
     p.add_argument("--train-limit", type=int, default=0, help="cap training images (0 = all; for a CPU check)")
+    p.add_argument("--set", action="append", default=[], help="TrainConfig override KEY=VALUE for every config "
+                   "(repeatable), e.g. schedule=wsd")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,13 +189,13 @@ def main(argv=None) -> int:
     sets = {name: f"imagefolder:{Path(args.data_dir).resolve() / folder}" for name, folder in DATASETS.items()
             if name in args.datasets.split(",") and (Path(args.data_dir) / folder / "train").is_dir()}
     if not sets:
-        print(f"bench.curves: no fer2013_small/ or ckplus48/ under {args.data_dir}; copy them there", file=sys.stderr)
+        print(f"bench.hpo.curves: no fer2013_small/ or ckplus48/ under {args.data_dir}; copy them there", file=sys.stderr)
         return 2
     configs = {c["config_id"]: c for c in sample_configs(args.configs, args.seed, args.models.split(","))}
     threads = max(1, (os.cpu_count() or 2) // args.workers)
     # interleaved, so a cut-short run still has both data sets
     tasks = [{"key": (name, cid), "data": data, "config": cfg, "epochs": args.epochs, "threads": threads,
-              "train_limit": args.train_limit}
+              "train_limit": args.train_limit, "sets": args.set}
              for cid, cfg in configs.items() for name, data in sets.items()]
     done = {name: [] for name in sets}
     tic = time.perf_counter()
@@ -180,7 +209,7 @@ def main(argv=None) -> int:
             try:
                 res = results.next(timeout=max(deadline.left(), 0.1))
             except (mp.TimeoutError, queue.Empty):
-                print(f"bench.curves: time limit {args.limit_s:.0f} s reached; keeping what finished", flush=True)
+                print(f"bench.hpo.curves: time limit {args.limit_s:.0f} s reached; keeping what finished", flush=True)
                 break
             name = res["task"][0]
             if "error" in res:
@@ -199,6 +228,11 @@ def main(argv=None) -> int:
         pool.terminate()
         pool.join()
     print(json.dumps(summary))
+    import pyarrow.parquet as pq
+
+    for name in sets:
+        if summary[name]["file"]:
+            print_rank_correlation(pq.read_table(out / summary[name]["file"]).to_pylist())
     return 0
 
 

@@ -1,6 +1,6 @@
 """Search strategies replayed on recorded learning curves (a tabular benchmark, like LCBench / HPOBench).
 
-Each Parquet file (bench/record_curves.py writes one) holds full curves: one row per (config, epoch). A real
+Each Parquet file (bench/hpo/curves.py writes one) holds full curves: one row per (config, epoch). A real
 Optuna study runs each strategy: its sampler proposes a config, the replay answers with the NEAREST recorded one
 (categoricals must match; numeric parameters by normalised distance, log-scaled learning rates and weight decay)
 and walks that config's curve epoch by epoch (`trial.report(val_acc, epoch)`, `trial.should_prune()`), counting
@@ -20,7 +20,7 @@ strategy and data set, median [IQR] over seeds:
   - pick test: test_acc_at_best of the config the strategy ranks best (best val_acc at any epoch) at 25% and
     100% of the budget. For a stopped trial that is the full run's best-epoch test accuracy (an approximation).
 
-    python -m bench.search_replay bench/curves/curves_fer2013_small.parquet bench/curves/curves_ckplus48.parquet \
+    python -m bench.hpo.search_replay bench/curves/curves_fer2013_small.parquet bench/curves/curves_ckplus48.parquet \
         --seeds 20 --out results/bench/search_replay
 """
 from __future__ import annotations
@@ -157,6 +157,18 @@ def val_images(val: np.ndarray) -> int:
 
 # -------------------------------------------------------------------------------------- strategies
 
+def ray_rungs(grace: int, rf: float, max_t: int, s: int = 0) -> list[int]:
+    """Ray's ASHA milestones for bracket s (async_hyperband.py, _Bracket: min_t * rf**(k + s) for k below
+    log(max_t / min_t) / log(rf) - s + 1): the one rung formula of the benches."""
+    n = int(math.log(max_t / grace) / math.log(rf) - s + 1)
+    return [grace * rf ** (k + s) for k in range(n)]
+
+
+def asha_stops(seen: list[float], value: float, rf: float) -> bool:
+    """Ray's rule at a rung: stop when below the (1 - 1/rf) percentile of the values recorded there before."""
+    return bool(seen) and value < np.nanpercentile(seen, (1 - 1 / rf) * 100)
+
+
 class RayAshaPruner(optuna.pruners.BasePruner):
     """Ray Tune's ASHA rule (ray/tune/schedulers/async_hyperband.py, _Bracket.on_result): at each rung, stop a
     trial whose value is below the (1 - 1/rf) percentile of the values recorded there before it; the first trial
@@ -172,8 +184,7 @@ class RayAshaPruner(optuna.pruners.BasePruner):
         self.rf, self.on = rf, on
         self.brackets = []
         for s in range(brackets):
-            n = int(math.log(max_t / grace) / math.log(rf) - s + 1)
-            self.brackets.append({grace * rf ** (k + s): [] for k in range(n)})
+            self.brackets.append({m: [] for m in ray_rungs(grace, rf, max_t, s)})
         sizes = np.array([len(b) for b in self.brackets], dtype=float)
         self.p = np.exp(sizes - sizes.max()) / np.exp(sizes - sizes.max()).sum()
 
@@ -194,9 +205,8 @@ class RayAshaPruner(optuna.pruners.BasePruner):
             return False
         values = trial.intermediate_values
         value = max(values.values()) if self.on == "best" else values[step]
-        seen = rungs[step]
-        stop = bool(seen) and value < np.nanpercentile(seen, (1 - 1 / self.rf) * 100)
-        seen.append(value)
+        stop = asha_stops(rungs[step], value, self.rf)
+        rungs[step].append(value)
         return stop
 
 
@@ -484,7 +494,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     missing = [p for p in args.curves if not p.is_file()]
     if missing:
-        raise SystemExit(f"{missing[0]}: no such curves file; record one with bench/record_curves.py")
+        raise SystemExit(f"{missing[0]}: no such curves file; record one with python -m bench.hpo.curves")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tic = time.perf_counter()
     if min(args.concurrency) < 1:

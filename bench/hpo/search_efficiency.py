@@ -18,16 +18,15 @@ CPU scale (the default, ~35 minutes on 2 idle cores): small_cnn, 16 trials x 12 
 grace 2, reduction factor 3 (rungs at 2 and 6 epochs: the shipped default; grace 1, reduction factor 4 until git
 14e9de5).
 
-    python -m bench.search_efficiency
-    python -m bench.search_efficiency --datasets fer2013_small --seeds 0 --trials 16
-    python -m bench.search_efficiency --datasets fer2013_small --kinds random asha random-asha --out DIR
-    python -m bench.search_efficiency --table results/bench/search_efficiency/<time>   # re-print a finished run
+    python -m bench.hpo.search_efficiency
+    python -m bench.hpo.search_efficiency --datasets fer2013_small --seeds 0 --trials 16
+    python -m bench.hpo.search_efficiency --datasets fer2013_small --kinds random asha random-asha --out DIR
+    python -m bench.hpo.search_efficiency --table results/bench/search_efficiency/<time>   # re-print a finished run
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -37,6 +36,7 @@ import yaml
 
 from bench import proc
 from bench.common import DATA, SPACES, out_dir, read_csv, tune
+from bench.hpo.search_replay import asha_stops, ray_rungs
 
 # kind -> (space, what the bench changes in it besides the seed). "random-asha" is the replay's winner (section 3b):
 # the same schedule as "asha" with random sampling instead of TPE.
@@ -101,9 +101,8 @@ def random_curves(out: Path, dataset: str) -> list[list[float]]:
 
 
 def rungs(grace: int, rf: float, max_t: int) -> list[int]:
-    """Ray's ASHA milestones (AsyncHyperBandScheduler, one bracket): grace * rf**k below max_t."""
-    n = int(math.log(max_t / grace) / math.log(rf) + 1)
-    return [grace * rf ** k for k in range(n) if grace * rf ** k < max_t]
+    """Ray's ASHA milestones (one bracket) below max_t: a rung at max_t stops nothing."""
+    return [m for m in ray_rungs(grace, rf, max_t) if m < max_t]
 
 
 def replay_asha(curves: list[list[float]], grace: int, rf: float, max_t: int, concurrency: int) -> tuple[int, float]:
@@ -111,7 +110,6 @@ def replay_asha(curves: list[list[float]], grace: int, rf: float, max_t: int, co
     recorded learning curves, trials started in list order, `concurrency` at a time, every epoch one time step:
     at a rung, a trial stops if its val_acc is below the (1 - 1/rf) percentile of the values already recorded
     there. -> (epochs spent, best val_acc seen)."""
-    import numpy as np
 
     recorded_at = {m: [] for m in rungs(grace, rf, max_t)}
     waiting, running, spent, best = list(range(len(curves))), [], 0, 0.0
@@ -126,10 +124,8 @@ def replay_asha(curves: list[list[float]], grace: int, rf: float, max_t: int, co
             best = max(best, value)
             stop = trial[1] >= min(max_t, len(curves[trial[0]]))
             if trial[1] in recorded_at:
-                recorded = recorded_at[trial[1]]
-                if recorded and value < np.nanpercentile(recorded, (1 - 1 / rf) * 100):
-                    stop = True
-                recorded.append(value)
+                stop = stop or asha_stops(recorded_at[trial[1]], value, rf)
+                recorded_at[trial[1]].append(value)
             if not stop:
                 still.append(trial)
         running = still
