@@ -145,7 +145,7 @@ def one_dataset(name: str, budget: str, data_root: Path, out: Path, compute: lis
     sets = [a for e in [f"data={data}", *extra, *([f"search.seed={seed}"] if seed else [])] for a in ("--set", e)]
     search, exp = tune(space.relative_to(REPO), out / "search", out / "search.log", *sets, echo=True)
     board = json.loads((exp / "emotune.json").read_text())
-    epochs_spent = sum(int(r["epochs_run"]) for r in _leaderboard(exp))
+    epochs_spent = sum(r["epochs_run"] for r in trial_rows(exp))
     final = final_stage(exp)  # the space's final stage, run by `emotune tune` itself (None without one)
     print(f"  scoring every trial's model on the test split ({', '.join(TTAS)})", flush=True)
     scored = score_trials(exp)
@@ -220,11 +220,11 @@ def print_paired(results: list[dict]) -> None:
                   f"{plain:.3f} (± {100 * interval(plain, pairs[0][0]['test_images']):.1f} points) |")
 
 
-def _leaderboard(exp: Path) -> list[dict]:
-    import csv
+def trial_rows(exp: Path) -> list[dict]:
+    """The experiment's leaderboard rows, read as the package reads them (results.leaderboard_rows)."""
+    from distributed.results import leaderboard_rows, read_meta, read_trials
 
-    with open(exp / "leaderboard.csv", newline="") as f:
-        return list(csv.DictReader(f))
+    return leaderboard_rows(read_trials(str(exp)), read_meta(str(exp)))[0]
 
 
 def print_table(results: list[dict]) -> None:
@@ -286,8 +286,8 @@ def main(argv=None) -> int:
     print(f"\n{args.budget} budget, {time.perf_counter() - tic:.0f} s in all; results in {out}")
     print_table(results)
     print_paired(results)
-    for r in results:
-        print(f"\n{r['dataset']}: protocol {r['protocol'] or 'validation carved from train'}; {ANCHORS[r['dataset']]}")
+    for name, r in {r["dataset"]: r for r in results}.items():
+        print(f"\n{name}: protocol {r['protocol'] or 'validation carved from train'}; {ANCHORS[name]}")
     return 0
 
 
