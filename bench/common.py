@@ -4,7 +4,6 @@ Bench scripts run as modules of the `bench` package (`python -m bench.gpu ...`) 
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import statistics
@@ -28,11 +27,6 @@ def out_dir(name: str, given: str | None = None, prefix: str = "") -> Path:
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def read_csv(path: str | Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def shown(cmd: list[str]) -> str:
@@ -60,6 +54,21 @@ def tune(space: str | Path, storage: Path, log: Path, *args: str, echo: bool = F
         raise SystemExit(f"{storage}: expected one experiment directory (with emotune.json), found {len(found)}; "
                          f"use a fresh --storage-path (see {log})")
     return run, found[0]
+
+
+def leaderboard(exp: str | Path) -> list[dict]:
+    """An experiment's leaderboard rows, best first, read as the package reads them (results.leaderboard_rows)."""
+    from distributed.results import leaderboard_rows, read_meta, read_trials
+
+    return leaderboard_rows(read_trials(str(exp)), read_meta(str(exp)))[0]
+
+
+def trial_reports(exp: str | Path) -> list[list[dict]]:
+    """Each trial's reports (epoch order) as results.read_trials reads them, trials in start order."""
+    from distributed.results import read_trials
+
+    trials = [t["rows"] for t in read_trials(str(exp)) if t["rows"]]
+    return sorted(trials, key=lambda rows: rows[0]["timestamp"] - rows[0]["time_total_s"])
 
 
 def read_results(out: str | Path) -> dict:

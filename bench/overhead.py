@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from bench import proc
-from bench.common import REPO, SPACES, out_dir, spread, tune
+from bench.common import REPO, SPACES, out_dir, spread, trial_reports, tune
 
 SPACE = SPACES / "overhead.yaml"
 MODES = ("plain", "in-process", "group")
@@ -74,20 +74,8 @@ def plain_main(config_file: str, threads: int) -> int:
 
 # ----------------------------------------------------------------------------------------- the comparison
 
-def trial_rows(exp: Path) -> list[list[dict]]:
-    """Each trial's result rows (epoch order), trials in start order."""
-    trials = []
-    for f in exp.glob("*/result.json"):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if "epoch" in r]
-        if rows:
-            trials.append(rows)
-    trials.sort(key=lambda rows: rows[0]["timestamp"] - rows[0]["time_total_s"])
-    return trials
-
-
 def summarise_tune(run: dict, exp: Path, n: int, epochs: int) -> dict:
-    trials = trial_rows(exp)
+    trials = trial_reports(exp)
     if len(trials) != n or any(len(t) != epochs for t in trials):
         raise SystemExit(f"{exp}: expected {n} trials x {epochs} epochs, found "
                          f"{[len(t) for t in trials]}; see the log next to it")

@@ -45,7 +45,7 @@ import torch
 import yaml
 
 from bench import proc
-from bench.common import DATA, REPO, SPACES, emotune, out_dir, tune
+from bench.common import DATA, REPO, SPACES, emotune, leaderboard, out_dir, tune
 
 DATASETS = {"fer2013": ("parquet:{root}/fer2013", ["val_from=PublicTest"]),
             "ckplus48": ("imagefolder:{root}/ckplus48", ["group_by=subject"]),
@@ -145,7 +145,7 @@ def one_dataset(name: str, budget: str, data_root: Path, out: Path, compute: lis
     sets = [a for e in [f"data={data}", *extra, *([f"search.seed={seed}"] if seed else [])] for a in ("--set", e)]
     search, exp = tune(space.relative_to(REPO), out / "search", out / "search.log", *sets, echo=True)
     board = json.loads((exp / "emotune.json").read_text())
-    epochs_spent = sum(r["epochs_run"] for r in trial_rows(exp))
+    epochs_spent = sum(r["epochs_run"] for r in leaderboard(exp))
     final = final_stage(exp)  # the space's final stage, run by `emotune tune` itself (None without one)
     print(f"  scoring every trial's model on the test split ({', '.join(TTAS)})", flush=True)
     scored = score_trials(exp)
@@ -218,13 +218,6 @@ def print_paired(results: list[dict]) -> None:
             plain = statistics.mean(p["test_acc"] for _, p in pairs)
             print(f"| {name} ({pairs[0][0]['test_images']}) | {factor}x | {len(pairs)} | {ms(one)} | {ms(ens)} | "
                   f"{plain:.3f} (± {100 * interval(plain, pairs[0][0]['test_images']):.1f} points) |")
-
-
-def trial_rows(exp: Path) -> list[dict]:
-    """The experiment's leaderboard rows, read as the package reads them (results.leaderboard_rows)."""
-    from distributed.results import leaderboard_rows, read_meta, read_trials
-
-    return leaderboard_rows(read_trials(str(exp)), read_meta(str(exp)))[0]
 
 
 def print_table(results: list[dict]) -> None:

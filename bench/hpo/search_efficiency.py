@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from bench import proc
-from bench.common import DATA, SPACES, out_dir, read_csv, tune
+from bench.common import DATA, SPACES, leaderboard, out_dir, tune
 from bench.hpo.search_replay import asha_stops, ray_rungs
 
 # kind -> (space, what the bench changes in it besides the seed). "random-asha" is the replay's winner (section 3b):
@@ -60,14 +60,14 @@ def one_search(kind: str, dataset: str, seed: int, trials: int, epochs: int, out
                     *kind_sets(kind, seed, epochs),
                     "--set", f"data=imagefolder:{DATA / dataset}", "--set", f"epochs={epochs}",
                     *(a for kv in sets for a in ("--set", kv)))
-    rows = read_csv(exp / "leaderboard.csv")
-    scored = [float(r["best_val_acc"]) for r in rows if r["best_val_acc"] not in ("", None)]
+    rows = leaderboard(exp)
+    scored = [r["best_val_acc"] for r in rows if r["best_val_acc"] is not None]
     return {"kind": kind, "dataset": dataset, "seed": seed, "wall_s": run["wall_s"], "cpu": run["cpu"],
-            "trials": len(rows), "epochs": sum(int(r["epochs_run"]) for r in rows), "best": max(scored),
+            "trials": len(rows), "epochs": sum(r["epochs_run"] for r in rows), "best": max(scored),
             "pick": rows[0]["trial_id"], "pick_test_acc": pick_test_acc(exp, rows[0]["trial_id"]),
             "rung_spearman": rung_correlation(exp, list(range(1, epochs + 1))) if kind == "random" else None,
             "val_count": None, "statuses": sorted(r["status"] for r in rows),
-            "epochs_per_trial": sorted((int(r["epochs_run"]) for r in rows), reverse=True)}
+            "epochs_per_trial": sorted((r["epochs_run"] for r in rows), reverse=True)}
 
 
 def pick_test_acc(exp: Path, trial_id: str) -> float:
@@ -79,10 +79,11 @@ def pick_test_acc(exp: Path, trial_id: str) -> float:
     return float((scored.y_pred == scored.y_true).mean())
 
 
-def curve(progress: Path) -> list[float]:
-    """A trial's val_acc per epoch, from the progress.csv Tune wrote."""
-    rows = sorted(read_csv(progress), key=lambda r: int(r["epoch"]))
-    return [float(r["val_acc"]) for r in rows]
+def curves(exp: Path) -> list[list[float]]:
+    """Each trial's val_acc per epoch, trials in their folders' order (results.read_trials)."""
+    from distributed.results import read_trials
+
+    return [[r["val_acc"] for r in t["rows"]] for t in read_trials(str(exp)) if t["rows"]]
 
 
 def rung_correlation(exp: Path, epochs: list[int]) -> dict[int, float]:
@@ -90,14 +91,14 @@ def rung_correlation(exp: Path, epochs: list[int]) -> dict[int, float]:
     epoch e and the trial's best val_acc over the whole run: how well a rung at epoch e ranks trials."""
     from scipy.stats import spearmanr
 
-    curves = [curve(p) for p in exp.glob("*/progress.csv")]
-    return {e: float(spearmanr([c[e - 1] if len(c) >= e else float("nan") for c in curves], [max(c) for c in curves],
+    found = curves(exp)
+    return {e: float(spearmanr([c[e - 1] if len(c) >= e else float("nan") for c in found], [max(c) for c in found],
                                nan_policy="omit").statistic) for e in epochs}
 
 
 def random_curves(out: Path, dataset: str) -> list[list[float]]:
     """val_acc per epoch of every random-search trial of a finished run, all seeds (same split, so comparable)."""
-    return [curve(p) for p in sorted(out.glob(f"{dataset}-seed*-random/*/*/progress.csv"))]
+    return [c for f in sorted(out.glob(f"{dataset}-seed*-random/*/emotune.json")) for c in curves(f.parent)]
 
 
 def rungs(grace: int, rf: float, max_t: int) -> list[int]:
