@@ -27,6 +27,7 @@ from distributed.config import TrainConfig
 from distributed.data import decode_data
 from distributed.evaluate import prepare_batch
 from distributed.models import create_model
+from distributed.results import git_commit
 from distributed.train import LocalRun, Run, train_loop
 
 
@@ -56,14 +57,6 @@ def step_env(args) -> None:
     info["ray_imported"] = "ray" in sys.modules  # must stay False: this path runs where Ray is not installed
     record(args.out, "env", info)
     print(json.dumps(info, indent=1))
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------- 2. input pipeline

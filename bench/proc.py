@@ -109,12 +109,10 @@ def code_version() -> str:
     """The commit, plus a hash of distributed/*.py: the package may differ from the commit (uncommitted edits)."""
     import hashlib
 
+    from distributed.results import git_commit
+
     repo = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=repo, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    commit = git_commit()
     digest = hashlib.sha256()
     for f in sorted((repo / "distributed").glob("*.py")):
         digest.update(f.name.encode() + b"\0" + f.read_bytes())

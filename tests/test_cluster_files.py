@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from distributed.cluster.common import NodeType
 from distributed.cluster.files import (
@@ -23,9 +24,8 @@ from distributed.cluster.files import (
 from distributed.cluster.nodes import search_node_types
 from distributed.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER_FILES = sorted((ROOT / "cluster").glob("*.yaml"))
-CASES = sorted((ROOT / "tests" / "cluster_cases").glob("*.yaml"))
+CLUSTER_FILES = sorted((REPO / "cluster").glob("*.yaml"))
+CASES = sorted((REPO / "tests" / "cluster_cases").glob("*.yaml"))
 
 
 def expected_problems(case: Path) -> list[str]:
@@ -98,8 +98,8 @@ def test_planning_from_a_broken_case_warns_with_its_problems_or_says_in_one_line
 
 
 def test_validate_cluster_files_takes_a_directory():
-    assert validate_cluster_files([ROOT / "cluster"]) == []
-    problems = validate_cluster_files([ROOT / "tests" / "cluster_cases"])
+    assert validate_cluster_files([REPO / "cluster"]) == []
+    problems = validate_cluster_files([REPO / "tests" / "cluster_cases"])
     # every case in the directory is checked, and says what it says when checked alone
     assert sorted(problems) == sorted(p for case in CASES for p in validate_cluster_files([case]))
     assert {p.split(": ", 1)[0] for p in problems} == {str(case) for case in CASES}
@@ -107,7 +107,7 @@ def test_validate_cluster_files_takes_a_directory():
 
 def test_check_cluster_files_raises_one_line_per_problem():
     check_cluster_files(CLUSTER_FILES)  # fine: no error
-    cases = [ROOT / "tests" / "cluster_cases" / name for name in ("unknown_node_type.yaml", "wrong_type.yaml")]
+    cases = [REPO / "tests" / "cluster_cases" / name for name in ("unknown_node_type.yaml", "wrong_type.yaml")]
     with pytest.raises(ClusterFileError) as info:
         check_cluster_files(cases)
     lines = str(info.value).splitlines()
@@ -123,7 +123,7 @@ def test_missing_file_is_a_problem_not_a_crash(tmp_path):
 
 
 def test_a_path_to_a_key_file_is_not_a_credential(tmp_path):
-    text = (ROOT / "cluster" / "local.yaml").read_text()
+    text = (REPO / "cluster" / "local.yaml").read_text()
     assert "ssh_private_key: ~/.ssh/" in text  # the real file exercises this already; keep it honest
     path = tmp_path / "key_path.yaml"
     path.write_text(text.replace("ssh_private_key: ~/.ssh/id_ed25519", "ssh_private_key: /home/me/keys/emotune.pem"))
@@ -131,8 +131,8 @@ def test_a_path_to_a_key_file_is_not_a_credential(tmp_path):
 
 
 def test_storage_path_is_read_from_both_kinds():
-    assert cluster_storage_path(ROOT / "cluster" / "aws-gpu.yaml").startswith("s3://")
-    assert cluster_storage_path(ROOT / "cluster" / "gcp-gpu.yaml").startswith("gs://")
-    assert cluster_storage_path(ROOT / "cluster" / "local.yaml").startswith("/")
-    assert cluster_storage_path(ROOT / "cluster" / "kuberay.yaml").startswith("gs://")
-    assert cluster_storage_path(ROOT / "tests" / "cluster_cases" / "wrong_type.yaml") is None
+    assert cluster_storage_path(REPO / "cluster" / "aws-gpu.yaml").startswith("s3://")
+    assert cluster_storage_path(REPO / "cluster" / "gcp-gpu.yaml").startswith("gs://")
+    assert cluster_storage_path(REPO / "cluster" / "local.yaml").startswith("/")
+    assert cluster_storage_path(REPO / "cluster" / "kuberay.yaml").startswith("gs://")
+    assert cluster_storage_path(REPO / "tests" / "cluster_cases" / "wrong_type.yaml") is None

@@ -2,11 +2,10 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, Payload
+from conftest import REPO, SHARED, Payload
 from torch import nn
 
 from distributed.config import TrainConfig, field_spec
@@ -21,7 +20,7 @@ from distributed.models import (
     stages,
 )
 
-SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2-b0353104.pth"
+SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
 needs_weights = pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason=f"{SHARED_WEIGHTS} is absent")
 
 
