@@ -229,6 +229,8 @@ def cmd_best(args) -> int:
 
 
 def print_summary(out: dict) -> None:
+    from distributed.trial_lines import fmt_value
+
     rows = out["top"]
     if not rows:
         print(f"no trial has reported a metric yet in {out['experiment']}")
@@ -238,7 +240,7 @@ def print_summary(out: dict) -> None:
     print(f"\ntop {len(rows)} of {len(out['rows'])} trials by {metric_col[5:]}:")
     print(f"{'trial':<14}{'status':<15}{metric_col:>14}{'epochs':>8}  params")
     for r in rows:
-        shown = ", ".join(f"{k[6:]}={fmt(r[k])}" for k in params if r.get(k) is not None)
+        shown = ", ".join(f"{k[6:]}={fmt_value(r[k])}" for k in params if r.get(k) is not None)
         print(f"{r['trial_id']:<14}{r['status']:<15}{r[metric_col]:>14.4f}{r['epochs_run']:>8}  {shown}")
     print()
     if out.get("final"):
@@ -253,10 +255,6 @@ def print_summary(out: dict) -> None:
         print(f"left out: {len(out['orphans'])} trial directories newer than the saved experiment state (a driver "
               f"crashed after starting them; --resume ran new trials in their place): "
               + ", ".join(out["orphans"]))
-
-
-def fmt(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def load_train_config(args):

@@ -84,6 +84,15 @@ def load_state(directory: str | Path) -> tuple[dict, dict]:
     return load_file(Path(directory) / STATE_FILE, STATE_FORMAT), load_file(Path(directory) / BEST_FILE, MODEL_FORMAT)
 
 
+def checkpoint_state(checkpoint) -> tuple[dict, dict] | None:
+    """A Ray checkpoint's pair (training state, best model blob), None without a checkpoint: how a trial under Tune
+    and a Ray Train worker resume (each hands its own get_checkpoint() here)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return load_state(d)
+
+
 def final_weights(state: dict) -> dict:
     """The last epoch's weights; its EMA weights when EMA was on (what evaluation used)."""
     if state.get("ema") is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from distributed import storage
 from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, ConfigError, Scaling, TrainConfig
-from distributed.modelfile import BEST_FILE, STATE_FILE, load_state
+from distributed.modelfile import BEST_FILE, STATE_FILE, checkpoint_state, load_state
 from distributed.prepare import check_reachable
 from distributed.progress import epoch_line, follow, progress_callback, tensorboard_callback, write_scalars
 from distributed.train import Run, train_loop
@@ -42,11 +42,7 @@ class TrainWorkerRun(Run):
     def resume(self):
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as d:
-            return load_state(d)
+        return checkpoint_state(ray.train.get_checkpoint())
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train

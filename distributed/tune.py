@@ -24,7 +24,7 @@ from ray.tune.utils import flatten_dict
 from distributed import storage
 from distributed.cluster.nodes import autoscaler_node_types, unknown_node_types_line
 from distributed.config import METRICS, ConfigError, better
-from distributed.modelfile import load_state
+from distributed.modelfile import checkpoint_state
 from distributed.outcome import trial_outcome
 from distributed.plan import NodeWait, Plan, cluster_nodes, plan_trials
 from distributed.prepare import Prepared
@@ -49,11 +49,7 @@ class TuneTrialRun(Run):
         self.node = ray.get_runtime_context().get_node_id()
 
     def resume(self):
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as d:
-            return load_state(d)
+        return checkpoint_state(tune.get_checkpoint())
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
