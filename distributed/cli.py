@@ -182,11 +182,13 @@ def cmd_tune(args) -> int:
 
 def final_lines(out: dict) -> list[str]:
     """What the final stage found, beside the search's own figure (validation; test only for retrained models)."""
+    from distributed.results import BEST, column_name
+
     final = out["final"]
-    metric = next(k for k in out["top"][0] if k.startswith("best_"))[5:] if out["top"] else "val_acc"
+    metric = column_name(next(k for k in out["top"][0] if k.startswith(BEST))) if out["top"] else "val_acc"
     search_best = out["top"][0] if out["top"] else None
     chosen = final["members"][0]
-    val = next((f"{k[5:]} {v:.4f}" for k, v in chosen.items() if k.startswith("best_val")), "")
+    val = next((f"{column_name(k)} {v:.4f}" for k, v in chosen.items() if k.startswith(BEST + "val")), "")
     lines = []
     if search_best:
         lines.append(f"search: best {metric} {search_best[f'best_{metric}']:.4f} (trial {search_best['trial_id']}, "
@@ -210,13 +212,13 @@ def first_error(exp: str, trial_ids: list[str]) -> str:
 
 
 def cmd_check_space(args) -> int:
-    from distributed.search_space import find_space, load_space
+    from distributed.search_space import find_space, load_space, param_key
 
     for path in args.files:
         space = load_space(find_space(path))
         for w in space.warnings():
             print(f"warning: {w}")
-        searched = list(space.params) + [f"{m}/{k}" for m, own in space.by_model.items() for k in own]
+        searched = list(space.params) + [param_key(m, k) for m, own in space.by_model.items() for k in own]
         print(f"{path}: ok ({space.num_samples} trials, {len(searched)} parameters: {', '.join(searched)})")
     return 0
 
@@ -229,18 +231,19 @@ def cmd_best(args) -> int:
 
 
 def print_summary(out: dict) -> None:
+    from distributed.results import BEST, column_name, param_columns
     from distributed.trial_lines import fmt_value
 
     rows = out["top"]
     if not rows:
         print(f"no trial has reported a metric yet in {out['experiment']}")
         return
-    metric_col = next(k for k in rows[0] if k.startswith("best_"))
-    params = [k for k in rows[0] if k.startswith("param.")]
-    print(f"\ntop {len(rows)} of {len(out['rows'])} trials by {metric_col[5:]}:")
+    metric_col = next(k for k in rows[0] if k.startswith(BEST))
+    params = param_columns(rows[0])
+    print(f"\ntop {len(rows)} of {len(out['rows'])} trials by {column_name(metric_col)}:")
     print(f"{'trial':<14}{'status':<15}{metric_col:>14}{'epochs':>8}  params")
     for r in rows:
-        shown = ", ".join(f"{k[6:]}={fmt_value(r[k])}" for k in params if r.get(k) is not None)
+        shown = ", ".join(f"{column_name(k)}={fmt_value(r[k])}" for k in params if r.get(k) is not None)
         print(f"{r['trial_id']:<14}{r['status']:<15}{r[metric_col]:>14.4f}{r['epochs_run']:>8}  {shown}")
     print()
     if out.get("final"):

@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 
 from distributed import storage
+from distributed.results import BEST, PARAM, column_name, param_columns
 
 PAGE_FILE = "report.html"
 # A click on a column header sorts the leaderboard by it (numbers as numbers, empty cells last).
@@ -100,9 +101,9 @@ def write_report(exp: str, meta: dict, rows: list[dict], final: dict | None, tri
 def final_html(final: dict, rows: list[dict], metric: str) -> str:
     """The final stage: each retrained member (validation, test), the chosen one first, and the ensemble."""
     searched = {r["trial_id"]: r for r in rows}
-    val_key = next((k for k in final["members"][0] if k.startswith("best_val")), f"best_{metric}")
+    val_key = next((k for k in final["members"][0] if k.startswith(BEST + "val")), BEST + metric)
     lines = ["<tr><th>member</th><th>model</th><th>search: best " + html.escape(metric) + " (epochs)</th>"
-             f"<th>retrained: {html.escape(val_key[5:])} (epochs)</th><th>test_acc</th></tr>"]
+             f"<th>retrained: {html.escape(column_name(val_key))} (epochs)</th><th>test_acc</th></tr>"]
     for i, m in enumerate(final["members"]):
         row = searched.get(m["trial_id"], {})
         lines.append(f"<tr><td>{html.escape(m['trial_id'])}{' (chosen)' if i == 0 else ''}</td>"
@@ -133,9 +134,9 @@ def leaderboard_html(rows: list[dict], metric: str) -> str:
     if not rows:
         return "<p class='note'>no trials yet</p>"
     shown = ["trial_id", "status", "model", f"best_{metric}", "epochs_run"]
-    shown += [k for k in rows[0] if k.startswith("param.") and k[6:] not in shown] + ["num_params", "epoch_s", "wall_s"]
+    shown += [k for k in param_columns(rows[0]) if column_name(k) not in shown] + ["num_params", "epoch_s", "wall_s"]
     shown = [k for k in dict.fromkeys(shown) if any(k in r for r in rows)]
-    head = "".join(f"<th>{html.escape(k.removeprefix('param.'))}</th>" for k in shown)
+    head = "".join(f"<th>{html.escape(k.removeprefix(PARAM))}</th>" for k in shown)
     body = "".join("<tr>" + "".join(f"<td>{cell(r.get(k))}</td>" for k in shown) + "</tr>" for r in rows)
     return (f"<p class='note'>click a column to sort; the same rows as leaderboard.csv</p>"
             f"<table class='sortable'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
@@ -218,18 +219,18 @@ def parallel_figure(rows: list[dict], metric: str):
     ranked = [r for r in rows if r.get(f"best_{metric}") is not None]
     if not ranked:
         return None
-    params = list(dict.fromkeys(k for r in ranked for k in r if k.startswith("param.")))
+    params = list(dict.fromkeys(k for r in ranked for k in param_columns(r)))
     dims = []
     for key in params:
         values = [r.get(key) for r in ranked]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             positive = all(v > 0 for v in values)
             spread = positive and max(values) / min(values) > 50
-            dims.append({"label": f"log10 {key[6:]}" if spread else key[6:],
+            dims.append({"label": f"log10 {column_name(key)}" if spread else column_name(key),
                          "values": [math.log10(v) for v in values] if spread else values})
         else:  # categorical (or missing for some architectures): one tick per value
             labels = sorted({str(v) for v in values})
-            dims.append({"label": key[6:], "values": [labels.index(str(v)) for v in values],
+            dims.append({"label": column_name(key), "values": [labels.index(str(v)) for v in values],
                          "tickvals": list(range(len(labels))), "ticktext": labels})
     scores = [r[f"best_{metric}"] for r in ranked]
     dims.append({"label": f"best {metric}", "values": scores})

@@ -158,6 +158,20 @@ def flatten_params(params: dict) -> dict:
     return out
 
 
+# The leaderboard's column families: param.<name> for each searched parameter, best_<metric> for the best value of
+# a metric over the trial's epochs (last_<metric> for its value at the end). Read them with these, not by offset.
+PARAM, BEST = "param.", "best_"
+
+
+def param_columns(row: dict) -> list[str]:
+    return [k for k in row if k.startswith(PARAM)]
+
+
+def column_name(column: str) -> str:
+    """param.lr_head -> lr_head, best_val_acc -> val_acc: the parameter or metric a column holds."""
+    return column.removeprefix(PARAM).removeprefix(BEST)
+
+
 def leaderboard_rows(trials: list[dict], meta: dict) -> tuple[list[dict], dict]:
     """-> (rows best first, {trial_id: the trial's complete TrainConfig dict}). Each trial's config is the one it
     recorded with its results; a trial that never reported has no config (and no metric), only its parameters."""
@@ -180,7 +194,7 @@ def leaderboard_rows(trials: list[dict], meta: dict) -> tuple[list[dict], dict]:
         # --resume (resume_errored) then ran the trial to its end: the saved state's status decides where there is one
         status = trial_outcome(last, t["status"] or ("ERROR" if t["error"] else None), planned=cfg["epochs"])
         row = {"trial_id": t["trial_id"], "status": status, "model": cfg["model"],
-               **{f"param.{k}": v for k, v in flatten_params(t["params"]).items()},
+               **{PARAM + k: v for k, v in flatten_params(t["params"]).items()},
                "epochs_run": epochs_run, f"best_{metric}": best}
         for m in METRICS:
             row[f"last_{m}"] = last.get(m)

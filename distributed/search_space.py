@@ -44,6 +44,12 @@ TOP_KEYS = ("name", "description", "metric", "mode", "num_samples", "scaling", "
             "space", "by_model", "points_to_evaluate", "objectives", "final")
 
 
+def param_key(model: str, name: str) -> str:
+    """A model's own parameter as the searcher names it. Ray Tune nests "model/name" into {model: {name: value}}
+    (trial_config reads it there, results.flatten_params un-nests it for the leaderboard)."""
+    return f"{model}/{name}"
+
+
 @dataclass
 class SearchSpace:
     path: str
@@ -76,9 +82,9 @@ class SearchSpace:
         constants = {}
         for name, spec in self.by_model.get(model, {}).items():
             if isinstance(spec, Param):
-                spec.suggest(trial, f"{model}/{name}")
+                spec.suggest(trial, param_key(model, name))
             else:
-                constants[f"{model}/{name}"] = spec
+                constants[param_key(model, name)] = spec
         return constants or None
 
     def trial_config(self, sampled: dict) -> dict:
@@ -94,7 +100,7 @@ class SearchSpace:
         for point in self.points:
             model = point.get("model", self.fixed.get("model"))
             own = self.by_model.get(model, {})
-            out.append({(f"{model}/{k}" if k in own and k not in self.params else k): v for k, v in point.items()})
+            out.append({(param_key(model, k) if k in own and k not in self.params else k): v for k, v in point.items()})
         return out
 
     @property

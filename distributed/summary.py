@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from distributed import storage
 from distributed.report import write_report
-from distributed.results import leaderboard_rows, pareto_front, read_final, read_meta, read_trials, write_table
+from distributed.results import (
+    BEST,
+    column_name,
+    leaderboard_rows,
+    pareto_front,
+    read_final,
+    read_meta,
+    read_trials,
+    write_table,
+)
 
 
 def collect(exp: str, top: int = 5, model: str | None = None) -> dict:
@@ -76,7 +85,7 @@ def write_final_best_config(path: str, final: dict, meta: dict) -> None:
     chosen = final["members"][0]
     run_dir = chosen["file"].rsplit("/", 1)[0]
     cfg = TrainConfig.load(storage.join(run_dir, "config.yaml"))
-    val = next((f"{k[5:]} = {v:.4f}" for k, v in chosen.items() if k.startswith("best_val")), "")
+    val = next((f"{column_name(k)} = {v:.4f}" for k, v in chosen.items() if k.startswith(BEST + "val")), "")
     header = (f"final stage: trial {chosen['trial_id']}'s config retrained for {cfg.epochs} epochs (best epoch "
               f"{chosen.get('best_epoch')}): {val}, test_acc = {chosen['test_acc']:.4f}; chosen by validation among "
               f"{len(final['members'])} retrained members\n"
