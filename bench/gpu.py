@@ -22,10 +22,8 @@ import numpy as np
 import torch
 
 from bench.common import REPO, Deadline, free_port, read_results, record, spread, sync
-from distributed.augment import mix_transform
 from distributed.config import TrainConfig
 from distributed.data import decode_data
-from distributed.evaluate import prepare_batch
 from distributed.models import create_model
 from distributed.results import git_commit
 from distributed.train import LocalRun, Run, train_loop
@@ -63,93 +61,34 @@ def step_env(args) -> None:
 
 def pipeline_specs(tiny: bool) -> list[dict]:
     if tiny:  # the same code path at a size a loaded CPU gets through
-        return [{"model": "small_cnn", "size": 48, "channels": 1, "batch": 8},
-                {"model": "resnet50", "size": 32, "channels": 3, "batch": 2}]
-    return [{"model": "emotion_cnn48", "size": 48, "channels": 1, "batch": 256},
-            {"model": "resnet50", "size": 224, "channels": 3, "batch": 256}]
+        return [{"model": "small_cnn", "size": 48, "batch": 8, "steps": 1},
+                {"model": "resnet50", "size": 32, "batch": 8, "steps": 1}]
+    return [{"model": "emotion_cnn48", "size": 48, "batch": 256, "steps": 20},
+            {"model": "resnet50", "size": 224, "batch": 256, "steps": 20}]
 
 
 def step_pipeline(args) -> None:
-    """P2: the loop's full per-step path (CPU gather of uint8 images, prepare_batch with device augmentation,
-    MixUp/CutMix, bf16 fwd+bwd+step) against the bare fwd+bwd+step on tensors already on the device. Same model
-    and optimizer, measured alternately in one process, so drift hits both alike."""
-    dev = device()
-    steps, repeats, warmup = (1, 2, 1) if args.tiny else (20, 7, 10)
+    """P2: bench.pipeline's row on the GPU: the loop's own train_epoch (gather of uint8 images, prepare_batch with
+    augmentation, MixUp/CutMix, bf16 forward + backward + step) against the same member's step on a ready batch,
+    blocks alternated in one process, so drift hits both alike (no hand-written training step here)."""
+    from bench.pipeline import bench_row
+
+    run = LocalRun(device())
+    decoded = decode_data("synthetic", in_channels=1, size=48, seed=0)  # 48 px like FER2013; resized per batch
     rows = []
     for spec in pipeline_specs(args.tiny):
-        cfg = TrainConfig(model=spec["model"], in_channels=spec["channels"], data_size=spec["size"],
-                          image_size=spec["size"], batch_size=spec["batch"], mixup_alpha=0.2, cutmix_alpha=1.0,
-                          channels_last=True, amp=True)
-        row = {**spec, "steps_per_repeat": steps, "data_at": "uint8 on the CPU at the model's size"}
+        row = {**spec, "data_at": "uint8 on the CPU, 48 px, resized per batch"}
         try:
-            row.update(time_pipeline(cfg, dev, steps, repeats, warmup))
+            row.update(bench_row(spec["model"], spec["size"], spec["batch"], spec["steps"], 2 if args.tiny else 7,
+                                 run, decoded, channels_last=run.device.type == "cuda"))
+            row["meets_goal"] = row["ratio"] >= 0.95
         except Exception as exc:  # noqa: BLE001 - record the failure and go on with the next model
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         rows.append(row)
         record(args.out, "pipeline", rows)
         print(json.dumps(row))
-        if dev.type == "cuda":
+        if run.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def time_pipeline(cfg: TrainConfig, dev: torch.device, steps: int, repeats: int, warmup: int) -> dict:
-    b, size = cfg.batch_size, cfg.image_size
-    pool = torch.randint(0, 256, (max(8 * b, 64), cfg.in_channels, size, size), dtype=torch.uint8)
-    labels = torch.randint(0, 7, (len(pool),))
-    net = create_model(cfg.model, 7, in_channels=cfg.in_channels, dropout=0.3).to(dev)
-    if dev.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    mix = mix_transform(cfg.mixup_alpha, cfg.cutmix_alpha, 7)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    ready_x = prepare_batch(pool[:b], cfg, dev)  # normalised, channels_last: what the model takes
-    ready_y = labels[:b].to(dev)
-
-    def train_step(x, y):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            loss = loss_fn(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def full():
-        idx = torch.randint(0, len(pool), (b,))
-        x = prepare_batch(pool[idx], cfg, dev, augment_with=gen)
-        y = labels[idx].to(dev, non_blocking=True)
-        train_step(*mix(x, y))
-
-    def raw():
-        train_step(ready_x, ready_y)
-
-    def timed(fn) -> float:
-        """images/s of `steps` calls, timed with CUDA events around the work (synchronised before and after)."""
-        sync(dev)
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                fn()
-            end.record()
-            end.synchronize()
-            return steps * b / (start.elapsed_time(end) / 1000)
-        tic = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        return steps * b / (time.perf_counter() - tic)
-
-    for _ in range(warmup):
-        full()
-        raw()
-    sync(dev)
-    full_s, raw_s = [], []
-    for _ in range(repeats):
-        full_s.append(timed(full))
-        raw_s.append(timed(raw))
-    ratios = [f / r for f, r in zip(full_s, raw_s)]
-    return {"full_img_s": spread(full_s), "raw_img_s": spread(raw_s), "ratio": spread(ratios),
-            "goal_ratio": 0.95, "meets_goal": spread(ratios)["median"] >= 0.95}
 
 
 # -------------------------------------------------------------------------------- 3. ResNet-50 in the loop
@@ -414,9 +353,9 @@ def step_summary(args) -> None:
         if "error" in row:
             print(f"P2 {row['model']:<14} {row['size']}px b{row['batch']}: ERROR {row['error'][:100]}")
         else:
-            print(f"P2 {row['model']:<14} {row['size']}px b{row['batch']}: full {row['full_img_s']['median']:8.0f} "
-                  f"raw {row['raw_img_s']['median']:8.0f} img/s  ratio {row['ratio']['median']:.3f} "
-                  f"[{row['ratio']['min']:.3f}-{row['ratio']['max']:.3f}] (goal >= 0.95)")
+            print(f"P2 {row['model']:<14} {row['size']}px b{row['batch']}: full {row['full_img_s']:8.0f} "
+                  f"raw {row['raw_img_s']:8.0f} img/s  ratio {row['ratio']:.3f} "
+                  f"[{row['ratio_min']:.3f}-{row['ratio_max']:.3f}] (goal >= 0.95)")
     for row in res.get("loop_resnet50", {}).get("rows", []):
         what = f"P6 resnet50 {row['size']}px b{row['batch']} channels_last={str(row['channels_last']):<5}"
         print(f"{what}: ERROR {row['error'][:100]}" if "error" in row else
