@@ -112,7 +112,7 @@ def configs_for(n: int, epochs: int) -> list[dict]:
     space = load_space(SPACE, [f"epochs={epochs}"])
     if n > len(space.points):
         raise SystemExit(f"{SPACE}: only {len(space.points)} points_to_evaluate; use N <= that")
-    return [space.trial_config(p) for p in space.points[:n]]
+    return [space.trial_config(p).to_dict() for p in space.points[:n]]
 
 
 def run_one(mode: str, n: int, epochs: int, tag: str, out: Path, cfg_file: Path, threads: int) -> dict:

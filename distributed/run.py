@@ -53,7 +53,7 @@ class TrainWorkerRun(Run):
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """What Ray Train runs on each worker. loop_config: {"train": TrainConfig dict, "data": ObjectRef of the decoded
+    """What Ray Train runs on each worker. loop_config: {"train": the run's TrainConfig, "data": ObjectRef of the decoded
     data or None (decode here), "env": variables from the launcher, "verbose": Ray's INFO lines too}."""
     import logging
 
@@ -248,7 +248,7 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
         state, best = saved
     else:
         with ray_session(address, verbose=verbose) as ray, follow(progress, cfg.epochs):
-            loop_config = {"train": cfg.to_dict(), "data": ray.put(data), "env": passed_env(), "verbose": verbose}
+            loop_config = {"train": cfg, "data": ray.put(data), "env": passed_env(), "verbose": verbose}
             trainer = make_trainer(loop_config, scaling, name="run", storage_path=out, max_failures=max_failures,
                                    verbose=verbose, callbacks=[tensorboard_callback(str(local / "tensorboard")),
                                                                progress_callback(str(progress), cfg.epochs)])

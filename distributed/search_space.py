@@ -87,12 +87,13 @@ class SearchSpace:
                 constants[param_key(model, name)] = spec
         return constants or None
 
-    def trial_config(self, sampled: dict) -> dict:
-        """Tune's (unflattened) sample -> a complete TrainConfig dict."""
+    def trial_config(self, sampled: dict) -> TrainConfig:
+        """Tune's (unflattened) sample -> the trial's TrainConfig, checked here once; it travels as itself to the
+        loop (in the trial's process, or pickled to a Ray Train worker group)."""
         flat = {k: v for k, v in sampled.items() if k in self.params}
         model = flat.get("model", self.fixed.get("model"))
         own = sampled.get(model, {}) if isinstance(sampled.get(model), dict) else {}
-        return TrainConfig.from_dict({**self.fixed, **flat, **own}, where=f"{self.path}: trial").to_dict()
+        return TrainConfig.from_dict({**self.fixed, **flat, **own}, where=f"{self.path}: trial")
 
     def optuna_points(self) -> list[dict]:
         """points_to_evaluate in Optuna's flat parameter names (conditional ones prefixed by their model)."""

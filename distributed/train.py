@@ -47,7 +47,7 @@ MIN_BATCH = 2  # BatchNorm cannot train on a batch of one: epoch_batches skips i
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> None:
+def train_loop(cfg: TrainConfig, data: Decoded | None, run: "Run") -> None:
     """The loop. `data`: the decoded images (None: decode here); `run`: where this copy runs and where it reports
     (a Ray Train worker, a Tune trial, or a LocalRun in one plain process).
 
@@ -56,7 +56,6 @@ def train_loop(cfg: TrainConfig | dict, data: Decoded | None, run: "Run") -> Non
     at every rung, which training the folds one after another could not offer (their epochs would not line up).
     The model kept (best_model.pt) is fold 1's at the best mean epoch; retrain a chosen config without cv_folds
     for a model that has seen all of train."""
-    cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank; DDP also broadcasts rank 0's
     # Every training batch has one shape, so cuDNN's per-shape algorithm search pays off from the second step on.
     torch.backends.cudnn.benchmark = run.device.type == "cuda"

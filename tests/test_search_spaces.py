@@ -15,7 +15,7 @@ FILES = sorted(SPACES.glob("*.yaml")) + sorted((REPO / "bench" / "spaces").glob(
 
 
 def sample(space, n: int, seed: int = 0) -> list[tuple[dict, dict]]:
-    """(Tune's unflattened sample, resolved TrainConfig dict) for n define-by-run trials of a real study."""
+    """(Tune's unflattened sample, its TrainConfig) for n define-by-run trials of a real study."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), direction="maximize")
     for point in space.optuna_points():
@@ -36,15 +36,14 @@ def test_every_space_checks_and_converts(path, capsys):
     assert "warning" not in capsys.readouterr().out
     space = load_space(path)
     assert space.warnings() == []
-    for params, config in sample(space, 12):
-        cfg = TrainConfig.from_dict(config)
+    for params, cfg in sample(space, 12):
         for name, p in space.params.items():
             value = getattr(cfg, name)
             assert value in p.choices if p.kind == "choice" else p.low <= value <= p.high
     if space.points:  # the warm start is evaluated first, exactly as written
         params, config = sample(space, 1)[0]
         for key, value in space.points[0].items():
-            assert config[key] == pytest.approx(value)
+            assert getattr(config, key) == pytest.approx(value)
 
 
 SHIPPED = sorted(SPACES.glob("*.yaml"))
@@ -84,7 +83,7 @@ def test_multi_arch_samples_only_the_drawn_architectures_parameters():
         conditional = {k.split("/")[0] for k in params if "/" in k}
         assert conditional <= {model}, params
         for name, spec in space.by_model[model].items():
-            value = config[name]
+            value = getattr(config, name)
             if hasattr(spec, "kind"):
                 assert spec.low <= value <= spec.high or value in spec.choices
             else:
