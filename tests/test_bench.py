@@ -9,7 +9,10 @@ from conftest import REPO
 
 from distributed.search_space import load_space
 
-SCRIPTS = sorted(p.stem for p in (REPO / "bench").glob("*.py") if p.stem not in ("__init__", "common", "proc"))
+# every script of bench/ and bench/hpo/, as its module name (hpo.curves)
+SCRIPTS = sorted(".".join(p.relative_to(REPO / "bench").with_suffix("").parts)
+                 for p in [*(REPO / "bench").glob("*.py"), *(REPO / "bench" / "hpo").glob("*.py")]
+                 if p.stem not in ("__init__", "common", "proc"))
 
 
 @pytest.fixture(autouse=True)
