@@ -55,9 +55,11 @@ DEFAULT_ROWS = ["emotion_cnn48:48:64:8", "resnet18:112:32:4", "resnet18:224:16:2
 
 def bench_row(model: str, size: int, batch: int, steps: int, rounds: int, run: LocalRun, decoded: Decoded,
               channels_last: bool) -> dict:
-    # train_limit makes one epoch `steps` batches (fewer when the data has fewer training images)
+    # train_limit makes one epoch `steps` batches (fewer when the data has fewer training images); the model takes
+    # the decoded images' channels (grey or RGB)
     cfg = TrainConfig(model=model, image_size=size, batch_size=batch, mixup_alpha=0.2, cutmix_alpha=1.0,
-                      augment=True, channels_last=channels_last, train_limit=steps * batch)
+                      augment=True, channels_last=channels_last, train_limit=steps * batch,
+                      in_channels=int(decoded.train_x.shape[1]))
     device = run.device
     # as train_loop builds its first (or only) member
     torch.manual_seed(cfg.seed)

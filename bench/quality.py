@@ -161,12 +161,19 @@ def again(record: dict, out: Path, dest: Path, budget: str, compute: list[float]
     per member (into the experiment), then the plain runs (into `dest`); the search itself is not run again."""
     result = {k: v for k, v in record.items() if k not in ("plain", "plain_by_compute")}
     if final_epochs:
+        if not record.get("final"):
+            raise SystemExit(f"{out}: that search had no final stage, so there is none to run again")
+        from distributed.results import read_meta
+        from distributed.search_space import load_space
+
         exp = next(p.parent for p in (out / "search").glob("*/emotune.json"))
-        members = record["final"]["members"]
-        print(f"{record['dataset']} seed {record['seed']}: the final stage again, {members} members x {final_epochs} "
-              f"epochs", flush=True)
-        code = (f"from distributed.ensemble import run_ensemble; run_ensemble({str(exp)!r}, {members}, "
-                f"output={str(exp / f'final_e{final_epochs}')!r}, retrain=True, epochs={final_epochs})")
+        final = load_space(exp / "space.yaml", read_meta(str(exp))["overrides"]).final  # as the search's own stage
+        top = record["final"]["members"] // final["seeds"]
+        print(f"{record['dataset']} seed {record['seed']}: the final stage again, {top} configs x {final['seeds']} "
+              f"seeds x {final_epochs} epochs", flush=True)
+        code = (f"from distributed.ensemble import run_ensemble; run_ensemble({str(exp)!r}, {top}, "
+                f"output={str(exp / f'final_e{final_epochs}')!r}, retrain=True, epochs={final_epochs}, "
+                f"seeds={final['seeds']}, train_limit={final['train_limit']})")
         run = proc.run([sys.executable, "-c", code], out / f"final_e{final_epochs}.log", cwd=str(REPO))
         if run["rc"]:
             raise SystemExit(f"the final stage failed (rc {run['rc']}); see {out / f'final_e{final_epochs}.log'}")
@@ -256,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="skip the seeds below (run before)")
     p.add_argument("--out", default=None, help="default: results/bench/quality/<budget>-<time>")
     args = p.parse_args(argv)
+    if args.final_epochs and not args.again:
+        p.error("--final-epochs runs an earlier search's final stage again: give that run's folder with --from")
     out = out_dir("quality", args.out, prefix=f"{args.budget}-")
     root = Path(args.data_root).resolve()
     print(proc.code_version(), flush=True)

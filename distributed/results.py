@@ -169,7 +169,7 @@ def param_columns(row: dict) -> list[str]:
 
 def column_name(column: str) -> str:
     """param.lr_head -> lr_head, best_val_acc -> val_acc: the parameter or metric a column holds."""
-    return column.removeprefix(PARAM).removeprefix(BEST)
+    return column.removeprefix(PARAM) if column.startswith(PARAM) else column.removeprefix(BEST)
 
 
 def leaderboard_rows(trials: list[dict], meta: dict) -> tuple[list[dict], dict]:
