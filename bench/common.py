@@ -93,6 +93,18 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def code_version() -> str:
+    """The commit, plus a hash of distributed/*.py: the package may differ from the commit (uncommitted edits)."""
+    import hashlib
+
+    from distributed.results import git_commit
+
+    digest = hashlib.sha256()
+    for f in sorted((REPO / "distributed").glob("*.py")):
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return f"git {git_commit()}, distributed/*.py sha256 {digest.hexdigest()[:12]}"
+
+
 def free_port() -> int:
     import socket
 

@@ -3,7 +3,7 @@
 
     python3 -m bench.gpu STEP --out OUT [--tiny] [--limit-s S]      (bench/gpu_check.sh runs them all in order)
 
-Steps: env, pipeline (P2), loop (P6), packing (P4), ddp, compile, summary. `--tiny` shrinks every size so the
+Steps: env, pipeline (P2), loop (P6), packing (P4), ddp, summary. `--tiny` shrinks every size so the
 whole path runs on a CPU in a couple of minutes (it checks the script, its figures mean nothing).
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 from bench.common import REPO, Deadline, free_port, read_results, record, spread, sync
 from distributed.config import TrainConfig
 from distributed.data import decode_data
-from distributed.models import create_model
 from distributed.results import git_commit
 from distributed.train import LocalRun, Run, train_loop
 
@@ -293,58 +292,6 @@ def ddp_rank(args) -> None:
                 pass
 
 
-# ---------------------------------------------------------------------------- torch.compile on the raw step
-
-def step_compile(args) -> None:
-    """ResNet-50's raw bf16 fwd+bwd+step, eager against torch.compile (default mode), with the compile time.
-    The raw step only: the loop does not compile."""
-    dev = device()
-    size, b, steps = (32, 2, 1) if args.tiny else (224, 256, 20)
-    net = create_model("resnet50", 7, in_channels=3).to(dev)
-    if dev.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    x = torch.randn(b, 3, size, size, device=dev)
-    if dev.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 7, (b,), device=dev)
-
-    def make_step(model):
-        def step():
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return step
-
-    def rate(step, n):
-        sync(dev)
-        tic = time.perf_counter()
-        for _ in range(n):
-            step()
-        sync(dev)
-        return n * b / (time.perf_counter() - tic)
-
-    result = {"batch": b, "size": size, "status": "started"}
-    eager = make_step(net)
-    for _ in range(3):
-        eager()
-    result["eager_img_s"] = rate(eager, steps)
-    record(args.out, "compile_resnet50", result)
-    tic = time.perf_counter()
-    compiled = make_step(torch.compile(net))
-    compiled()  # compiles forward and backward
-    sync(dev)
-    result["compile_s"] = time.perf_counter() - tic
-    for _ in range(2):
-        compiled()
-    result.update(compiled_img_s=rate(compiled, steps), status="done")
-    result["speedup"] = result["compiled_img_s"] / result["eager_img_s"]
-    record(args.out, "compile_resnet50", result)
-    print(json.dumps(result))
-
-
 # ---------------------------------------------------------------------------------------------- summary
 
 def step_summary(args) -> None:
@@ -363,10 +310,6 @@ def step_summary(args) -> None:
         what = f"P6 resnet50 {row['size']}px b{row['batch']} channels_last={str(row['channels_last']):<5}"
         print(f"{what}: ERROR {row['error'][:100]}" if "error" in row else
               f"{what}: {row['images_per_s']['median']:8.0f} img/s through the loop (epochs 2+; goal >= 3000)")
-    comp = res.get("compile_resnet50")
-    if comp:
-        print(f"P6 resnet50 raw step: eager {comp.get('eager_img_s', 0):.0f} img/s, compiled "
-              f"{comp.get('compiled_img_s', 0):.0f} img/s, compile {comp.get('compile_s', 0):.0f} s ({comp['status']})")
     for row in res.get("packing", {}).get("rows", []):
         if "per_trial_img_s" not in row:
             print(f"P4 {row['trials']} trials: {row.get('skipped') or row.get('rc')}")
@@ -392,7 +335,7 @@ def step_summary(args) -> None:
 
 
 STEPS = {"env": step_env, "pipeline": step_pipeline, "loop": step_loop, "packing": step_packing, "ddp": step_ddp,
-         "compile": step_compile, "summary": step_summary, "pack-trial": pack_trial,
+         "summary": step_summary, "pack-trial": pack_trial,
          "ddp-rank": ddp_rank}
 
 

@@ -72,5 +72,4 @@ step ddp 45 python3 -m bench.gpu ddp --out "$OUT" $TINY --limit-s $(( 40 * SCALE
 CURVES_S=$(( ($(left) - RESERVE - 40 * SCALE) / SCALE ))
 [ $CURVES_S -gt 330 ] && CURVES_S=330
 step curves $CURVES_S python3 -m bench.hpo.curves --data-dir "$DATA" --out "$OUT" $CURVES --limit-s $(( (CURVES_S - 10) * SCALE ))
-step compile 60 python3 -m bench.gpu compile --out "$OUT" $TINY
 python3 -m bench.gpu summary --out "$OUT" $TINY | tee -a "$LOG"

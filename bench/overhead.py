@@ -14,7 +14,7 @@ Each run is a fresh process (interpreter start and imports included on both side
 times (default 3), the order rotating each round so no mode always goes first; each ratio is taken against the
 plain run of the same round, and the median is reported with its min-max over rounds. Wall and CPU seconds both:
 a run that keeps a second core busy with Ray's processes is slower on a machine whose cores are all training.
-CPU seconds of every process in each run's tree are read from /proc, split into trial/worker processes, the
+CPU seconds of every process in each run's tree are sampled (bench/proc.py), split into trial/worker processes, the
 driver and Ray's system processes.
 
     python -m bench.overhead                                  # short (4 x 2 epochs) and long (3 x 10 epochs) trials
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from bench import proc
-from bench.common import REPO, SPACES, out_dir, spread, trial_reports, tune
+from bench.common import REPO, SPACES, code_version, out_dir, spread, trial_reports, tune
 
 SPACE = SPACES / "overhead.yaml"
 MODES = ("plain", "in-process", "group")
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     modes = list(dict.fromkeys(args.modes))
 
     out = out_dir("overhead", args.out)
-    print(f"{proc.code_version()}; results and logs in {out}; load average at start {os.getloadavg()[0]:.2f}",
+    print(f"{code_version()}; results and logs in {out}; load average at start {os.getloadavg()[0]:.2f}",
           flush=True)
     everything = []
     for scale in args.scales:

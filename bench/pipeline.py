@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench import proc
-from bench.common import sync
+from bench.common import code_version, sync
 from distributed.augment import augment, mix_transform
 from distributed.config import TrainConfig
 from distributed.data import Decoded, decode_data
@@ -166,7 +165,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     run = LocalRun(device=args.device)
     decoded = decode_data("synthetic", in_channels=1, size=48, seed=0)  # 48 px like FER2013; resized per batch
-    print(f"{proc.code_version()}; device {run.device}, torch threads {torch.get_num_threads()}, "
+    print(f"{code_version()}; device {run.device}, torch threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}; augment + MixUp 0.2/CutMix 1.0 on; {args.rounds} interleaved rounds per row",
           flush=True)
     rows = []

@@ -1,78 +1,54 @@
 """Run a command and account for the CPU seconds of its whole process tree (Ray's gcs_server, raylet, dashboard,
-trial and worker processes are all descendants of the `emotune` process that started Ray), read from /proc.
+trial and worker processes are all descendants of the `emotune` process that started Ray), sampled with psutil.
 
 Used by bench/overhead.py and by bench.common.emotune (every `emotune` a bench runs): on a 2-core machine every
 CPU second a Ray system process spends is a second the trials do not get, so it belongs in the overhead figures.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-TICK = os.sysconf("SC_CLK_TCK")
+import psutil
 
 
-def _stat(pid: str):
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # comm is in parentheses and may hold spaces: split after the last ')'
-    comm = text[text.index("(") + 1:text.rindex(")")]
-    rest = text[text.rindex(")") + 2:].split()
-    ppid, utime, stime = int(rest[1]), int(rest[11]), int(rest[12])
-    return ppid, comm, (utime + stime) / TICK
-
-
-def _cmdline(pid: str) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
-    except OSError:
-        return ""
-
-
-def kind(comm: str, cmdline: str, root: int, pid: int) -> str:
+def kind(name: str, cmdline: str, root: bool) -> str:
     """Which bucket a process's CPU time goes to."""
-    if pid == root:
+    if root:
         return "driver"
-    if "ImplicitFunc" in cmdline or "ImplicitFunc" in comm or "RayTrainWorker" in cmdline or "TrainWorker" in comm:
+    if any(tag in text for tag in ("ImplicitFunc", "TrainWorker") for text in (name, cmdline)):
         return "trial"  # the trial process (in-process trials) or the Ray Train worker (worker-group mode)
     return "ray_system"  # gcs_server, raylet, dashboard, agents, idle workers, Train controller, ...
 
 
 class TreeCpu:
-    """Samples the CPU time of every descendant of `root` every `every` seconds (a process's last sample counts;
-    up to `every` seconds of a short-lived process can be missed)."""
+    """Samples the CPU time (user + system) of `root` and every descendant every `every` seconds (a process's last
+    sample counts; up to `every` seconds of a short-lived process can be missed). Ray renames its workers after
+    they start (ray::IDLE -> ray::ImplicitFunc), so a process is labelled again until it reads as a trial."""
 
-    def __init__(self, root: int, every: float = 0.5):
+    def __init__(self, root: psutil.Process, every: float = 0.5):
         self.root, self.every = root, every
         self.seen: dict[int, tuple[str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _sample(self) -> None:
-        children: dict[int, list[int]] = {}
-        stats = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                s = _stat(entry)
-                if s:
-                    stats[int(entry)] = s
-                    children.setdefault(s[0], []).append(int(entry))
-        todo, tree = [self.root], []
-        while todo:
-            pid = todo.pop()
-            tree.append(pid)
-            todo += children.get(pid, [])
-        for pid in tree:
-            if pid in stats:
-                _, comm, cpu = stats[pid]
-                old = self.seen.get(pid)
-                label = old[0] if old and old[0] != "ray_system" else kind(comm, _cmdline(str(pid)), self.root, pid)
-                self.seen[pid] = (label, cpu)
+        try:
+            tree = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in tree:
+            try:
+                with p.oneshot():
+                    cpu = p.cpu_times()
+                    old = self.seen.get(p.pid)
+                    label = old[0] if old and old[0] != "ray_system" else \
+                        kind(p.name(), " ".join(p.cmdline())[:200], p.pid == self.root.pid)
+            except psutil.Error:  # gone between the listing and the read
+                continue
+            self.seen[p.pid] = (label, cpu.user + cpu.system)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -97,23 +73,9 @@ def run(cmd: list[str], log: Path, env: dict | None = None, cwd: str | None = No
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         tic = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        meter = TreeCpu(proc.pid).start()
+        proc = psutil.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        meter = TreeCpu(proc).start()
         rc = proc.wait()
         wall = time.perf_counter() - tic
         cpu = meter.stop()
     return {"wall_s": wall, "rc": rc, "cpu": cpu}
-
-
-def code_version() -> str:
-    """The commit, plus a hash of distributed/*.py: the package may differ from the commit (uncommitted edits)."""
-    import hashlib
-
-    from distributed.results import git_commit
-
-    repo = Path(__file__).resolve().parents[1]
-    commit = git_commit()
-    digest = hashlib.sha256()
-    for f in sorted((repo / "distributed").glob("*.py")):
-        digest.update(f.name.encode() + b"\0" + f.read_bytes())
-    return f"git {commit}, distributed/*.py sha256 {digest.hexdigest()[:12]}"

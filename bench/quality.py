@@ -45,7 +45,7 @@ import torch
 import yaml
 
 from bench import proc
-from bench.common import DATA, REPO, SPACES, emotune, leaderboard, out_dir, tune
+from bench.common import DATA, REPO, SPACES, code_version, emotune, leaderboard, out_dir, tune
 
 DATASETS = {"fer2013": ("parquet:{root}/fer2013", ["val_from=PublicTest"]),
             "ckplus48": ("imagefolder:{root}/ckplus48", ["group_by=subject"]),
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
         p.error("--final-epochs runs an earlier search's final stage again: give that run's folder with --from")
     out = out_dir("quality", args.out, prefix=f"{args.budget}-")
     root = Path(args.data_root).resolve()
-    print(proc.code_version(), flush=True)
+    print(code_version(), flush=True)
     tic = time.perf_counter()
     compute = [] if args.no_plain else args.compute
     results = []

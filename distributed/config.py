@@ -165,12 +165,7 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **parse_overrides(pairs)}, where="--set")
 
     def save(self, path: str | Path, header: str = "") -> None:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if header:
-            text = "".join(f"# {line}\n" for line in header.splitlines()) + text
-        from distributed import storage
-
-        storage.write_text(path, text)
+        write_config(path, self.to_dict(), header)
 
     def backbone_lr(self) -> float:
         """The peak learning rate of every stage but the head: lr_backbone when set; else lr_head for a network
@@ -299,3 +294,12 @@ def read_yaml(path: str | Path) -> Any:
     if data is None:
         raise ConfigError(f"{path}: the file is empty; write YAML into it (see the shipped search_spaces/*.yaml)")
     return data
+
+
+def write_config(path: str | Path, values: dict[str, Any], header: str = "") -> None:
+    """A TrainConfig's dict as YAML, each header line a comment. The writer of config files; `values` is a config
+    already validated (`TrainConfig.to_dict`, or what a trial recorded of its own), not checked again here."""
+    from distributed import storage
+
+    text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(values, sort_keys=False)
+    storage.write_text(path, text)

@@ -62,34 +62,34 @@ def collect(exp: str, top: int = 5, model: str | None = None) -> dict:
 
 
 def write_best_config(path: str, row: dict, config: dict, meta: dict, metric: str) -> None:
-    """A complete TrainConfig that `emotune train --config` re-runs as is, with where it came from."""
+    """A complete TrainConfig that `emotune train --config` re-runs as is, with where it came from: `config` is the
+    trial's record of the TrainConfig it trained (results.leaderboard_rows), written as recorded."""
     from datetime import datetime, timezone
 
-    from distributed.config import TrainConfig
+    from distributed.config import write_config
 
-    cfg = TrainConfig.from_dict(config)
     header = (f"best trial {row['trial_id']}: {metric} = {row[f'best_{metric}']:.4f} "
-              f"(epoch budget {cfg.epochs}, ran {row['epochs_run']})\n"
+              f"(epoch budget {config['epochs']}, ran {row['epochs_run']})\n"
               f"search space: {meta.get('space_file')}  overrides: {' '.join(meta.get('overrides', [])) or 'none'}\n"
               f"git commit: {meta.get('git_commit', 'unknown')}  collected: "
               f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n"
               f"re-run: emotune train --config {path}")
-    cfg.save(path, header=header)
+    write_config(path, config, header)  # the trial's own record of its TrainConfig: validated once, on the way out
 
 
 def write_final_best_config(path: str, final: dict, meta: dict) -> None:
     """best_config.yaml after a final stage: the config of the member the final stage chose (by validation), as it
     was retrained (the full budget), with its validation and test figures."""
-    from distributed.config import TrainConfig
+    from distributed.config import read_yaml, write_config
 
     chosen = final["members"][0]
     run_dir = chosen["file"].rsplit("/", 1)[0]
-    cfg = TrainConfig.load(storage.join(run_dir, "config.yaml"))
+    config = read_yaml(storage.join(run_dir, "config.yaml"))  # the retrain's own TrainConfig, as it ran
     val = next((f"{column_name(k)} = {v:.4f}" for k, v in chosen.items() if k.startswith(BEST + "val")), "")
-    header = (f"final stage: trial {chosen['trial_id']}'s config retrained for {cfg.epochs} epochs (best epoch "
+    header = (f"final stage: trial {chosen['trial_id']}'s config retrained for {config['epochs']} epochs (best epoch "
               f"{chosen.get('best_epoch')}): {val}, test_acc = {chosen['test_acc']:.4f}; chosen by validation among "
               f"{len(final['members'])} retrained members\n"
               f"search space: {meta.get('space_file')}  overrides: {' '.join(meta.get('overrides', [])) or 'none'}\n"
               f"git commit: {meta.get('git_commit', 'unknown')}\n"
               f"re-run: emotune train --config {path}")
-    cfg.save(path, header=header)
+    write_config(path, config, header)

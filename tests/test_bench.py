@@ -69,3 +69,17 @@ def test_curves_record_ckplus48_validated_by_person(tmp_path):
     n_val = len(make_splits(load_data(cfg), cfg).val_y)
     acc = np.array([r["val_acc"] for r in rows])
     assert np.allclose(acc * n_val, np.round(acc * n_val)) and n_val == 108  # the table's by-person split
+
+
+def test_proc_counts_the_cpu_of_a_grandchild(tmp_path):
+    """bench.proc.run charges a command for its whole tree: here a child whose own child burns CPU (as `emotune`
+    starts Ray, whose processes start the trials). The grandchild's seconds land in ray_system, not in the driver."""
+    import sys
+
+    from bench import proc
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass"
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"
+    run = proc.run([sys.executable, "-c", child], tmp_path / "log")
+    assert run["rc"] == 0
+    assert 0.9 < run["cpu"]["ray_system"] < 3 and run["cpu"]["driver"] < 0.9 and run["cpu"]["trial"] == 0

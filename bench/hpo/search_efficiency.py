@@ -34,8 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from bench import proc
-from bench.common import DATA, SPACES, leaderboard, out_dir, tune
+from bench.common import DATA, SPACES, code_version, leaderboard, out_dir, tune
 from bench.hpo.search_replay import asha_stops, ray_rungs
 
 # kind -> (space, what the bench changes in it besides the seed). "random-asha" is the replay's winner (section 3b):
@@ -217,7 +216,7 @@ def main(argv=None) -> int:
     done = {(res["random"]["dataset"], res["random"]["seed"]): res
             for res in (json.loads(saved.read_text()) if saved.is_file() else [])}
     kinds = ["random", *(k for k in args.kinds if k != "random")]
-    print(f"{proc.code_version()}; {args.trials} trials x {args.epochs} epochs, small_cnn, 2 at a time; "
+    print(f"{code_version()}; {args.trials} trials x {args.epochs} epochs, small_cnn, 2 at a time; "
           f"results in {out}", flush=True)
 
     pairs = []
@@ -232,7 +231,7 @@ def main(argv=None) -> int:
                     continue
                 print(f"  {dataset} seed {seed} {kind} ... (load average {os.getloadavg()[0]:.1f})", flush=True)
                 res[kind] = one_search(kind, dataset, seed, args.trials, args.epochs, out, args.set)
-                res[kind].update(val_count=n_val, version=proc.code_version())
+                res[kind].update(val_count=n_val, version=code_version())
                 r = res[kind]
                 print(f"    best val_acc {r['best']:.4f}, {r['epochs']} epochs {r['epochs_per_trial']}, "
                       f"{r['wall_s']:.0f} s", flush=True)
