@@ -29,7 +29,8 @@ Compute: `--compute 1 3` trains the plain run at the search's epochs (1x: both s
 and at a third of them (3x: the search and its final stage spent three times the plain run's epochs). `--from DIR`
 reuses the searches of an earlier run (its quality.json and seed folders) and trains only what is asked: the plain
 runs, and with `--final-epochs N` the final stage again at N epochs per member (into the experiment's final_eN/),
-so a longer final stage is measured on the very searches the shorter one had.
+so a longer final stage is measured on the very searches the shorter one had; `--final-top-k K --final-seeds S`
+reshape it (K configs x S seeds, into final_eN_kKsS/).
 """
 from __future__ import annotations
 
@@ -156,9 +157,11 @@ def one_dataset(name: str, budget: str, data_root: Path, out: Path, compute: lis
     return result
 
 
-def again(record: dict, out: Path, dest: Path, budget: str, compute: list[float], final_epochs: int | None) -> dict:
+def again(record: dict, out: Path, dest: Path, budget: str, compute: list[float], final_epochs: int | None,
+          final_top_k: int | None = None, final_seeds: int | None = None) -> dict:
     """An earlier run's search (record, its folder `out`) with, if asked, its final stage again at `final_epochs`
-    per member (into the experiment), then the plain runs (into `dest`); the search itself is not run again."""
+    per member, and `final_top_k` configs x `final_seeds` seeds when given (else the search's own; into the
+    experiment's final_eN[_kKsS]/), then the plain runs (into `dest`); the search itself is not run again."""
     result = {k: v for k, v in record.items() if k not in ("plain", "plain_by_compute")}
     if final_epochs:
         if not record.get("final"):
@@ -168,16 +171,18 @@ def again(record: dict, out: Path, dest: Path, budget: str, compute: list[float]
 
         exp = next(p.parent for p in (out / "search").glob("*/emotune.json"))
         final = load_space(exp / "space.yaml", read_meta(str(exp))["overrides"]).final  # as the search's own stage
-        top = record["final"]["members"] // final["seeds"]
-        print(f"{record['dataset']} seed {record['seed']}: the final stage again, {top} configs x {final['seeds']} "
+        top = final_top_k or record["final"]["members"] // final["seeds"]
+        seeds = final_seeds or final["seeds"]
+        folder = f"final_e{final_epochs}" + (f"_k{top}s{seeds}" if final_top_k or final_seeds else "")
+        print(f"{record['dataset']} seed {record['seed']}: the final stage again, {top} configs x {seeds} "
               f"seeds x {final_epochs} epochs", flush=True)
         code = (f"from distributed.ensemble import run_ensemble; run_ensemble({str(exp)!r}, {top}, "
-                f"output={str(exp / f'final_e{final_epochs}')!r}, retrain=True, epochs={final_epochs}, "
-                f"seeds={final['seeds']}, train_limit={final['train_limit']})")
-        run = proc.run([sys.executable, "-c", code], out / f"final_e{final_epochs}.log", cwd=str(REPO))
+                f"output={str(exp / folder)!r}, retrain=True, epochs={final_epochs}, "
+                f"seeds={seeds}, train_limit={final['train_limit']})")
+        run = proc.run([sys.executable, "-c", code], out / f"{folder}.log", cwd=str(REPO))
         if run["rc"]:
-            raise SystemExit(f"the final stage failed (rc {run['rc']}); see {out / f'final_e{final_epochs}.log'}")
-        result["final"] = {**final_stage(exp, f"final_e{final_epochs}"), "cpu_min": cpu_min(run),
+            raise SystemExit(f"the final stage failed (rc {run['rc']}); see {out / f'{folder}.log'}")
+        result["final"] = {**final_stage(exp, folder), "top_k": top, "seeds": seeds, "cpu_min": cpu_min(run),
                            "wall_s": run["wall_s"]}
     space = REPO / result["space"]
     if not space.is_file():  # an earlier bench copied its space into the run's folder
@@ -258,6 +263,9 @@ def main(argv=None) -> int:
     p.add_argument("--from", dest="again", default=None, help="reuse the searches of this earlier run's folder")
     p.add_argument("--final-epochs", type=int, default=None, help="with --from: the final stage again, at this "
                    "many epochs per member")
+    p.add_argument("--final-top-k", type=int, default=None, help="with --final-epochs: retrain this many configs "
+                   "(default: the search's own top_k)")
+    p.add_argument("--final-seeds", type=int, default=None, help="with --final-epochs: seeds per config")
     p.add_argument("--seeds", type=int, default=1, help="searches per data set, seeds FIRST..N-1 (sampler, "
                    "training and split; the plain run's too)")
     p.add_argument("--first-seed", type=int, default=0, help="skip the seeds below (run before)")
@@ -265,6 +273,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.final_epochs and not args.again:
         p.error("--final-epochs runs an earlier search's final stage again: give that run's folder with --from")
+    if (args.final_top_k or args.final_seeds) and not args.final_epochs:
+        p.error("--final-top-k and --final-seeds shape a final stage run again: give --final-epochs too")
     out = out_dir("quality", args.out, prefix=f"{args.budget}-")
     root = Path(args.data_root).resolve()
     print(code_version(), flush=True)
@@ -278,7 +288,8 @@ def main(argv=None) -> int:
                 folder = earlier / record["dataset"]
                 folder = folder / f"seed{record['seed']}" if (folder / f"seed{record['seed']}").is_dir() else folder
                 dest = out / record["dataset"] / f"seed{record['seed']}"
-                results.append(again(record, folder, dest, args.budget, compute, args.final_epochs))
+                results.append(again(record, folder, dest, args.budget, compute, args.final_epochs, args.final_top_k,
+                                     args.final_seeds))
                 (out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
     for name in [] if args.again else args.datasets:
         for seed in range(args.first_seed, args.seeds):
