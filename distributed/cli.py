@@ -169,10 +169,11 @@ def cmd_tune(args) -> int:
               f"`emotune ensemble EXPERIMENT --top {final['top_k']} --retrain`", file=sys.stderr)
     elif final.get("top_k"):
         from distributed.ensemble import final_stage
+        from distributed.results import final_shape
 
         data = f"on {final['train_limit']} training images" if final.get("train_limit") else "on every training image"
-        print(f"emotune: final stage: the top {final['top_k']} configs retrained for {final['epochs']} epochs {data} "
-              f"({final['seeds']} seed{'s' if final['seeds'] > 1 else ''} each), then tested once", flush=True)
+        print(f"emotune: final stage: {final_shape(final['top_k'], final['seeds'], final['epochs'])} {data}, then "
+              f"tested once", flush=True)
         final_stage(exp, final["top_k"], final["epochs"], final["seeds"], final.get("train_limit", 0),
                     address=args.address)
         out = collect(exp, top=args.top)
@@ -193,7 +194,8 @@ def final_lines(out: dict) -> list[str]:
     if search_best:
         lines.append(f"search: best {metric} {search_best[f'best_{metric}']:.4f} (trial {search_best['trial_id']}, "
                      f"{search_best['epochs_run']} epochs)")
-    lines.append(f"final:  trial {chosen['trial_id']}'s config retrained for {chosen['epochs']} epochs: {val}, "
+    seed = f" (seed {chosen['seed']})" if final.get("seeds", 1) > 1 else ""
+    lines.append(f"final:  trial {chosen['trial_id']}'s config{seed} retrained for {chosen['epochs']} epochs: {val}, "
                  f"test_acc {final['single_best']['all']['test_acc']:.4f}; ensemble of {len(final['members'])} "
                  f"test_acc {final['ensemble']['all']['test_acc']:.4f}")
     return lines

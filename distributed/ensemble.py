@@ -132,7 +132,7 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
                 print(f"emotune: member {len(members) + 1} of {len(chosen) * seeds}: trial {row['trial_id']}'s "
                       f"config, seed {cfg_run.seed}, {cfg_run.epochs} epochs -> {run_dir}", flush=True)
                 summary = train_run(cfg_run, str(run_dir), scaling, address=address)
-                members.append((row, run_dir / BEST_FILE, summary))
+                members.append((row, run_dir / BEST_FILE, {**summary, "seed": cfg_run.seed}))
         monitor = TrainConfig.from_dict(chosen[0][1]).monitor
         best_i = 0
         for i, (_, _, summary) in enumerate(members):
@@ -145,7 +145,7 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     x = torch.from_numpy(splits.test_x)
     summary = {"experiment": str(exp), "tta": tta, "retrained": retrain, "epochs": epochs, "seeds": seeds,
                "members": [{"trial_id": row["trial_id"], "model": row["model"], "file": str(p),
-                            **({"epochs": ran["epochs_run"], "best_epoch": ran["best_epoch"],
+                            **({"seed": ran["seed"], "epochs": ran["epochs_run"], "best_epoch": ran["best_epoch"],
                                 **{k: v for k, v in ran.items() if k.startswith("best_val") or k.startswith("test_")}}
                                if ran else {})}
                            for row, p, ran in members]}

@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 
 from distributed import storage
-from distributed.results import BEST, PARAM, column_name, param_columns
+from distributed.results import BEST, PARAM, column_name, final_shape, param_columns
 
 PAGE_FILE = "report.html"
 # A click on a column header sorts the leaderboard by it (numbers as numbers, empty cells last).
@@ -106,14 +106,15 @@ def final_html(final: dict, rows: list[dict], metric: str) -> str:
              f"<th>retrained: {html.escape(column_name(val_key))} (epochs)</th><th>test_acc</th></tr>"]
     for i, m in enumerate(final["members"]):
         row = searched.get(m["trial_id"], {})
-        lines.append(f"<tr><td>{html.escape(m['trial_id'])}{' (chosen)' if i == 0 else ''}</td>"
+        seed = f" seed {m['seed']}" if final.get("seeds", 1) > 1 and "seed" in m else ""
+        lines.append(f"<tr><td>{html.escape(m['trial_id'])}{seed}{' (chosen)' if i == 0 else ''}</td>"
                      f"<td>{html.escape(m['model'])}</td><td>{cell(row.get(f'best_{metric}'))} "
                      f"({cell(row.get('epochs_run'))})</td><td>{cell(m.get(val_key))} ({cell(m.get('epochs'))})</td>"
                      f"<td>{cell(m.get('test_acc'))}</td></tr>")
     ens, one = final["ensemble"]["all"]["test_acc"], final["single_best"]["all"]["test_acc"]
-    return (f"<p>The top {len({m['trial_id'] for m in final['members']})} configs retrained for "
-            f"{final['epochs']} epochs ({final['seeds']} seed{'s' if final['seeds'] > 1 else ''} each), chosen by "
-            f"validation; test touched once: the chosen member <b>{one:.4f}</b>, the ensemble of all "
+    shape = final_shape(len({m["trial_id"] for m in final["members"]}), final["seeds"], final["epochs"])
+    return (f"<p>{shape[0].upper() + shape[1:]}, the single model chosen by validation; test touched once: the "
+            f"chosen member <b>{one:.4f}</b>, the ensemble of all "
             f"{len(final['members'])} <b>{ens:.4f}</b> (tta {html.escape(str(final['tta']))}).</p>"
             f"<table>{''.join(lines)}</table>")
 

@@ -276,3 +276,10 @@ def read_final(exp: str) -> dict | None:
     """The final stage's record, or None when the search has none (yet)."""
     path = storage.join(exp, FINAL_RECORD)
     return json.loads(storage.read_text(path)) if storage.is_file(path) else None
+
+
+def final_shape(configs: int, seeds: int, epochs: int) -> str:
+    """A final stage in words, as the CLI and the page say it: "the best config retrained for 60 epochs (3 seeds)"."""
+    which = "the best config" if configs == 1 else f"the top {configs} configs"
+    each = "" if configs == 1 else " each"
+    return f"{which} retrained for {epochs} epochs ({seeds} seed{'s' if seeds > 1 else ''}{each})"
