@@ -82,7 +82,7 @@ def test_a_final_stage_killed_half_way_resumes(two_arch_search, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_final_stage_of_one_config_and_several_seeds(two_arch_search, tmp_path, capsys):
+def test_a_final_stage_of_one_config_and_several_seeds(two_arch_search, tmp_path):
     """The shipped per-model spaces' shape (top_k 1, seeds 3; here 2 seeds): the best config retrained once per
     seed (seed, seed + 1), each member saying its seed, the ensemble of the seeds, best_config.yaml the chosen seed's
     config; the page and the summary name the seeds."""
