@@ -1,18 +1,24 @@
-"""`ray start` processes for tests that need a cluster of separate processes: started in the foreground
-(--block), and stopped with exactly what they started (their process trees, and whatever names the test's private
-temp directory), never other Ray processes on the machine."""
+"""Clusters for tests: `ray start` processes where a test needs a cluster of separate processes (started in the
+foreground, --block, and stopped with exactly what they started: their process trees, and whatever names the test's
+private temp directory, never other Ray processes on the machine), and ray.cluster_utils.Cluster nodes where it
+needs several nodes in this process's care (`local_cluster`)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port, remove
+
+from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's bin: `ray`, and the `python` a job's entrypoint runs
@@ -104,3 +110,46 @@ def zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return False
+
+
+# -- a ray.cluster_utils.Cluster: several nodes in this process's care ---------------------------------------
+
+def use_token_auth() -> None:
+    """Ray reads RAY_AUTH_MODE once, when imported; ray.init() reads it again, and creates ~/.ray/auth_token if
+    there is none, when it starts a local cluster. Cluster() does neither, so do what ray.init() does, or the
+    pytest process could not talk to the token-protected GCS it starts."""
+    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+    from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+
+    if get_authentication_mode() != AuthenticationMode.TOKEN:
+        Config.initialize("")
+    ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+
+
+@contextlib.contextmanager
+def local_cluster(*workers: dict):
+    """A head (no CPU, the driver resource) plus one worker node per dict of Cluster.add_node() arguments, in a
+    private temp directory; yields (cluster, worker nodes, root) and removes everything afterwards."""
+    from ray.cluster_utils import Cluster
+
+    # Short and private: Ray's socket paths live under it (a Unix socket path is limited to 107 bytes), and
+    # Cluster() writes "the local cluster" address file there, not into /tmp/ray that other Ray users here share.
+    root = Path(tempfile.mkdtemp(prefix="emotune-", dir="/tmp"))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", str(root))
+        env.setenv("RAY_AUTH_MODE", "token")
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        env.setenv("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+        # Ray Train gives a worker group 60 s to start; a worker importing torch on a busy 2-core box can take longer.
+        env.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+        env.delenv("RAY_ADDRESS", raising=False)
+        use_token_auth()
+        # Every port is picked here: Ray's defaults (8265, 52365) may belong to another cluster on this machine.
+        cluster = Cluster(initialize_head=True, head_node_args=dict(
+            num_cpus=0, resources={DRIVER_RESOURCE: DRIVER_SLOTS}, include_dashboard=True,
+            dashboard_host="127.0.0.1", dashboard_port=free_port(), dashboard_agent_listen_port=free_port()))
+        try:
+            yield cluster, [cluster.add_node(**args) for args in workers], root
+        finally:
+            cluster.shutdown()
+            remove(root)

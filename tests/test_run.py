@@ -3,11 +3,14 @@ checkpoints, resume, reports, the CLI's lines; and its pure pieces: refusing to 
 a single machine is used."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,7 +22,7 @@ from distributed.cli import build_parser, main, scaling_from
 from distributed.config import ConfigError, Scaling, TrainConfig
 from distributed.data import load_data
 from distributed.evaluate import predict
-from distributed.modelfile import MODEL_FORMAT, load_model
+from distributed.modelfile import MODEL_FORMAT, STATE_FORMAT, load_file, load_model
 from distributed.models import create_model, stages
 from distributed.plan import local_cpus
 from distributed.run import check_same_run, train_run
@@ -30,19 +33,24 @@ RAY_INTERNALS = ("Requesting resources", "Attempting to start training worker gr
                  "PreemptionWatcher", "TrainingReport(", "Token authentication")
 
 
-def train_cli(*args: str) -> subprocess.CompletedProcess:
+def cli_env() -> dict:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # a Ray instance of its own, started and stopped by the command
-    done = subprocess.run([sys.executable, "-m", "distributed", "train", *args], cwd=REPO, env=env,
+    return env
+
+
+def train_cli(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "distributed", "train", *args], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return done
 
 
 @pytest.mark.slow
-def test_two_worker_ddp_run_from_the_cli_prints_plain_lines_then_resumes(tmp_path):
+def test_two_worker_ddp_run_from_the_cli_prints_plain_lines_then_resumes_and_survives_a_killed_worker(tmp_path):
     """`emotune train --workers 2`: a Ray Train worker group (gloo DDP on CPU) started by the command itself, one
-    plain line per epoch and none of Ray's own, then the same command with one more epoch resumes."""
+    plain line per epoch and none of Ray's own; then the same command with more epochs resumes, and a training
+    worker SIGKILLed mid-run costs at most one epoch."""
     # Progressive unfreezing at epochs 2 and 3 also makes DDP rebuild its wrapper while both ranks train.
     sets = ["--set", "model=small_cnn", "--set", "lr_head=3e-3", "--set", "lr_backbone=3e-3", "--set",
             "schedule=constant", "--set", "augment=false", "--set", "freeze=progressive", "--set", "unfreeze_start=2",
@@ -82,14 +90,66 @@ def test_two_worker_ddp_run_from_the_cli_prints_plain_lines_then_resumes(tmp_pat
     cm = np.loadtxt(out / "confusion_matrix.csv", delimiter=",", skiprows=1, usecols=range(1, 8))
     assert cm.sum() == len(splits.test_y) == 700 and np.trace(cm) == (test_pred == splits.test_y).sum()
 
-    # Same output directory, one more epoch: Ray Train hands the worker group its latest checkpoint. (--verbose:
-    # Ray's own log lines too, which the first run kept out.)
-    done = train_cli("--workers", "2", "--set", "epochs=3", *sets, "--output", str(out), "--verbose")
-    assert [w for w in RAY_INTERNALS if w in done.stdout + done.stderr], (done.stdout + done.stderr)[-3000:]
+    # Same output directory, more epochs: Ray Train hands the worker group its latest checkpoint (--verbose: Ray's
+    # own log lines too, which the first run kept out). Mid-run one training worker is SIGKILLed: the command's
+    # failure allowance restarts the group from the newest registered checkpoint, losing at most one epoch.
+    log = tmp_path / "resumed.log"
+    with open(log, "w") as said:
+        run = subprocess.Popen([sys.executable, "-m", "distributed", "train", "--workers", "2", "--set", "epochs=6",
+                                *sets, "--output", str(out), "--verbose"], cwd=REPO, env=cli_env(), stdout=said,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        # A checkpoint counts once every rank has reported its epoch, which is after its file is written: a file
+        # of epoch 4 means epoch 3 was registered. Kill then; the run resumes after the newest registered epoch.
+        deadline = time.time() + 400
+        while time.time() < deadline and run.poll() is None and checkpointed_epoch(out) < 4:
+            time.sleep(0.2)
+        done_at_kill = checkpointed_epoch(out)
+        assert done_at_kill in (4, 5), (done_at_kill, log.read_text()[-3000:])
+        workers = train_worker_pids(run.pid)
+        assert len(workers) == 2, log.read_text()[-3000:]
+        os.kill(workers[1], signal.SIGKILL)
+        run.wait(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    said = log.read_text()
+    assert run.returncode == 0, said[-3000:]
+    assert [w for w in RAY_INTERNALS if w in said], said[-3000:]
     history = pq.read_table(out / "metrics.parquet").to_pylist()
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6], said[-3000:]
     assert history[2]["run_start_epoch"] == 3
     assert history[2]["trainable_stages"] == 3
+    restarts = [h for h in history if h["run_start_epoch"] > 3]
+    assert restarts, f"the worker group never restarted after its worker was killed\n{said[-3000:]}"
+    # It resumed after the newest registered epoch: at most the epoch in flight when the worker died is redone.
+    assert restarts[0]["run_start_epoch"] in (done_at_kill, done_at_kill + 1), (done_at_kill, restarts[0])
+    assert (out / "best_model.pt").exists()
+
+
+def checkpointed_epoch(out) -> int:
+    """Newest epoch whose checkpoint file is in the run's storage (0 if none); tolerates a file being written."""
+    epochs = [0]
+    for path in out.glob("run/checkpoint_*/state.pt"):
+        try:
+            epochs.append(load_file(path, STATE_FORMAT)["epoch"])
+        except Exception:  # still being copied in
+            pass
+    return max(epochs)
+
+
+def train_worker_pids(pid: int) -> list[int]:
+    """Ray Train workers of the Ray instance process `pid` started (they descend from it; other Ray instances on
+    the machine do not). Ray titles worker processes `ray::<actor class>...`."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"):
+                found.append(p.pid)
+    return found
 
 
 def test_run_outputs_are_complete_and_loadable(tmp_path):
