@@ -18,10 +18,6 @@ from ray_procs import local_cluster
 
 QUICK = SPACES / "quick.yaml"
 SEARCH_TIMEOUT = 540  # seconds for one small search; the machine is shared and may be busy
-
-
-# -- losing a worker node mid-search -----------------------------------------------------------------------------
-
 LOSS_EPOCHS = 6  # long enough that a trial seen at its first epochs is still training when its node goes
 
 
