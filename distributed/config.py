@@ -34,9 +34,9 @@ TTA_MODES = ("none", "flip", "tencrop")
 # leaderboard all read this one map.
 METRIC_MODES = {"val_acc": "max", "val_macro_f1": "max", "val_loss": "min"}
 METRICS = tuple(METRIC_MODES)
-# The report of the first epoch after a resume carries every earlier epoch's report under this key (JSON text):
-# results.read_trials fills a result.json the bucket received only in part from it.
-EARLIER_EPOCHS = "earlier_epochs"
+# Beside a checkpoint's state.pt: the epochs' reports up to it as plain JSON, which results.read_trials reads (no
+# torch) where a trial's result.json in a bucket lacks epochs (a driver killed before uploading it).
+HISTORY_FILE = "history.json"
 # Fields that decide what the decoded data holds: the launcher decodes once and shares the result with every trial
 # only when none of these is searched.
 DECODE_FIELDS = ("data", "in_channels", "data_size", "seed", "group_by")

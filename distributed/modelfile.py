@@ -3,11 +3,12 @@ reads them and nothing in them executes.
 
 A model file (best_model.pt, final_model.pt) is a model_blob: weights, the config that made them, the class names;
 save_model writes one, load_model reads it back as a model. A checkpoint directory (one per epoch) holds the
-training state (state.pt, to resume: training_state) and the best model so far (best_model.pt); save_state writes
-it, load_state reads it.
+training state (state.pt, to resume: training_state), the best model so far (best_model.pt) and the epochs'
+reports (history.json); save_state writes it, load_state reads it.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from distributed import storage
-from distributed.config import TrainConfig
+from distributed.config import HISTORY_FILE, TrainConfig
 from distributed.errors import ModelFileError
 from distributed.models import create_model
 
@@ -74,9 +75,11 @@ def fold_states(state: dict) -> list[dict]:
 
 
 def save_state(directory: str | Path, state: dict, best_blob: dict) -> None:
-    """One checkpoint: the training state (to resume) and the best model so far (to keep)."""
+    """One checkpoint: the training state (to resume), the best model so far (to keep) and the epochs' reports so
+    far as JSON (HISTORY_FILE: read without torch where a trial's result.json lost epochs)."""
     torch.save({"format": STATE_FORMAT, **state}, Path(directory) / STATE_FILE)
     save_model(Path(directory) / BEST_FILE, best_blob)
+    (Path(directory) / HISTORY_FILE).write_text(json.dumps(state["history"]))
 
 
 def load_state(directory: str | Path) -> tuple[dict, dict]:

@@ -19,7 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from distributed import storage
-from distributed.config import EARLIER_EPOCHS, METRICS
+from distributed.config import HISTORY_FILE, METRICS
 from distributed.outcome import trial_outcome
 
 if TYPE_CHECKING:
@@ -89,13 +89,14 @@ def read_trials(exp: str) -> list[dict]:
                     if i < len(lines) and line.strip():  # the last line may be cut short by a crash; others not
                         warnings.warn(f"{storage.join(exp, tdir, 'result.json')}: line {i} is not JSON, skipped "
                                       f"(the file was damaged after Tune wrote it)", stacklevel=2)
-        rows = fill_earlier_epochs([r for r in rows if "epoch" in r])
+        rows = [r for r in rows if "epoch" in r]
         trial_id = rows[-1]["trial_id"] if rows else tdir
         last = saved.get(trial_id, {}).get("last_result", {})
         if isinstance(last.get("epoch"), int) and last["epoch"] > (rows[-1]["epoch"] if rows else 0):
             # Tune uploads the experiment state and the trials' result.json one by one: a driver killed in between
             # leaves a finished trial whose result.json lacks its last epochs; the state's last result has the end
             rows.append(last)
+        rows = fill_from_checkpoint(rows, exp, tdir, files)
         trials.append({"trial_id": trial_id, "dir": storage.join(exp, tdir),
                        "params": json.loads(storage.read_text(storage.join(exp, params_file))),
                        "rows": rows, "error": f"{tdir}/error.txt" in files, "status": status.get(trial_id),
@@ -103,22 +104,23 @@ def read_trials(exp: str) -> list[dict]:
     return trials
 
 
-def fill_earlier_epochs(rows: list[dict]) -> list[dict]:
-    """A trial's reports in epoch order with the epochs its result.json lacks taken from the first report after a
-    resume (EARLIER_EPOCHS): a driver killed after a checkpoint reached the bucket and before the result.json did
-    leaves such a gap, and the trial resumes after it."""
+def fill_from_checkpoint(rows: list[dict], exp: str, tdir: str, files: set[str]) -> list[dict]:
+    """A trial's reports in epoch order, with the epochs below its last that result.json lacks taken from its
+    newest checkpoint's HISTORY_FILE: a driver killed after a checkpoint reached the bucket and before the
+    result.json did leaves such a gap, and the trial resumes after it (or, resumed at its last epoch, reports
+    nothing more). Worker-group trials keep their checkpoints under train_runs/<trial id>/."""
     have = {r["epoch"] for r in rows}
-    missing = []
-    for r in rows:
-        if EARLIER_EPOCHS in r:
-            earlier = json.loads(r.pop(EARLIER_EPOCHS))
-            missing += [e for e in earlier if e["epoch"] not in have]
-            have |= {e["epoch"] for e in earlier}
-    if not missing:
+    if not rows or have >= set(range(1, max(have) + 1)):
         return rows
-    for e in missing:
-        e["trial_id"] = rows[0].get("trial_id")
-    return sorted(rows + missing, key=lambda r: r["epoch"])
+    trial_id = rows[-1].get("trial_id", tdir)
+    found = sorted((f for f in files if re.fullmatch(rf"({re.escape(tdir)}|train_runs/{re.escape(trial_id)})/(.+/)?"
+                                                    rf"checkpoint_[^/]+/{HISTORY_FILE}", f)),
+                   key=lambda f: f.rsplit("/", 2)[-2])
+    if not found:
+        return rows
+    earlier = [dict(e, trial_id=trial_id) for e in json.loads(storage.read_text(storage.join(exp, found[-1])))
+               if e["epoch"] not in have and e["epoch"] < max(have)]
+    return sorted(rows + earlier, key=lambda r: r["epoch"])
 
 
 def exception_line(error_text: str) -> str:

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from distributed import storage
-from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, ConfigError, Scaling, TrainConfig
+from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, HISTORY_FILE, ConfigError, Scaling, TrainConfig
 from distributed.modelfile import BEST_FILE, STATE_FILE, checkpoint_state, load_state
 from distributed.prepare import check_reachable
 from distributed.progress import epoch_line, follow, progress_callback, tensorboard_callback, write_scalars
@@ -196,7 +196,7 @@ class ProcessRun(Run):
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         if checkpoint_dir:  # the best model first: a state on disk always has its best model beside it
-            for name in (BEST_FILE, STATE_FILE):
+            for name in (BEST_FILE, HISTORY_FILE, STATE_FILE):
                 storage.upload(Path(checkpoint_dir) / name, storage.join(self.checkpoint, name))
         with open(self.local / "progress.log", "a") as f:
             f.write(epoch_line(metrics, self.epochs, self.epoch_times) + "\n")

@@ -7,7 +7,6 @@ report. What a checkpoint and a model file hold, and how they are written and re
 """
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -24,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from distributed import storage
 from distributed.augment import mix_transform
-from distributed.config import EARLIER_EPOCHS, TrainConfig, better
+from distributed.config import HISTORY_FILE, TrainConfig, better
 from distributed.data import Decoded, load_data
 from distributed.evaluate import confusion, metrics, predict, prepare_batch
 from distributed.modelfile import (
@@ -121,12 +120,7 @@ def train_loop(cfg: TrainConfig, data: Decoded | None, run: "Run") -> None:
         else:
             bad_epochs += 1
         metrics["best_" + cfg.monitor] = best["value"]
-        if epoch == run_start > 1:
-            # Tune uploads a trial's result.json after its checkpoints: a driver killed in between leaves a bucket
-            # whose result.json lacks epochs this resume starts after. The first epoch resumed carries them (as
-            # text, which no logger tries to plot); results.read_trials fills the gap from it.
-            metrics[EARLIER_EPOCHS] = json.dumps(history)
-        history.append({k: v for k, v in metrics.items() if k != EARLIER_EPOCHS})
+        history.append(dict(metrics))  # every checkpoint carries it (history.json): what a lost result.json held
         stop = cfg.early_stop_patience > 0 and bad_epochs >= cfg.early_stop_patience
         metrics.update(early_stopped=stop, diverged=False)
 
@@ -281,7 +275,7 @@ class LocalRun(Run):
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir and self.checkpoint_dir:
-            for name in (STATE_FILE, BEST_FILE):
+            for name in (BEST_FILE, HISTORY_FILE, STATE_FILE):  # the state last: a resume looks for it
                 storage.write_atomic(self.checkpoint_dir / name, (Path(checkpoint_dir) / name).read_bytes())
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from distributed.config import TrainConfig
+from distributed.config import HISTORY_FILE, TrainConfig
 from distributed.outcome import OUTCOMES, trial_outcome
 from distributed.results import leaderboard_rows, pareto_front, read_trials
 from distributed.summary import collect
@@ -249,6 +249,34 @@ def test_read_trials_takes_the_last_epochs_from_the_saved_state(tmp_path):
     assert [(r["epoch"], r["val_acc"]) for r in trials["t1"]["rows"]] == [(1, 0.5), (2, 0.7)]
     assert [(r["epoch"], r["val_acc"]) for r in trials["t2"]["rows"]] == [(1, 0.5), (2, 0.6)]
     assert [(r["epoch"], r["val_acc"]) for r in trials["t3"]["rows"]] == [(1, 0.5), (2, 0.6)]
+
+
+def test_read_trials_fills_epochs_a_lost_result_json_had_from_the_newest_checkpoint(tmp_path):
+    """A driver killed after a trial's checkpoint reached the bucket and before its result.json did: resumed after
+    that checkpoint, the trial's result.json lacks the epochs before it. t1 resumed at its last epoch and reported
+    nothing more (no result.json at all; the state's last result is epoch 2); t2 resumed at epoch 3 of 3; t3, a
+    worker-group trial, keeps its checkpoints under train_runs/. Each is whole from its newest checkpoint's history,
+    and an epoch result.json has is never taken from there."""
+    exp = tmp_path / "exp"
+    history = [{"epoch": e, "val_acc": 0.1 * e} for e in (1, 2, 3)]
+
+    def checkpoint(where: str, name: str, epochs: int) -> None:
+        (exp / where / name).mkdir(parents=True)
+        (exp / where / name / HISTORY_FILE).write_text(json.dumps(history[:epochs]))
+
+    write_trial(exp, "t1", {}, [])
+    (exp / "t1" / "result.json").unlink()
+    checkpoint("t1", "checkpoint_000000", 1)
+    checkpoint("t1", "checkpoint_000001", 2)
+    write_trial(exp, "t2", {}, [{"epoch": 3, "val_acc": 0.9}])
+    checkpoint("t2", "checkpoint_000002", 3)
+    write_trial(exp, "t3", {}, [{"epoch": 1, "val_acc": 0.5}, {"epoch": 3, "val_acc": 0.9}])
+    checkpoint("train_runs/t3", "checkpoint_2026-12-03_10-00-00.000000", 3)
+    write_state(exp, "2024-01-01_10-00-00", [("t1", "TERMINATED", {"trial_id": "t1", "epoch": 2, "val_acc": 0.7}),
+                                              ("t2", "TERMINATED", {}), ("t3", "TERMINATED", {})])
+    trials = {t["trial_id"]: [(r["epoch"], r["val_acc"]) for r in t["rows"]] for t in read_trials(str(exp))}
+    assert trials == {"t1": [(1, 0.1), (2, 0.7)], "t2": [(1, 0.1), (2, 0.2), (3, 0.9)],
+                      "t3": [(1, 0.5), (2, 0.2), (3, 0.9)]}
 
 
 def test_trial_that_failed_then_resumed_and_finished_is_completed(tmp_path):

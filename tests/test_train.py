@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from distributed.config import TrainConfig
+from distributed.config import HISTORY_FILE, TrainConfig
 from distributed.data import decode_data
 from distributed.modelfile import load_model, load_state
 from distributed.train import LocalRun, epoch_batches, make_schedule, steps_per_epoch, train_loop
@@ -51,18 +52,10 @@ def test_resume_continues_from_the_checkpoint(synthetic, tmp_path):
     train_loop(cfg.replace(epochs=4), synthetic, again)
     assert [r["epoch"] for r in again.reports] == [3, 4]
     assert again.reports[0]["run_start_epoch"] == 3
-    # the first epoch resumed carries the two before it, so a result.json that lost them (a bucket the driver's
-    # kill left behind its checkpoints) is made whole; the others carry nothing more
-    from distributed.config import EARLIER_EPOCHS
-    from distributed.results import fill_earlier_epochs
-
-    assert EARLIER_EPOCHS not in again.reports[1]
-    lost = [dict(r, trial_id="t") for r in again.reports]
-    whole = fill_earlier_epochs(lost)
-    assert [r["epoch"] for r in whole] == [1, 2, 3, 4] and EARLIER_EPOCHS not in whole[2]
-    assert [r["val_loss"] for r in whole[:2]] == [r["val_loss"] for r in first.reports]
-    # where the file kept them, nothing is added twice
-    assert [r["epoch"] for r in fill_earlier_epochs([dict(r) for r in first.reports + again.reports])] == [1, 2, 3, 4]
+    # the checkpoint carries every epoch's report as JSON (what results.read_trials fills a lost result.json from)
+    saved = json.loads((tmp_path / HISTORY_FILE).read_text())
+    assert [h["epoch"] for h in saved] == [1, 2, 3, 4]
+    assert [h["val_loss"] for h in saved] == [r["val_loss"] for r in first.reports + again.reports]
 
 
 def test_best_model_file_loads_and_scores_like_the_loop(synthetic, tmp_path):
