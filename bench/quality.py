@@ -30,7 +30,8 @@ and at a third of them (3x: the search and its final stage spent three times the
 reuses the searches of an earlier run (its quality.json and seed folders) and trains only what is asked: the plain
 runs, and with `--final-epochs N` the final stage again at N epochs per member (into the experiment's final_eN/),
 so a longer final stage is measured on the very searches the shorter one had; `--final-top-k K --final-seeds S`
-reshape it (K configs x S seeds, into final_eN_kKsS/).
+reshape it (K configs x S seeds, into final_eN_kKsS/). `--set KEY=VALUE` changes the search alone (e.g.
+`cv_folds=3`: each trial scored on 3 folds by person; the final stage retrains on all of train as always).
 """
 from __future__ import annotations
 
@@ -136,14 +137,16 @@ def plain_runs(result: dict, space: Path, out: Path, budget: str, compute: list[
         result["plain"] = runs["1"]
 
 
-def one_dataset(name: str, budget: str, data_root: Path, out: Path, compute: list[float], seed: int) -> dict:
+def one_dataset(name: str, budget: str, data_root: Path, out: Path, compute: list[float], seed: int,
+                search_sets: list[str] = ()) -> dict:
     space = BUDGET_SPACES[budget][name]
     data, extra = DATASETS[name]
     data = data.format(root=data_root)
     if seed:  # another sampler seed, training seed and validation split (the plain run's too)
         extra = [*extra, f"seed={seed}"]
     print(f"{name} ({budget} budget, search seed {seed}): search {space.relative_to(REPO)}", flush=True)
-    sets = [a for e in [f"data={data}", *extra, *([f"search.seed={seed}"] if seed else [])] for a in ("--set", e)]
+    sets = [a for e in [f"data={data}", *extra, *([f"search.seed={seed}"] if seed else []), *search_sets]
+            for a in ("--set", e)]
     search, exp = tune(space.relative_to(REPO), out / "search", out / "search.log", *sets, echo=True)
     board = json.loads((exp / "emotune.json").read_text())
     epochs_spent = sum(r["epochs_run"] for r in leaderboard(exp))
@@ -151,7 +154,7 @@ def one_dataset(name: str, budget: str, data_root: Path, out: Path, compute: lis
     print(f"  scoring every trial's model on the test split ({', '.join(TTAS)})", flush=True)
     scored = score_trials(exp)
     result = {"dataset": name, "seed": seed, "budget": budget, "space": str(space.relative_to(REPO)), "data": data,
-              "protocol": extra, "metric": board["metric"], "search_cpu_min": cpu_min(search),
+              "protocol": extra, "search_sets": list(search_sets), "metric": board["metric"], "search_cpu_min": cpu_min(search),
               "search_wall_s": search["wall_s"], "search_epochs": epochs_spent, "final": final, **scored}
     plain_runs(result, space, out, budget, compute)
     return result
@@ -269,6 +272,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="searches per data set, seeds FIRST..N-1 (sampler, "
                    "training and split; the plain run's too)")
     p.add_argument("--first-seed", type=int, default=0, help="skip the seeds below (run before)")
+    p.add_argument("--set", dest="search_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="the search's alone (not the plain run's), e.g. cv_folds=3; the final stage retrains "
+                        "without cv_folds")
     p.add_argument("--out", default=None, help="default: results/bench/quality/<budget>-<time>")
     args = p.parse_args(argv)
     if args.final_epochs and not args.again:
@@ -294,7 +300,7 @@ def main(argv=None) -> int:
     for name in [] if args.again else args.datasets:
         for seed in range(args.first_seed, args.seeds):
             where = out / name / f"seed{seed}" if args.seeds > 1 else out / name
-            results.append(one_dataset(name, args.budget, root, where, compute, seed))
+            results.append(one_dataset(name, args.budget, root, where, compute, seed, args.search_sets))
         (out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")  # after each: a crash keeps the rest
     print(f"\n{args.budget} budget, {time.perf_counter() - tic:.0f} s in all; results in {out}")
     print_table(results)
