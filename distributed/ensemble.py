@@ -17,7 +17,7 @@ import torch
 
 from distributed.config import ConfigError, TrainConfig
 from distributed.evaluate import predict, write_test_report
-from distributed.modelfile import BEST_FILE, MODEL_FORMAT, ModelFileError, best_model_file, load_file, model_from_blob
+from distributed.modelfile import BEST_FILE, MODEL_FORMAT, ModelFileError, load_file, model_from_blob
 
 ENSEMBLE_FORMAT = "emotune-ensemble/1"
 MODEL_FILE = "ensemble_model.pt"
@@ -58,11 +58,11 @@ def load_predictor(path: str | Path, device="cpu") -> Ensemble:
 
 def usable_trials(exp: str | Path) -> list[tuple[dict, dict, str]]:
     """Every trial that finished with a model, best first: (leaderboard row, TrainConfig dict, best_model.pt)."""
-    from distributed.results import leaderboard_rows, read_meta, read_trials
+    from distributed.results import leaderboard_rows, newest_checkpoint_file, read_meta, read_trials
 
     meta = read_meta(str(exp))
     rows, configs = leaderboard_rows(read_trials(str(exp)), meta)
-    usable = [(r, configs[r["trial_id"]], best_model_file(exp, r["trial_id"])) for r in rows
+    usable = [(r, configs[r["trial_id"]], newest_checkpoint_file(exp, r["trial_id"], BEST_FILE)) for r in rows
               if r[f"best_{meta['metric']}"] is not None and r["status"] not in ("error", "diverged")]
     return [u for u in usable if u[2] is not None]
 

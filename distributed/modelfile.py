@@ -9,13 +9,11 @@ reports (history.json); save_state writes it, load_state reads it.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from distributed import storage
 from distributed.config import HISTORY_FILE, TrainConfig
 from distributed.errors import ModelFileError
 from distributed.models import create_model
@@ -143,15 +141,3 @@ def model_from_blob(blob: dict, device="cpu"):
     net = create_model(cfg.model, len(blob["class_names"]), in_channels=cfg.in_channels, dropout=cfg.dropout)
     net.load_state_dict(blob["state_dict"])
     return net.to(device).eval(), cfg, blob["class_names"], blob.get("metrics", {})
-
-
-def best_model_file(exp: str | Path, trial_id: str) -> str | None:
-    """A trial's best model, local or on object storage: in its newest checkpoint (each carries the best weights so
-    far) under the trial's directory, or for worker-group trials under train_runs/<trial_id>/ where Ray Train keeps
-    its checkpoints (the trial's directory then has none)."""
-    for base in (storage.join(str(exp), trial_id), storage.join(str(exp), "train_runs", trial_id)):
-        found = sorted((f for f in storage.list_files(base) if re.search(rf"(^|/)checkpoint_[^/]+/{BEST_FILE}$", f)),
-                       key=lambda f: f.rsplit("/", 2)[-2])
-        if found:
-            return storage.join(base, found[-1])
-    return None

@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 
 from distributed import storage
-from distributed.results import BEST, PARAM, column_name, final_shape, param_columns
+from distributed.results import BEST, PARAM, column_name, final_shape, newest_checkpoint_file, param_columns
 
 PAGE_FILE = "report.html"
 # A click on a column header sorts the leaderboard by it (numbers as numbers, empty cells last).
@@ -273,9 +273,9 @@ def best_trial_html(exp: str, rows: list[dict], metric: str) -> str:
         return "<p class='note'>no trial has reported a metric yet</p>"
     best = ranked[0]
     from distributed.data import DataError
-    from distributed.modelfile import ModelFileError, best_model_file
+    from distributed.modelfile import BEST_FILE, ModelFileError
 
-    ckpt = best_model_file(exp, best["trial_id"])
+    ckpt = newest_checkpoint_file(exp, best["trial_id"], BEST_FILE)
     if ckpt is None:
         return f"<p class='note'>{best['trial_id']}: no checkpoint with best_model.pt in {html.escape(str(exp))}</p>"
     from distributed.evaluate import validation_confusion

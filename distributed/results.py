@@ -108,19 +108,31 @@ def fill_from_checkpoint(rows: list[dict], exp: str, tdir: str, files: set[str])
     """A trial's reports in epoch order, with the epochs below its last that result.json lacks taken from its
     newest checkpoint's HISTORY_FILE: a driver killed after a checkpoint reached the bucket and before the
     result.json did leaves such a gap, and the trial resumes after it (or, resumed at its last epoch, reports
-    nothing more). Worker-group trials keep their checkpoints under train_runs/<trial id>/."""
+    nothing more)."""
     have = {r["epoch"] for r in rows}
     if not rows or have >= set(range(1, max(have) + 1)):
         return rows
     trial_id = rows[-1].get("trial_id", tdir)
-    found = sorted((f for f in files if re.fullmatch(rf"({re.escape(tdir)}|train_runs/{re.escape(trial_id)})/(.+/)?"
-                                                    rf"checkpoint_[^/]+/{HISTORY_FILE}", f)),
-                   key=lambda f: f.rsplit("/", 2)[-2])
-    if not found:
+    found = newest_checkpoint_file(exp, trial_id, HISTORY_FILE, files)
+    if found is None:
         return rows
-    earlier = [dict(e, trial_id=trial_id) for e in json.loads(storage.read_text(storage.join(exp, found[-1])))
+    earlier = [dict(e, trial_id=trial_id) for e in json.loads(storage.read_text(found))
                if e["epoch"] not in have and e["epoch"] < max(have)]
     return sorted(rows + earlier, key=lambda r: r["epoch"])
+
+
+def newest_checkpoint_file(exp: str | Path, trial_id: str, name: str, files: set[str] | None = None) -> str | None:
+    """A file of a trial's newest checkpoint (best_model.pt, history.json, ...), local or on object storage: under
+    the trial's directory, or for worker-group trials under train_runs/<trial_id>/ where Ray Train keeps its
+    checkpoints (the trial's directory then has none). `files`: the experiment's listing when the caller has it."""
+    for base in (trial_id, f"train_runs/{trial_id}"):
+        under = (storage.list_files(storage.join(str(exp), base)) if files is None
+                 else [f[len(base) + 1:] for f in files if f.startswith(base + "/")])
+        found = sorted((f for f in under if re.search(rf"(^|/)checkpoint_[^/]+/{re.escape(name)}$", f)),
+                       key=lambda f: f.rsplit("/", 2)[-2])
+        if found:
+            return storage.join(str(exp), base, found[-1])
+    return None
 
 
 def exception_line(error_text: str) -> str:
