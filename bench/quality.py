@@ -30,8 +30,10 @@ and at a third of them (3x: the search and its final stage spent three times the
 reuses the searches of an earlier run (its quality.json and seed folders) and trains only what is asked: the plain
 runs, and with `--final-epochs N` the final stage again at N epochs per member (into the experiment's final_eN/),
 so a longer final stage is measured on the very searches the shorter one had; `--final-top-k K --final-seeds S`
-reshape it (K configs x S seeds, into final_eN_kKsS/). `--set KEY=VALUE` changes the search alone (e.g.
-`cv_folds=3`: each trial scored on 3 folds by person; the final stage retrains on all of train as always).
+reshape it (K configs x S seeds, into final_eN_kKsS/), and `--final-refit` trains its members on the validation
+split too (into ..._refit/; the record keeps the search's own stage as final_before, for paired figures).
+`--set KEY=VALUE` changes the search alone (e.g. `cv_folds=3`: each trial scored on 3 folds by person; the final
+stage retrains on all of train as always).
 """
 from __future__ import annotations
 
@@ -161,10 +163,11 @@ def one_dataset(name: str, budget: str, data_root: Path, out: Path, compute: lis
 
 
 def again(record: dict, out: Path, dest: Path, budget: str, compute: list[float], final_epochs: int | None,
-          final_top_k: int | None = None, final_seeds: int | None = None) -> dict:
+          final_top_k: int | None = None, final_seeds: int | None = None, final_refit: bool | None = None) -> dict:
     """An earlier run's search (record, its folder `out`) with, if asked, its final stage again at `final_epochs`
-    per member, and `final_top_k` configs x `final_seeds` seeds when given (else the search's own; into the
-    experiment's final_eN[_kKsS]/), then the plain runs (into `dest`); the search itself is not run again."""
+    per member, and `final_top_k` configs x `final_seeds` seeds and `final_refit` when given (else the search's
+    own; into the experiment's final_eN[_kKsS][_refit]/), then the plain runs (into `dest`); the search itself is
+    not run again."""
     result = {k: v for k, v in record.items() if k not in ("plain", "plain_by_compute")}
     if final_epochs:
         if not record.get("final"):
@@ -176,17 +179,20 @@ def again(record: dict, out: Path, dest: Path, budget: str, compute: list[float]
         final = load_space(exp / "space.yaml", read_meta(str(exp))["overrides"]).final  # as the search's own stage
         top = final_top_k or record["final"]["members"] // final["seeds"]
         seeds = final_seeds or final["seeds"]
-        folder = f"final_e{final_epochs}" + (f"_k{top}s{seeds}" if final_top_k or final_seeds else "")
+        refit = final.get("refit", False) if final_refit is None else final_refit
+        folder = (f"final_e{final_epochs}" + (f"_k{top}s{seeds}" if final_top_k or final_seeds else "")
+                  + ("_refit" if refit else ""))
         print(f"{record['dataset']} seed {record['seed']}: the final stage again, {top} configs x {seeds} "
-              f"seeds x {final_epochs} epochs", flush=True)
+              f"seeds x {final_epochs} epochs{', refit' if refit else ''}", flush=True)
         code = (f"from distributed.ensemble import run_ensemble; run_ensemble({str(exp)!r}, {top}, "
                 f"output={str(exp / folder)!r}, retrain=True, epochs={final_epochs}, "
-                f"seeds={seeds}, train_limit={final['train_limit']})")
+                f"seeds={seeds}, train_limit={final['train_limit']}, refit={refit})")
         run = proc.run([sys.executable, "-c", code], out / f"{folder}.log", cwd=str(REPO))
         if run["rc"]:
             raise SystemExit(f"the final stage failed (rc {run['rc']}); see {out / f'{folder}.log'}")
         result["final"] = {**final_stage(exp, folder), "top_k": top, "seeds": seeds, "cpu_min": cpu_min(run),
                            "wall_s": run["wall_s"]}
+        result["final_before"] = record.get("final")  # the search's own stage, for a paired comparison
     space = REPO / result["space"]
     if not space.is_file():  # an earlier bench copied its space into the run's folder
         space = out / "spaces" / Path(result["space"]).name
@@ -201,7 +207,8 @@ def final_stage(exp: Path, folder: str = "final") -> dict | None:
     if not record.is_file():
         return None
     final = json.loads(record.read_text())
-    return {"members": len(final["members"]), "epochs": sum(m["epochs"] for m in final["members"]),
+    return {"members": len(final["members"]), "refit": final.get("refit", False),
+            "epochs": sum(m["epochs"] for m in final["members"]),
             "chosen": final["single_best"]["all"]["test_acc"], "ensemble": final["ensemble"]["all"]["test_acc"],
             "member_test_acc": [m["test_acc"] for m in final["members"]]}
 
@@ -269,6 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--final-top-k", type=int, default=None, help="with --final-epochs: retrain this many configs "
                    "(default: the search's own top_k)")
     p.add_argument("--final-seeds", type=int, default=None, help="with --final-epochs: seeds per config")
+    p.add_argument("--final-refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --final-epochs: members train on the validation split too (default: the space's)")
     p.add_argument("--seeds", type=int, default=1, help="searches per data set, seeds FIRST..N-1 (sampler, "
                    "training and split; the plain run's too)")
     p.add_argument("--first-seed", type=int, default=0, help="skip the seeds below (run before)")
@@ -279,8 +288,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.final_epochs and not args.again:
         p.error("--final-epochs runs an earlier search's final stage again: give that run's folder with --from")
-    if (args.final_top_k or args.final_seeds) and not args.final_epochs:
-        p.error("--final-top-k and --final-seeds shape a final stage run again: give --final-epochs too")
+    if (args.final_top_k or args.final_seeds or args.final_refit is not None) and not args.final_epochs:
+        p.error("--final-top-k, --final-seeds and --final-refit shape a final stage run again: give --final-epochs "
+                "too")
     out = out_dir("quality", args.out, prefix=f"{args.budget}-")
     root = Path(args.data_root).resolve()
     print(code_version(), flush=True)
@@ -295,7 +305,7 @@ def main(argv=None) -> int:
                 folder = folder / f"seed{record['seed']}" if (folder / f"seed{record['seed']}").is_dir() else folder
                 dest = out / record["dataset"] / f"seed{record['seed']}"
                 results.append(again(record, folder, dest, args.budget, compute, args.final_epochs, args.final_top_k,
-                                     args.final_seeds))
+                                     args.final_seeds, args.final_refit))
                 (out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
     for name in [] if args.again else args.datasets:
         for seed in range(args.first_seed, args.seeds):

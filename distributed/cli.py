@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="members: the K best trials (default: 5)")
     p.add_argument("--retrain", action="store_true",
                    help="first train each member's config to its full epoch budget (emotune train)")
+    p.add_argument("--refit", action="store_true",
+                   help="with --retrain: train the members on the validation split too (TrainConfig.refit); the "
+                        "single model is then the best config's first member, not chosen by validation")
     p.add_argument("--tta", choices=TTA_MODES, default=None,
                    help="test-time augmentation (default: the best trial's tta setting)")
     p.add_argument("--output", default=None, help="default: EXPERIMENT/ensemble_topK")
@@ -166,16 +169,18 @@ def cmd_tune(args) -> int:
     final = read_meta(exp).get("final") or {}
     if final.get("top_k") and "://" in exp:
         print(f"emotune: the final stage runs on local (or NFS) experiments only; for {exp}, download it and run "
-              f"`emotune ensemble EXPERIMENT --top {final['top_k']} --retrain`", file=sys.stderr)
+              f"`emotune ensemble EXPERIMENT --top {final['top_k']} --retrain{' --refit' if final.get('refit') else ''}`",
+              file=sys.stderr)
     elif final.get("top_k"):
         from distributed.ensemble import final_stage
         from distributed.results import final_shape
 
         data = f"on {final['train_limit']} training images" if final.get("train_limit") else "on every training image"
+        data += ", the validation split's included (refit)" if final.get("refit") else ""
         print(f"emotune: final stage: {final_shape(final['top_k'], final['seeds'], final['epochs'])} {data}, then "
               f"tested once", flush=True)
         final_stage(exp, final["top_k"], final["epochs"], final["seeds"], final.get("train_limit", 0),
-                    address=args.address)
+                    final.get("refit", False), address=args.address)
         out = collect(exp, top=args.top)
     print_summary(out)
     return 0
@@ -190,6 +195,8 @@ def final_lines(out: dict) -> list[str]:
     search_best = out["top"][0] if out["top"] else None
     chosen = final["members"][0]
     val = next((f"{column_name(k)} {v:.4f}" for k, v in chosen.items() if k.startswith(BEST + "val")), "")
+    if final.get("refit"):  # its validation images trained: the figure would flatter it
+        val = "refit on the validation split too"
     lines = []
     if search_best:
         lines.append(f"search: best {metric} {search_best[f'best_{metric}']:.4f} (trial {search_best['trial_id']}, "
@@ -363,7 +370,7 @@ def cmd_ensemble(args) -> int:
     from distributed.ensemble import accuracy_gain, run_ensemble
 
     out = run_ensemble(args.experiment, args.top, output=args.output, retrain=args.retrain, tta=args.tta,
-                       address=args.address)
+                       address=args.address, refit=args.refit)
     ens, one = out["ensemble"]["all"], out["single_best"]["all"]
     print(f"\ntest_acc: ensemble of {len(out['members'])} {ens['test_acc']:.4f}, best single {one['test_acc']:.4f} "
           f"({accuracy_gain(out):+.1f} points; tta {out['tta']})")

@@ -94,6 +94,9 @@ class TrainConfig:
                          "and each epoch reports their mean (0 = one validation split)", low=0, high=20)
     val_from: str = knob("", "validate on this test group instead of carving from train (FER2013: PublicTest, so "
                          "the test report is PrivateTest); empty = carve val_fraction from train")
+    refit: bool = knob(False, "train on the carved validation split too (a chosen config's final model: nothing "
+                       "left to choose, so nothing held out); the last epoch's weights are the model and val_ figures "
+                       "are on trained images. A search rejects it; with val_from nothing changes (that set is held out)")
     # optimisation
     epochs: int = knob(10, "training epochs", low=1, high=10_000)
     batch_size: int = knob(64, "per-worker batch size", low=1, high=4096)

@@ -87,15 +87,16 @@ def top_trials(exp: str | Path, k: int) -> list[tuple[dict, dict, str]]:
 
 def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: bool = False,
                  tta: str | None = None, address: str | None = None, epochs: int | None = None,
-                 seeds: int = 1, train_limit: int | None = None) -> dict:
+                 seeds: int = 1, train_limit: int | None = None, refit: bool = False) -> dict:
     """`emotune ensemble` and a search's final stage: everything checked before any training starts; then (with
     retrain) one `emotune train` per member and seed, at `epochs` (default: each config's own budget) and on
-    `train_limit` training images (default: the config's own; 0: all); one test
-    evaluation of the ensemble and of its single best member, and the reports of `emotune train`.
+    `train_limit` training images (default: the config's own; 0: all), with `refit` on the validation split too;
+    one test evaluation of the ensemble and of its single best member, and the reports of `emotune train`.
 
     The single best member is the search's best trial, or with retrain the retrained member with the best
-    validation score (test never chooses). A retrained member whose run directory exists resumes (or, finished,
-    is only scored again): an interrupted final stage goes on where it stopped."""
+    validation score (test never chooses); with refit, whose validation images trained, the best config's first
+    seed. A retrained member whose run directory exists resumes (or, finished, is only scored again): an
+    interrupted final stage goes on where it stopped."""
     from distributed import results, storage
     from distributed.config import TTA_MODES, better
     from distributed.data import load_data
@@ -103,15 +104,19 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     from distributed.results import read_meta
     from distributed.run import in_process, train_run
     from distributed.search_space import load_space
-    from distributed.splits import make_splits
+    from distributed.splits import make_splits, validation_trains
 
     exp = Path(exp).resolve()
     if tta is not None and tta not in TTA_MODES:
         raise ConfigError(f"--tta {tta}: choose from {', '.join(TTA_MODES)}")
+    if refit and not retrain:
+        raise ConfigError("--refit retrains the members on the validation split too; add --retrain")
     chosen = top_trials(exp, top)
-    out = Path(output).resolve() if output else exp / f"ensemble_top{top}{'_retrained' if retrain else ''}"
+    out = Path(output).resolve() if output else exp / (f"ensemble_top{top}" + ("_refit" if refit else
+                                                                               "_retrained" if retrain else ""))
     first = TrainConfig.from_dict(chosen[0][1])
     splits = make_splits(load_data(first), first)  # the test split every member is scored on (bad data fails here)
+    in_sample = validation_trains(first.replace(refit=refit))  # refit on a carved split: validation chooses nothing
     storage.check_writable(out, "--output")
 
     members = [(row, path, None) for row, _, path in chosen]  # (row, model file, retrained run's summary)
@@ -125,7 +130,7 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
             for seed in range(seeds):
                 # cv_folds off: the retrained member learns from all of train, not from one fold
                 cfg_run = TrainConfig.from_dict({**cfg, "cv_folds": 0, "epochs": epochs or cfg["epochs"],
-                                                 "seed": cfg["seed"] + seed,
+                                                 "seed": cfg["seed"] + seed, "refit": refit,
                                                  "train_limit": cfg["train_limit"] if train_limit is None
                                                  else train_limit})
                 run_dir = out / "retrain" / (row["trial_id"] + (f"-seed{seed}" if seeds > 1 else ""))
@@ -136,14 +141,16 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
         monitor = TrainConfig.from_dict(chosen[0][1]).monitor
         best_i = 0
         for i, (_, _, summary) in enumerate(members):
-            if better(monitor, summary[f"best_{monitor}"], members[best_i][2][f"best_{monitor}"]):
+            if not in_sample and better(
+                    monitor, summary[f"best_{monitor}"], members[best_i][2][f"best_{monitor}"]):
                 best_i = i
-        members.insert(0, members.pop(best_i))  # the single best: by validation after retraining
+        members.insert(0, members.pop(best_i))  # the single best: by held-out validation after retraining
 
     ensemble = Ensemble([load_file(p, MODEL_FORMAT) for _, p, _ in members])
     tta = tta or ensemble.config.tta
     x = torch.from_numpy(splits.test_x)
     summary = {"experiment": str(exp), "tta": tta, "retrained": retrain, "epochs": epochs, "seeds": seeds,
+               "refit": in_sample,
                "members": [{"trial_id": row["trial_id"], "model": row["model"], "file": str(p),
                             **({"seed": ran["seed"], "epochs": ran["epochs_run"], "best_epoch": ran["best_epoch"],
                                 **{k: v for k, v in ran.items() if k.startswith("best_val") or k.startswith("test_")}}
@@ -163,17 +170,18 @@ FINAL_DIR = "final"
 
 
 def final_stage(exp: str | Path, top_k: int, epochs: int, seeds: int = 1, train_limit: int = 0,
-                address: str | None = None) -> dict:
+                refit: bool = False, address: str | None = None) -> dict:
     """A search's final stage: its top_k configs retrained at the full budget (`epochs`, `seeds` seeds each) by
-    `emotune train`, the ensemble of those members and the best of them by validation tested once on the test split
-    (run_ensemble with retrain: the same mechanism as `emotune ensemble --retrain`). best_config.yaml becomes the
-    config as retrained; `emotune best` and report.html read the record."""
+    `emotune train` (with refit, on the validation split too), the ensemble of those members and the best of them
+    by validation (refit: the best config's first seed) tested once on the test split (run_ensemble with retrain:
+    the same mechanism as `emotune ensemble --retrain [--refit]`). best_config.yaml becomes the config as
+    retrained; `emotune best` and report.html read the record."""
     k = min(top_k, len(usable_trials(exp)))  # a search with fewer finished trials retrains what it has
     if k < 1:
         raise ConfigError(f"{exp}: no trial finished with a model, so there is nothing for the final stage to "
                           f"retrain; see the leaderboard's errors")
     return run_ensemble(exp, k, output=str(Path(exp) / FINAL_DIR), retrain=True, epochs=epochs, seeds=seeds,
-                        train_limit=train_limit, address=address)
+                        train_limit=train_limit, refit=refit, address=address)
 
 
 def accuracy_gain(summary: dict) -> float:

@@ -70,8 +70,9 @@ class SearchSpace:
     objectives: list = field(default_factory=list)  # [(metric, mode)], >1 means multi-objective
     # The final stage (ensemble.final_stage): the top_k configs retrained at `epochs` (the full budget) on
     # train_limit training images (0: all of them, whatever the search used) with `seeds` seeds each, then tested
-    # once and ensembled. top_k 0: no final stage.
-    final: dict = field(default_factory=lambda: {"top_k": 0, "epochs": None, "seeds": 1, "train_limit": 0})
+    # once and ensembled; refit: they train on the validation split too. top_k 0: no final stage.
+    final: dict = field(default_factory=lambda: {"top_k": 0, "epochs": None, "seeds": 1, "train_limit": 0,
+                                                 "refit": False})
 
     # -- sampling ---------------------------------------------------------------------------------------
 
@@ -248,6 +249,9 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> SearchSpace:
             else:
                 by_model[model][name] = check_value(known_field(name, w), spec, w)
 
+    if fixed.get("refit") or "refit" in params or any("refit" in own for own in by_model.values()):
+        raise SpaceError(f"{where}: refit trains on the validation images, so the trials could not be compared; "
+                         f"drop it here and set final: {{refit: true}} to refit the winners")
     s = SearchSpace(path=where, name=str(doc.get("name") or Path(path).stem), fixed=fixed, params=params,
                     by_model=by_model)
     s.metric, s.mode, s.objectives = parse_objectives(doc, where)

@@ -20,7 +20,7 @@ from distributed.config import (
 from distributed.errors import did_you_mean
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "quniform")
-FINAL_KEYS = ("top_k", "epochs", "seeds", "train_limit")
+FINAL_KEYS = ("top_k", "epochs", "seeds", "train_limit", "refit")
 OBJECTIVE_METRICS = METRICS + ("num_params", "epoch_s")  # also read from each trial's reports
 
 
@@ -207,9 +207,10 @@ def read_scalar(text: str):
 
 
 def parse_final(final: dict, where: str, search_epochs: int) -> dict:
-    """The final stage: {top_k, epochs, seeds, train_limit}; epochs defaults to the search's own budget
+    """The final stage: {top_k, epochs, seeds, train_limit, refit}; epochs defaults to the search's own budget
     (fixed.epochs) and may not be below it (the final stage trains the winners longer, never shorter); train_limit
-    defaults to 0, every training image (a search may train on a subset to go faster)."""
+    defaults to 0, every training image (a search may train on a subset to go faster); refit (default false): the
+    members train on the validation split too (TrainConfig.refit)."""
     known_keys(final, FINAL_KEYS, where)
     top_k = int(bounded(final.get("top_k", 0), int, 0, 100, f"{where}.top_k"))
     epochs = int(bounded(final.get("epochs", search_epochs), int, 1, 100_000, f"{where}.epochs"))
@@ -218,7 +219,10 @@ def parse_final(final: dict, where: str, search_epochs: int) -> dict:
                          f"final stage trains the winners at the full budget, so give at least {search_epochs}")
     seeds = int(bounded(final.get("seeds", 1), int, 1, 100, f"{where}.seeds"))
     train_limit = int(bounded(final.get("train_limit", 0), int, 0, 10**9, f"{where}.train_limit"))
-    return {"top_k": top_k, "epochs": epochs, "seeds": seeds, "train_limit": train_limit}
+    refit = final.get("refit", False)
+    if not isinstance(refit, bool):
+        raise SpaceError(f"{where}.refit: {refit!r} is not true or false")
+    return {"top_k": top_k, "epochs": epochs, "seeds": seeds, "train_limit": train_limit, "refit": refit}
 
 
 SECTIONS = ("num_samples", "metric", "mode", "scaling", "scheduler", "search", "final")

@@ -11,6 +11,8 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 
 from distributed.data import DataError, Decoded
 
+REFIT_DRAW = 7919  # added to the seed of a refit run's train_limit draw (see make_splits)
+
 
 @dataclass
 class Splits:
@@ -50,9 +52,10 @@ def make_splits(decoded: Decoded, cfg, fold: int = 0) -> Splits:
     images are not copied: train and validation are index arrays (`val_x` then gathers the validation images).
 
     Validation is, by precedence: the test group cfg.val_from (FER2013's PublicTest; the test split keeps the
-    rest), fold `fold` of cfg.cv_folds, or a stratified val_fraction of train. With cfg.group_by no group (person)
-    is on both sides (scikit-learn's StratifiedGroupKFold; for one split, its first of round(1/val_fraction)
-    folds). Every choice is seeded, so every worker and every trial computes the same split.
+    rest), fold `fold` of cfg.cv_folds, or a stratified val_fraction of train, which cfg.refit trains on too.
+    With cfg.group_by no group (person) is on both sides (scikit-learn's StratifiedGroupKFold; for one split, its
+    first of round(1/val_fraction) folds). Every choice is seeded, so every worker and every trial computes the
+    same split.
     The test set is never touched otherwise, so every trial of a search is scored on the same images.
     """
     y, test_x, test_y, test_groups = decoded.train_y, decoded.test_x, decoded.test_y, decoded.test_groups
@@ -83,9 +86,15 @@ def make_splits(decoded: Decoded, cfg, fold: int = 0) -> Splits:
         else:
             groups = decoded.train_groups if cfg.group_by else None
             train_idx, val_idx = validation_split(candidates, y[candidates], groups, names, cfg, fold)
+            if validation_trains(cfg):  # the split still scores each epoch (in-sample), but every image trains
+                if cfg.cv_folds:
+                    raise DataError(f"refit trains on every training image, so cv_folds={cfg.cv_folds} has no fold "
+                                    f"to hold out; set one or the other")
+                train_idx = candidates
         if 0 < cfg.train_limit < len(train_idx):
+            # refit: another draw than the split's, whose seed would take exactly the images it left out
             train_idx, _ = train_test_split(train_idx, train_size=cfg.train_limit, stratify=y[train_idx],
-                                            random_state=cfg.seed)
+                                            random_state=cfg.seed + (REFIT_DRAW if validation_trains(cfg) else 0))
     except ValueError as exc:  # sklearn: a class too small to stratify, or a split smaller than the class count
         if isinstance(exc, DataError):
             raise
@@ -94,6 +103,12 @@ def make_splits(decoded: Decoded, cfg, fold: int = 0) -> Splits:
                         f"stratified (val_fraction={cfg.val_fraction}, cv_folds={cfg.cv_folds}, "
                         f"train_limit={cfg.train_limit}): {reason}") from None
     return Splits(decoded.train_x, y, train_idx, val_idx, test_x, test_y, names, test_groups, val_images)
+
+
+def validation_trains(cfg) -> bool:
+    """cfg.refit on a carved validation split: it trains on those images too, so its val_ figures choose nothing
+    (the loop keeps the last epoch). A test group (val_from) is never trained on."""
+    return bool(cfg.refit) and not cfg.val_from
 
 
 def validation_split(candidates: np.ndarray, y: np.ndarray, groups: np.ndarray | None, names: list[str], cfg,

@@ -78,17 +78,19 @@ def write_best_config(path: str, row: dict, config: dict, meta: dict, metric: st
 
 
 def write_final_best_config(path: str, final: dict, meta: dict) -> None:
-    """best_config.yaml after a final stage: the config of the member the final stage chose (by validation), as it
-    was retrained (the full budget), with its validation and test figures."""
+    """best_config.yaml after a final stage: the config of the member the final stage chose (by validation; with
+    refit its first), as it was retrained (the full budget), with its validation and test figures."""
     from distributed.config import read_yaml, write_config
 
     chosen = final["members"][0]
     run_dir = chosen["file"].rsplit("/", 1)[0]
     config = read_yaml(storage.join(run_dir, "config.yaml"))  # the retrain's own TrainConfig, as it ran
     val = next((f"{column_name(k)} = {v:.4f}" for k, v in chosen.items() if k.startswith(BEST + "val")), "")
+    how = f"chosen by validation among {len(final['members'])} retrained members"
+    if final.get("refit"):  # validation trained too: nothing chose, the best config's first seed is the model
+        val, how = "refit on the validation split too", f"the first of {len(final['members'])} retrained members"
     header = (f"final stage: trial {chosen['trial_id']}'s config retrained for {config['epochs']} epochs (best epoch "
-              f"{chosen.get('best_epoch')}): {val}, test_acc = {chosen['test_acc']:.4f}; chosen by validation among "
-              f"{len(final['members'])} retrained members\n"
+              f"{chosen.get('best_epoch')}): {val}, test_acc = {chosen['test_acc']:.4f}; {how}\n"
               f"search space: {meta.get('space_file')}  overrides: {' '.join(meta.get('overrides', [])) or 'none'}\n"
               f"git commit: {meta.get('git_commit', 'unknown')}\n"
               f"re-run: emotune train --config {path}")

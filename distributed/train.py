@@ -38,7 +38,7 @@ from distributed.modelfile import (
     training_state,
 )
 from distributed.models import create_model, stages
-from distributed.splits import Splits, class_weights, make_splits
+from distributed.splits import Splits, class_weights, make_splits, validation_trains
 
 MIN_BATCH = 2  # BatchNorm cannot train on a batch of one: epoch_batches skips it, steps_per_epoch does not count it
 # ImageNet statistics; grey input uses their mean, which matches backbones whose first conv sums RGB filters.
@@ -54,7 +54,10 @@ def train_loop(cfg: TrainConfig, data: Decoded | None, run: "Run") -> None:
     the report is the mean of their validation metrics. So ASHA and early stopping judge the cross-validated score
     at every rung, which training the folds one after another could not offer (their epochs would not line up).
     The model kept (best_model.pt) is fold 1's at the best mean epoch; retrain a chosen config without cv_folds
-    for a model that has seen all of train."""
+    for a model that has seen all of train.
+
+    With cfg.refit the validation split trains too (a chosen config's final model): it is still scored each epoch,
+    in-sample, and the model kept is the last epoch's."""
     torch.manual_seed(cfg.seed)  # same initial weights on every rank; DDP also broadcasts rank 0's
     # Every training batch has one shape, so cuDNN's per-shape algorithm search pays off from the second step on.
     torch.backends.cudnn.benchmark = run.device.type == "cuda"
@@ -65,6 +68,7 @@ def train_loop(cfg: TrainConfig, data: Decoded | None, run: "Run") -> None:
     images = shared_tensor(folds[0].x)  # every batch is gathered from here by index: the images are never copied
     labels = torch.from_numpy(folds[0].y)
     members = [build_member(cfg, s, run) for s in folds]
+    in_sample = validation_trains(cfg)
     mix = mix_transform(cfg.mixup_alpha, cfg.cutmix_alpha, len(class_names))
     steps = [steps_per_epoch(len(m.train_idx), run.world, cfg.batch_size) for m in members]
 
@@ -114,7 +118,8 @@ def train_loop(cfg: TrainConfig, data: Decoded | None, run: "Run") -> None:
                        trainable_stages=members[0].trainable, num_params=sum(p.numel() for p in members[0].net.parameters()),
                        run_start_epoch=run_start, node=run.node, torch_threads=torch.get_num_threads())
         value = metrics[cfg.monitor]
-        improved = best is None or better(cfg.monitor, value, best["value"])
+        # refit: the validation images train too, so every epoch is the newest model (no early stop either)
+        improved = best is None or in_sample or better(cfg.monitor, value, best["value"])
         if improved:
             best, bad_epochs = {"value": value, "epoch": epoch}, 0
         else:

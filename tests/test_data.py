@@ -362,6 +362,20 @@ def test_make_splits_keeps_test_groups_aligned():
     assert s.test_y.tolist() == [0, 1, 0] and s.test_groups.tolist() == ["Priv", "Pub", "Priv"]
 
 
+def test_refit_trains_on_the_validation_split_too(synthetic):
+    """refit (a chosen config's final model): every training image trains, the validation split among them (still
+    scored, in-sample); the cap applies to the whole; nothing to hold out for cv_folds."""
+    held_out, refit = make_splits(synthetic, split(0.2, 3)), make_splits(synthetic, split(0.2, 3, refit=True))
+    assert np.array_equal(refit.val_idx, held_out.val_idx) and len(refit.train_idx) == 2100
+    assert set(refit.train_idx.tolist()) == set(held_out.train_idx.tolist()) | set(held_out.val_idx.tolist())
+    limited = make_splits(synthetic, split(0.2, 3, refit=True, train_limit=700))
+    assert np.bincount(limited.train_y).tolist() == [100] * 7
+    # about a fifth of the 700 are validation images (the same seed's draw would have taken none of them)
+    assert 100 < len(np.intersect1d(limited.train_idx, limited.val_idx)) < 180
+    with pytest.raises(DataError, match="refit trains on every training image, so cv_folds=3 has no fold"):
+        make_splits(synthetic, split(0.2, 3, refit=True, cv_folds=3))
+
+
 def test_make_splits_errors(synthetic):
     with pytest.raises(DataError, match="unknown class 'joy'; available: angry, disgust"):
         make_splits(synthetic, split(0.2, 0, classes=["happy", "joy"]))

@@ -106,6 +106,9 @@ def test_val_from_publictest_validates_there_and_reports_privatetest():
     assert np.array_equal(s.test_x, decoded.test_x[12:]) and set(s.test_groups) == {"PrivateTest"}
     with pytest.raises(DataError, match="val_from='Public'"):
         make_splits(decoded, TrainConfig(val_from="Public"))
+    # refit changes nothing here: PublicTest is a test group, never trained on
+    refit = make_splits(decoded, TrainConfig(val_from="PublicTest", refit=True))
+    assert np.array_equal(refit.train_idx, s.train_idx) and np.array_equal(refit.val_x, s.val_x)
 
 
 # -- test-time augmentation ----------------------------------------------------------------------------------

@@ -82,10 +82,11 @@ def test_a_final_stage_killed_half_way_resumes(two_arch_search, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_final_stage_of_one_config_and_several_seeds(two_arch_search, tmp_path):
-    """The shipped per-model spaces' shape (top_k 1, seeds 3; here 2 seeds): the best config retrained once per
-    seed (seed, seed + 1), each member saying its seed, the ensemble of the seeds, best_config.yaml the chosen seed's
-    config; the page and the summary name the seeds."""
+def test_a_refit_final_stage_of_one_config_and_several_seeds(two_arch_search, tmp_path):
+    """The shipped per-model spaces' shape (top_k 1, seeds 3; here 2 seeds), refit: the best config retrained once
+    per seed (seed, seed + 1) on the validation split too, each member saying its seed and keeping its last epoch,
+    the ensemble of the seeds; the single model is the first seed's (validation trained, so it chooses nothing),
+    and best_config.yaml, the page and the summary say so and name the seeds."""
     from distributed.cli import final_lines
     from distributed.ensemble import final_stage
     from distributed.summary import collect
@@ -94,20 +95,25 @@ def test_a_final_stage_of_one_config_and_several_seeds(two_arch_search, tmp_path
     shutil.copytree(two_arch_search, exp)
     shutil.rmtree(exp / "final")
     top = collect(str(exp))["top"][0]["trial_id"]  # the search's best trial: the one config retrained
-    final_stage(exp, top_k=1, epochs=3, seeds=2, train_limit=200)
+    final_stage(exp, top_k=1, epochs=3, seeds=2, train_limit=200, refit=True)
     final = json.loads((exp / "final" / "ensemble.json").read_text())
-    assert final["seeds"] == 2 and [m["trial_id"] for m in final["members"]] == [top, top]
+    assert final["seeds"] == 2 and final["refit"] and [m["trial_id"] for m in final["members"]] == [top, top]
     trial = json.loads((exp / top / "result.json").read_text().splitlines()[-1])["train_config"]
-    assert sorted(m["seed"] for m in final["members"]) == [trial["seed"], trial["seed"] + 1]
+    assert [m["seed"] for m in final["members"]] == [trial["seed"], trial["seed"] + 1]  # the first seed: the model
     for m in final["members"]:
         run = Path(m["file"]).parent
         assert run.name == f"{top}-seed{m['seed'] - trial['seed']}"
         assert TrainConfig.load(run / "config.yaml") == TrainConfig.from_dict(
-            {**trial, "epochs": 3, "cv_folds": 0, "train_limit": 200, "seed": m["seed"]})
+            {**trial, "epochs": 3, "cv_folds": 0, "train_limit": 200, "seed": m["seed"], "refit": True})
+        assert m["best_epoch"] == 3  # nothing held out to pick an earlier epoch
     out = collect(str(exp))
     chosen = final["members"][0]
-    assert TrainConfig.load(exp / "best_config.yaml").seed == chosen["seed"]
-    assert f"trial {top}'s config (seed {chosen['seed']}) retrained for 3 epochs" in final_lines(out)[-1]
+    best = exp / "best_config.yaml"
+    assert TrainConfig.load(best).seed == chosen["seed"] and TrainConfig.load(best).refit
+    assert "refit on the validation split too" in best.read_text().splitlines()[0]
+    assert (f"trial {top}'s config (seed {chosen['seed']}) retrained for 3 epochs: refit on the validation split too"
+            in final_lines(out)[-1])
     assert "ensemble of 2 test_acc" in final_lines(out)[-1]
     page = (exp / "report.html").read_text()
-    assert "The best config retrained for 3 epochs (2 seeds)" in page and f"{top} seed {chosen['seed']}" in page
+    assert "The best config retrained for 3 epochs (2 seeds), refit on the validation split too" in page
+    assert f"{top} seed {chosen['seed']}" in page

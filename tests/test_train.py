@@ -10,7 +10,7 @@ import torch
 
 from distributed.config import HISTORY_FILE, TrainConfig
 from distributed.data import decode_data
-from distributed.modelfile import load_model, load_state
+from distributed.modelfile import BEST_FILE, load_model, load_state
 from distributed.train import LocalRun, epoch_batches, make_schedule, steps_per_epoch, train_loop
 
 TINY = dict(model="small_cnn", epochs=2, batch_size=64, train_limit=280, augment=False, lr_head=3e-3,
@@ -58,9 +58,21 @@ def test_resume_continues_from_the_checkpoint(synthetic, tmp_path):
     assert [h["val_loss"] for h in saved] == [r["val_loss"] for r in first.reports + again.reports]
 
 
+def test_refit_keeps_the_last_epoch_where_held_out_validation_keeps_its_best(synthetic, tmp_path):
+    """refit trains on the validation images, so their score picks nothing: the model file is the last epoch's.
+    The same run without refit (same seed, same rate, hot enough to wander) keeps an earlier epoch."""
+    cfg = TrainConfig(**{**TINY, "epochs": 4, "lr_head": 3e-2, "lr_backbone": None, "schedule": "constant"})
+    kept, reports = {}, {}
+    for refit in (False, True):
+        run = LocalRun(device="cpu", checkpoint_dir=tmp_path / str(refit))
+        train_loop(cfg.replace(refit=refit), synthetic, run)
+        kept[refit], reports[refit] = load_model(tmp_path / str(refit) / BEST_FILE)[3]["epoch"], run.reports
+    assert kept == {False: 1, True: 4}
+    assert all(r["best_val_acc"] == r["val_acc"] for r in reports[True])  # each epoch is the newest model
+
+
 def test_best_model_file_loads_and_scores_like_the_loop(synthetic, tmp_path):
     from distributed.evaluate import predict
-    from distributed.modelfile import BEST_FILE
     from distributed.splits import make_splits
 
     cfg = TrainConfig(**TINY)
@@ -191,7 +203,6 @@ def test_loop_on_cuda_with_amp_and_channels_last(synthetic, tmp_path):
     model file loads back on the CPU."""
     import math
 
-    from distributed.modelfile import BEST_FILE
 
     cfg = TrainConfig(**{**TINY, "epochs": 1, "amp": True, "channels_last": True, "augment": True,
                          "mixup_alpha": 0.2})
