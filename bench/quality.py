@@ -311,7 +311,7 @@ def main(argv=None) -> int:
         for seed in range(args.first_seed, args.seeds):
             where = out / name / f"seed{seed}" if args.seeds > 1 else out / name
             results.append(one_dataset(name, args.budget, root, where, compute, seed, args.search_sets))
-        (out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")  # after each: a crash keeps the rest
+            (out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")  # after each: a crash keeps the rest
     print(f"\n{args.budget} budget, {time.perf_counter() - tic:.0f} s in all; results in {out}")
     print_table(results)
     print_paired(results)
