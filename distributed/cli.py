@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit", action="store_true",
                    help="with --retrain: train the members on the validation split too (TrainConfig.refit); the "
                         "single model is then the best config's first member, not chosen by validation")
+    p.add_argument("--keep-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --retrain: each member is its last epoch (default), or with --no-keep-last its best "
+                        "validation epoch (TrainConfig.keep_last; a space's final: {keep_last: ...})")
     p.add_argument("--tta", choices=TTA_MODES, default=None,
                    help="test-time augmentation (default: the best trial's tta setting)")
     p.add_argument("--output", default=None, help="default: EXPERIMENT/ensemble_topK")
@@ -169,7 +172,8 @@ def cmd_tune(args) -> int:
     final = read_meta(exp).get("final") or {}
     if final.get("top_k") and "://" in exp:
         print(f"emotune: the final stage runs on local (or NFS) experiments only; for {exp}, download it and run "
-              f"`emotune ensemble EXPERIMENT --top {final['top_k']} --retrain{' --refit' if final.get('refit') else ''}`",
+              f"`emotune ensemble EXPERIMENT --top {final['top_k']} --retrain{' --refit' if final.get('refit') else ''}"
+              f"{' --no-keep-last' if final.get('keep_last') is False else ''}`",
               file=sys.stderr)
     elif final.get("top_k"):
         from distributed.ensemble import final_stage
@@ -177,10 +181,11 @@ def cmd_tune(args) -> int:
 
         data = f"on {final['train_limit']} training images" if final.get("train_limit") else "on every training image"
         data += ", the validation split's included (refit)" if final.get("refit") else ""
+        data += ", each member its last epoch" if final.get("keep_last") or final.get("refit") else ""
         print(f"emotune: final stage: {final_shape(final['top_k'], final['seeds'], final['epochs'])} {data}, then "
               f"tested once", flush=True)
         final_stage(exp, final["top_k"], final["epochs"], final["seeds"], final.get("train_limit", 0),
-                    final.get("refit", False), address=args.address)
+                    final.get("refit", False), final.get("keep_last", False), address=args.address)
         out = collect(exp, top=args.top)
     print_summary(out)
     return 0
@@ -197,6 +202,8 @@ def final_lines(out: dict) -> list[str]:
     val = next((f"{column_name(k)} {v:.4f}" for k, v in chosen.items() if k.startswith(BEST + "val")), "")
     if final.get("refit"):  # its validation images trained: the figure would flatter it
         val = "refit on the validation split too"
+    elif final.get("keep_last"):
+        val += " at its last epoch"
     lines = []
     if search_best:
         lines.append(f"search: best {metric} {search_best[f'best_{metric}']:.4f} (trial {search_best['trial_id']}, "
@@ -370,7 +377,7 @@ def cmd_ensemble(args) -> int:
     from distributed.ensemble import accuracy_gain, run_ensemble
 
     out = run_ensemble(args.experiment, args.top, output=args.output, retrain=args.retrain, tta=args.tta,
-                       address=args.address, refit=args.refit)
+                       address=args.address, refit=args.refit, keep_last=args.keep_last)
     ens, one = out["ensemble"]["all"], out["single_best"]["all"]
     print(f"\ntest_acc: ensemble of {len(out['members'])} {ens['test_acc']:.4f}, best single {one['test_acc']:.4f} "
           f"({accuracy_gain(out):+.1f} points; tta {out['tta']})")

@@ -97,6 +97,10 @@ class TrainConfig:
     refit: bool = knob(False, "train on the carved validation split too (a chosen config's final model: nothing "
                        "left to choose, so nothing held out); the last epoch's weights are the model and val_ figures "
                        "are on trained images. A search rejects it; with val_from nothing changes (that set is held out)")
+    keep_last: bool = knob(False, "the model kept is the last epoch's, not the best validation epoch's, and nothing "
+                           "stops early: for a config whose length is already decided (a final stage), where the "
+                           "best of 40-80 epochs on ~100 validation faces is partly noise (BENCHMARKS.md 5); "
+                           "validation still scores every epoch, held out. refit implies it")
     # optimisation
     epochs: int = knob(10, "training epochs", low=1, high=10_000)
     batch_size: int = knob(64, "per-worker batch size", low=1, high=4096)

@@ -18,6 +18,7 @@ import torch
 from distributed.config import ConfigError, TrainConfig
 from distributed.evaluate import predict, write_test_report
 from distributed.modelfile import BEST_FILE, MODEL_FORMAT, ModelFileError, load_file, model_from_blob
+from distributed.space_sections import FINAL_KEEP_LAST
 
 ENSEMBLE_FORMAT = "emotune-ensemble/1"
 MODEL_FILE = "ensemble_model.pt"
@@ -87,16 +88,18 @@ def top_trials(exp: str | Path, k: int) -> list[tuple[dict, dict, str]]:
 
 def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: bool = False,
                  tta: str | None = None, address: str | None = None, epochs: int | None = None,
-                 seeds: int = 1, train_limit: int | None = None, refit: bool = False) -> dict:
+                 seeds: int = 1, train_limit: int | None = None, refit: bool = False,
+                 keep_last: bool | None = None) -> dict:
     """`emotune ensemble` and a search's final stage: everything checked before any training starts; then (with
     retrain) one `emotune train` per member and seed, at `epochs` (default: each config's own budget) and on
-    `train_limit` training images (default: the config's own; 0: all), with `refit` on the validation split too;
+    `train_limit` training images (default: the config's own; 0: all), with `refit` on the validation split too,
+    each member its last epoch with `keep_last` (None: FINAL_KEEP_LAST) or refit, else its best validation epoch;
     one test evaluation of the ensemble and of its single best member, and the reports of `emotune train`.
 
     The single best member is the search's best trial, or with retrain the retrained member with the best
-    validation score (test never chooses); with refit, whose validation images trained, the best config's first
-    seed. A retrained member whose run directory exists resumes (or, finished, is only scored again): an
-    interrupted final stage goes on where it stopped."""
+    validation score (test never chooses; with keep_last, its last epoch's); with refit, whose validation images
+    trained, the best config's first seed. A retrained member whose run directory exists resumes (or, finished,
+    is only scored again): an interrupted final stage goes on where it stopped."""
     from distributed import results, storage
     from distributed.config import TTA_MODES, better
     from distributed.data import load_data
@@ -109,8 +112,10 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     exp = Path(exp).resolve()
     if tta is not None and tta not in TTA_MODES:
         raise ConfigError(f"--tta {tta}: choose from {', '.join(TTA_MODES)}")
-    if refit and not retrain:
-        raise ConfigError("--refit retrains the members on the validation split too; add --retrain")
+    if (refit or keep_last is not None) and not retrain:
+        flag = "--refit" if refit else "--keep-last" if keep_last else "--no-keep-last"
+        raise ConfigError(f"{flag} shapes how the members are retrained; add --retrain")
+    keep_last = FINAL_KEEP_LAST if keep_last is None else keep_last
     chosen = top_trials(exp, top)
     out = Path(output).resolve() if output else exp / (f"ensemble_top{top}" + ("_refit" if refit else
                                                                                "_retrained" if retrain else ""))
@@ -131,6 +136,7 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
                 # cv_folds off: the retrained member learns from all of train, not from one fold
                 cfg_run = TrainConfig.from_dict({**cfg, "cv_folds": 0, "epochs": epochs or cfg["epochs"],
                                                  "seed": cfg["seed"] + seed, "refit": refit,
+                                                 "keep_last": keep_last or cfg.get("keep_last", False),
                                                  "train_limit": cfg["train_limit"] if train_limit is None
                                                  else train_limit})
                 run_dir = out / "retrain" / (row["trial_id"] + (f"-seed{seed}" if seeds > 1 else ""))
@@ -150,7 +156,7 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     tta = tta or ensemble.config.tta
     x = torch.from_numpy(splits.test_x)
     summary = {"experiment": str(exp), "tta": tta, "retrained": retrain, "epochs": epochs, "seeds": seeds,
-               "refit": in_sample,
+               "refit": in_sample, "keep_last": retrain and (keep_last or in_sample or first.keep_last),
                "members": [{"trial_id": row["trial_id"], "model": row["model"], "file": str(p),
                             **({"seed": ran["seed"], "epochs": ran["epochs_run"], "best_epoch": ran["best_epoch"],
                                 **{k: v for k, v in ran.items() if k.startswith("best_val") or k.startswith("test_")}}
@@ -170,18 +176,19 @@ FINAL_DIR = "final"
 
 
 def final_stage(exp: str | Path, top_k: int, epochs: int, seeds: int = 1, train_limit: int = 0,
-                refit: bool = False, address: str | None = None) -> dict:
+                refit: bool = False, keep_last: bool = FINAL_KEEP_LAST, address: str | None = None) -> dict:
     """A search's final stage: its top_k configs retrained at the full budget (`epochs`, `seeds` seeds each) by
-    `emotune train` (with refit, on the validation split too), the ensemble of those members and the best of them
-    by validation (refit: the best config's first seed) tested once on the test split (run_ensemble with retrain:
-    the same mechanism as `emotune ensemble --retrain [--refit]`). best_config.yaml becomes the config as
+    `emotune train` (with refit, on the validation split too; with keep_last or refit, each its last epoch), the
+    ensemble of those members and the best of them by validation (refit: the best config's first seed) tested once
+    on the test split (run_ensemble with retrain: the same mechanism as `emotune ensemble --retrain [--refit]
+    [--keep-last]`). best_config.yaml becomes the config as
     retrained; `emotune best` and report.html read the record."""
     k = min(top_k, len(usable_trials(exp)))  # a search with fewer finished trials retrains what it has
     if k < 1:
         raise ConfigError(f"{exp}: no trial finished with a model, so there is nothing for the final stage to "
                           f"retrain; see the leaderboard's errors")
     return run_ensemble(exp, k, output=str(Path(exp) / FINAL_DIR), retrain=True, epochs=epochs, seeds=seeds,
-                        train_limit=train_limit, refit=refit, address=address)
+                        train_limit=train_limit, refit=refit, keep_last=keep_last, address=address)
 
 
 def accuracy_gain(summary: dict) -> float:

@@ -114,7 +114,8 @@ def final_html(final: dict, rows: list[dict], metric: str) -> str:
     ens, one = final["ensemble"]["all"]["test_acc"], final["single_best"]["all"]["test_acc"]
     shape = final_shape(len({m["trial_id"] for m in final["members"]}), final["seeds"], final["epochs"])
     how = ("refit on the validation split too (so its figures are in-sample), the single model the best config's "
-           "first seed" if final.get("refit") else "the single model chosen by validation")
+           "first seed" if final.get("refit") else "the single model chosen by validation"
+           + (" at each member's last epoch" if final.get("keep_last") else ""))
     return (f"<p>{shape[0].upper() + shape[1:]}, {how}; test touched once: the "
             f"chosen member <b>{one:.4f}</b>, the ensemble of all "
             f"{len(final['members'])} <b>{ens:.4f}</b> (tta {html.escape(str(final['tta']))}).</p>"

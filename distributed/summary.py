@@ -89,7 +89,8 @@ def write_final_best_config(path: str, final: dict, meta: dict) -> None:
     how = f"chosen by validation among {len(final['members'])} retrained members"
     if final.get("refit"):  # validation trained too: nothing chose, the best config's first seed is the model
         val, how = "refit on the validation split too", f"the first of {len(final['members'])} retrained members"
-    header = (f"final stage: trial {chosen['trial_id']}'s config retrained for {config['epochs']} epochs (best epoch "
+    kept = "last" if final.get("keep_last") else "best"
+    header = (f"final stage: trial {chosen['trial_id']}'s config retrained for {config['epochs']} epochs ({kept} epoch "
               f"{chosen.get('best_epoch')}): {val}, test_acc = {chosen['test_acc']:.4f}; {how}\n"
               f"search space: {meta.get('space_file')}  overrides: {' '.join(meta.get('overrides', [])) or 'none'}\n"
               f"git commit: {meta.get('git_commit', 'unknown')}\n"

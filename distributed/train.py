@@ -57,7 +57,7 @@ def train_loop(cfg: TrainConfig, data: Decoded | None, run: "Run") -> None:
     for a model that has seen all of train.
 
     With cfg.refit the validation split trains too (a chosen config's final model): it is still scored each epoch,
-    in-sample, and the model kept is the last epoch's."""
+    in-sample, and the model kept is the last epoch's; with cfg.keep_last too, validation still held out."""
     torch.manual_seed(cfg.seed)  # same initial weights on every rank; DDP also broadcasts rank 0's
     # Every training batch has one shape, so cuDNN's per-shape algorithm search pays off from the second step on.
     torch.backends.cudnn.benchmark = run.device.type == "cuda"
@@ -118,8 +118,8 @@ def train_loop(cfg: TrainConfig, data: Decoded | None, run: "Run") -> None:
                        trainable_stages=members[0].trainable, num_params=sum(p.numel() for p in members[0].net.parameters()),
                        run_start_epoch=run_start, node=run.node, torch_threads=torch.get_num_threads())
         value = metrics[cfg.monitor]
-        # refit: the validation images train too, so every epoch is the newest model (no early stop either)
-        improved = best is None or in_sample or better(cfg.monitor, value, best["value"])
+        # refit (the validation images train too) and keep_last: every epoch is the newest model, no early stop
+        improved = best is None or in_sample or cfg.keep_last or better(cfg.monitor, value, best["value"])
         if improved:
             best, bad_epochs = {"value": value, "epoch": epoch}, 0
         else:

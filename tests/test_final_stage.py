@@ -33,14 +33,20 @@ def test_the_final_stage_retrains_the_winners_and_tests_them_once(two_arch_searc
         assert [h["epoch"] for h in pq.read_table(run / "metrics.parquet").to_pylist()] == [1, 2, 3]
         cfg = TrainConfig.load(run / "config.yaml")
         trial = json.loads((exp / m["trial_id"] / "result.json").read_text().splitlines()[-1])["train_config"]
-        assert cfg == TrainConfig.from_dict({**trial, "epochs": 3, "cv_folds": 0, "train_limit": 200})
+        assert cfg == TrainConfig.from_dict({**trial, "epochs": 3, "cv_folds": 0, "train_limit": 200, "keep_last": True})
         assert json.loads((run / "test_metrics.json").read_text())["all"]["test_acc"] == m["test_acc"]
-    # the chosen member (listed first) is the best by validation after retraining, never by test
+    # each member is its last epoch (the stage's default keep_last), its validation figure that epoch's; the chosen
+    # member (listed first) is the best by that held-out validation after retraining, never by test
+    assert final["keep_last"] and all(m["best_epoch"] == 3 for m in final["members"])
+    for m in final["members"]:
+        last = pq.read_table(Path(m["file"]).parent / "metrics.parquet").to_pylist()[-1]
+        assert m["best_val_acc"] == pytest.approx(last["val_acc"])
     vals = [m["best_val_acc"] for m in final["members"]]
     assert vals[0] == max(vals)
     chosen = TrainConfig.load(Path(final["members"][0]["file"]).parent / "config.yaml")
     best = exp / "best_config.yaml"
-    assert TrainConfig.load(best) == chosen and best.read_text().startswith("# final stage: trial ")
+    assert TrainConfig.load(best) == chosen and chosen.keep_last
+    assert best.read_text().startswith("# final stage: trial ") and "epochs (last epoch 3)" in best.read_text()
     # the ensemble's figure is its own model file scored on the test split
     splits = make_splits(load_data(chosen), chosen)
     pred = load_predictor(exp / "final" / "ensemble_model.pt").probs(torch.from_numpy(splits.test_x)).argmax(1)
@@ -104,7 +110,8 @@ def test_a_refit_final_stage_of_one_config_and_several_seeds(two_arch_search, tm
         run = Path(m["file"]).parent
         assert run.name == f"{top}-seed{m['seed'] - trial['seed']}"
         assert TrainConfig.load(run / "config.yaml") == TrainConfig.from_dict(
-            {**trial, "epochs": 3, "cv_folds": 0, "train_limit": 200, "seed": m["seed"], "refit": True})
+            {**trial, "epochs": 3, "cv_folds": 0, "train_limit": 200, "seed": m["seed"], "refit": True,
+             "keep_last": True})
         assert m["best_epoch"] == 3  # nothing held out to pick an earlier epoch
     out = collect(str(exp))
     chosen = final["members"][0]

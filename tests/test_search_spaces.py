@@ -100,17 +100,21 @@ def test_set_reaches_every_section_through_the_files_own_checks():
     """--set section.key=value for the space's own sections (not TrainConfig fields), as if the file said it."""
     space = load_space(SPACES / "quick.yaml", ["scaling.workers=2", "scaling.worker_group=always", "search.seed=7",
                                                 "scheduler.asha.grace_period=2", "final.top_k=1", "final.epochs=9",
-                                                "final.refit=true", "num_samples=3", "epochs=4"])
+                                                "final.refit=true", "final.keep_last=false", "num_samples=3",
+                                                "epochs=4"])
     assert space.scaling.workers == 2 and space.worker_group == "always" and space.asha["grace_period"] == 2
     assert space.seed == 7 and space.fixed["epochs"] == 4
     assert space.final["top_k"] == 1 and space.final["epochs"] == 9 and space.num_samples == 3
     assert space.final["refit"] is True and load_space(SPACES / "quick.yaml").final["refit"] is False
+    assert space.final["keep_last"] is False
+    assert load_space(SPACES / "quick.yaml", ["final.keep_last=true"]).final["keep_last"] is True
     assert load_space(SPACES / "quick.yaml", ["scheduler=none"]).asha is None
     for pair, message in (("scheduler.asha.grace_period=0", r"\(with --set\): scheduler\.asha\.grace_period: 0 is out "
                                                             r"of range"),
                           ("search.sed=1", r"\(with --set\): search: unknown key 'sed'; did you mean 'seed'\?"),
                           ("final.epochs=1", r"final\.epochs: 1 is below the search's own"),
                           ("final.refit=often", r"final\.refit: 'often' is not true or false"),
+                          ("final.keep_last=1", r"final\.keep_last: 1 is not true or false"),
                           # refit trains on the validation images: a search's trials could not be compared
                           ("refit=true", r"refit trains on the validation images, so the trials could not be "
                                          r"compared; drop it here and set final: \{refit: true\}")):

@@ -58,17 +58,22 @@ def test_resume_continues_from_the_checkpoint(synthetic, tmp_path):
     assert [h["val_loss"] for h in saved] == [r["val_loss"] for r in first.reports + again.reports]
 
 
-def test_refit_keeps_the_last_epoch_where_held_out_validation_keeps_its_best(synthetic, tmp_path):
+def test_refit_and_keep_last_keep_the_last_epoch_where_held_out_validation_keeps_its_best(synthetic, tmp_path):
     """refit trains on the validation images, so their score picks nothing: the model file is the last epoch's.
-    The same run without refit (same seed, same rate, hot enough to wander) keeps an earlier epoch."""
-    cfg = TrainConfig(**{**TINY, "epochs": 4, "lr_head": 3e-2, "lr_backbone": None, "schedule": "constant"})
+    keep_last keeps it too, on the same held-out validation (its curve is the plain run's, epoch by epoch). The
+    plain run (same seed, same rate, hot enough to wander) keeps an earlier epoch."""
+    cfg = TrainConfig(**{**TINY, "epochs": 4, "lr_head": 3e-2, "lr_backbone": None, "schedule": "constant",
+                         "early_stop_patience": 2})
     kept, reports = {}, {}
-    for refit in (False, True):
-        run = LocalRun(device="cpu", checkpoint_dir=tmp_path / str(refit))
-        train_loop(cfg.replace(refit=refit), synthetic, run)
-        kept[refit], reports[refit] = load_model(tmp_path / str(refit) / BEST_FILE)[3]["epoch"], run.reports
-    assert kept == {False: 1, True: 4}
-    assert all(r["best_val_acc"] == r["val_acc"] for r in reports[True])  # each epoch is the newest model
+    for name, change in (("plain", {}), ("refit", {"refit": True}), ("keep_last", {"keep_last": True})):
+        run = LocalRun(device="cpu", checkpoint_dir=tmp_path / name)
+        train_loop(cfg.replace(**change), synthetic, run)
+        kept[name], reports[name] = load_model(tmp_path / name / BEST_FILE)[3]["epoch"], run.reports
+    assert kept == {"plain": 1, "refit": 4, "keep_last": 4}  # and neither stops early (patience 2 stopped plain)
+    assert len(reports["plain"]) == 3 and [r["epoch"] for r in reports["keep_last"]] == [1, 2, 3, 4]
+    assert all(r["best_val_acc"] == r["val_acc"] for name in ("refit", "keep_last") for r in reports[name])
+    # keep_last holds validation out: its epochs score exactly as the plain run's did
+    assert [r["val_acc"] for r in reports["keep_last"][:3]] == [r["val_acc"] for r in reports["plain"]]
 
 
 def test_best_model_file_loads_and_scores_like_the_loop(synthetic, tmp_path):

@@ -44,12 +44,13 @@ def test_default_tune_end_to_end_and_best_config_reruns(ray_local, tmp_path, mon
     assert not [w for w in ("Trial status", "Checkpoint successfully created", "A new study created") if w in out]
     best, worst = rows[0]["best_val_acc"], rows[-1]["best_val_acc"]
     assert best > worst + 0.15, (best, worst)
-    # The final stage retrained the top 2 configs for 8 epochs and chose one by validation; it says so beside the
-    # search's figure, and best_config.yaml is that member's config as retrained.
+    # The final stage retrained the top 2 configs for 8 epochs, kept each one's last epoch and chose one by
+    # validation; it says so beside the search's figure, and best_config.yaml is that member's config as retrained.
     final = json.loads((exp / "final" / "ensemble.json").read_text())
     assert len(final["members"]) == 2 and {m["trial_id"] for m in final["members"]} == {r["trial_id"] for r in rows[:2]}
     assert re.search(rf"^search: best val_acc {best:.4f} \(trial {rows[0]['trial_id']}, ", out, re.M), out[-3000:]
-    assert re.search(r"^final:  trial \S+'s config retrained for 8 epochs: val_acc [\d.]+, test_acc [\d.]+; "
+    assert re.search(r"^final:  trial \S+'s config retrained for 8 epochs: val_acc [\d.]+ at its last epoch, "
+                     r"test_acc [\d.]+; "
                      r"ensemble of 2 test_acc [\d.]+$", out, re.M), out[-3000:]
     header = (exp / "best_config.yaml").read_text()
     assert header.startswith(f"# final stage: trial {final['members'][0]['trial_id']}'s config retrained for 8 epochs")
