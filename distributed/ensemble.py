@@ -181,8 +181,8 @@ def final_stage(exp: str | Path, top_k: int, epochs: int, seeds: int = 1, train_
     `emotune train` (with refit, on the validation split too; with keep_last or refit, each its last epoch), the
     ensemble of those members and the best of them by validation (refit: the best config's first seed) tested once
     on the test split (run_ensemble with retrain: the same mechanism as `emotune ensemble --retrain [--refit]
-    [--keep-last]`). best_config.yaml becomes the config as
-    retrained; `emotune best` and report.html read the record."""
+    [--no-keep-last]`). best_config.yaml becomes the config as retrained; `emotune best` and report.html read the
+    record."""
     k = min(top_k, len(usable_trials(exp)))  # a search with fewer finished trials retrains what it has
     if k < 1:
         raise ConfigError(f"{exp}: no trial finished with a model, so there is nothing for the final stage to "

@@ -57,7 +57,8 @@ def train_loop(cfg: TrainConfig, data: Decoded | None, run: "Run") -> None:
     for a model that has seen all of train.
 
     With cfg.refit the validation split trains too (a chosen config's final model): it is still scored each epoch,
-    in-sample, and the model kept is the last epoch's; with cfg.keep_last too, validation still held out."""
+    in-sample, and the model kept is the last epoch's. cfg.keep_last keeps the last epoch's too, its validation
+    held out (a final stage, whose length the search decided)."""
     torch.manual_seed(cfg.seed)  # same initial weights on every rank; DDP also broadcasts rank 0's
     # Every training batch has one shape, so cuDNN's per-shape algorithm search pays off from the second step on.
     torch.backends.cudnn.benchmark = run.device.type == "cuda"
