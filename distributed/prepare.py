@@ -77,10 +77,21 @@ def prepare_search(space_file: str, overrides: list[str], storage_path: str = "r
     joining = bool(address or os.environ.get("RAY_ADDRESS"))
     node_types, notes = search_node_types(cluster, joining)
     if not joining:
-        # refuse an impossible request before starting Ray
+        # refuse an impossible request, or a local Ray without token auth, before starting Ray
+        check_auth_mode()
         plan_trials(space, local_nodes(count_gpus=space.scaling.gpus_per_worker > 0))
     storage.check_writable(exp)  # last check (it creates a local experiment directory)
     return Prepared(space, space_file, exp, data, node_types, notes)
+
+
+def check_auth_mode() -> None:
+    """The local Ray that emotune starts runs with token auth on: with RAY_AUTH_MODE unset, Ray 2.60's ray.init()
+    turns it on itself for a new local cluster (and creates ~/.ray/auth_token if there is none); set to token, it is
+    on. (Setting the variable here would not do: Ray reads it when imported, and its processes would then disagree
+    with it about the token.) Anything else turns it off, which we refuse."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        raise ConfigError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: emotune starts its local Ray with token "
+                          f"auth on; unset RAY_AUTH_MODE (or set it to token)")
 
 
 def check_reachable(address: str) -> None:

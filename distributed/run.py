@@ -15,7 +15,7 @@ from pathlib import Path
 from distributed import storage
 from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, HISTORY_FILE, ConfigError, Scaling, TrainConfig
 from distributed.modelfile import BEST_FILE, STATE_FILE, checkpoint_state, load_state
-from distributed.prepare import check_reachable
+from distributed.prepare import check_auth_mode, check_reachable
 from distributed.progress import epoch_line, follow, progress_callback, tensorboard_callback, write_scalars
 from distributed.train import Run, train_loop
 
@@ -116,13 +116,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
         except ConnectionError as exc:  # "auto" with no cluster on this machine
             raise ConfigError(f"--address {address}: {str(exc).splitlines()[0]}") from None
     else:
-        # Token auth ON for the instance we start: with RAY_AUTH_MODE unset, Ray 2.60's ray.init() turns it on
-        # itself for a new local cluster (and creates ~/.ray/auth_token if there is none); set to token, it is on.
-        # (Setting the variable here would not do: Ray reads it when imported, and its processes would then
-        # disagree with it about the token.) Anything else turns it off, which we refuse.
-        if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
-            raise ConfigError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: emotune starts its local Ray with token "
-                              f"auth on; unset RAY_AUTH_MODE (or set it to token)")
+        check_auth_mode()  # token auth ON for the instance we start
         if not verbose:
             # A local instance is this user's own: its token notice and the preemption watcher (it polls for
             # draining cloud nodes, and on a laptop logs a failed poll with a traceback) say nothing to act on.

@@ -362,8 +362,10 @@ def make_schedule(cfg: TrainConfig, optimizer, peak_lrs: list[float], total_step
 
 
 def set_trainable(groups: list[nn.Module], cfg: TrainConfig, epoch: int) -> int:
-    """Returns how many stages (from the head) train this epoch. The source recipe: head only for 10 epochs,
-    then layer4, layer3, layer2, then all, every 10 epochs (unfreeze_start=11, unfreeze_every=10)."""
+    """Returns how many stages (from the head) train this epoch (1-based). progressive: the head alone before
+    epoch unfreeze_start, then one more stage every unfreeze_every epochs. The source recipe (head only for 10
+    epochs, then layer4, layer3, layer2, then all, every 10 epochs) is unfreeze_start=11, unfreeze_every=10; the
+    default unfreeze_start=10 starts one epoch sooner."""
     if cfg.freeze == "none":
         n = len(groups)
     elif cfg.freeze == "frozen":

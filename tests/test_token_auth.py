@@ -63,3 +63,14 @@ def test_a_shell_that_disables_token_auth_is_refused_before_ray_starts(tmp_path)
     assert r.returncode != 0
     assert "RAY_AUTH_MODE=disabled: emotune starts its local Ray with token auth on; unset RAY_AUTH_MODE" in r.stderr
     assert not (tmp_path / ".ray").exists() and not any(tmp_path.glob("ray/session_*"))  # no Ray started
+
+    # `emotune tune` says so in one line, exit 2, before it writes anything (checked with the space and the data)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env.update(RAY_TMPDIR=str(tmp_path), HOME=str(tmp_path), RAY_AUTH_MODE="disabled")
+    r = subprocess.run([sys.executable, "-m", "distributed", "tune", "--storage-path", str(tmp_path / "results")],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == ["emotune: error: RAY_AUTH_MODE=disabled: emotune starts its local Ray "
+                                             "with token auth on; unset RAY_AUTH_MODE (or set it to token)"], r.stderr
+    assert not any((tmp_path / "results").rglob("*")), list((tmp_path / "results").rglob("*"))
+    assert not any(tmp_path.glob("ray/session_*"))
