@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from distributed.config import ConfigError, TrainConfig
+from distributed.config import ConfigError, Scaling, TrainConfig
 from distributed.evaluate import predict, write_test_report
 from distributed.modelfile import BEST_FILE, MODEL_FORMAT, ModelFileError, load_file, model_from_blob
 from distributed.space_sections import FINAL_KEEP_LAST
@@ -127,7 +127,9 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     members = [(row, path, None) for row, _, path in chosen]  # (row, model file, retrained run's summary)
     if retrain:
         meta = read_meta(str(exp))
-        scaling = load_space(exp / "space.yaml", meta["overrides"]).scaling
+        # an experiment from before emotune.json recorded scaling: its space file, as searched
+        scaling = (Scaling(**meta["scaling"]) if "scaling" in meta
+                   else load_space(exp / "space.yaml", meta["overrides"]).scaling)
         if in_process(scaling, address):  # members train one after another here: each may use every core
             scaling = replace(scaling, cpus_per_worker=max(scaling.cpus_per_worker, local_cpus()))
         members = []

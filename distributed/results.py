@@ -254,11 +254,13 @@ def git_commit() -> str:
 
 def write_meta(exp: str, space_file: str, overrides: list[str], space: SearchSpace) -> None:
     """emotune.json: what `emotune best` and --resume need, so nothing here re-reads the search space."""
+    from dataclasses import asdict
     from datetime import datetime, timezone
 
     from distributed.config import TrainConfig
 
     write_json({"space_file": str(space_file), "overrides": list(overrides), "num_samples": space.num_samples,
+                "scaling": asdict(space.scaling),
                 "metric": space.metric, "mode": space.mode, "objectives": [list(o) for o in space.objectives],
                 "models": space.model_choices(), "model": space.fixed.get("model", TrainConfig().model),
                 "epochs": space.epochs(), "final": space.final, "git_commit": git_commit(),
@@ -266,8 +268,8 @@ def write_meta(exp: str, space_file: str, overrides: list[str], space: SearchSpa
 
 
 def read_meta(exp: str, resuming: bool = False) -> dict:
-    """An experiment's emotune.json (write_meta): what the search was (metric, mode, objectives, models), so
-    nothing here needs the search space. resuming: a missing file is a --resume with nothing to resume."""
+    """An experiment's emotune.json (write_meta): what the search was (metric, mode, objectives, models, scaling),
+    so nothing here needs the search space. resuming: a missing file is a --resume with nothing to resume."""
     from distributed.config import ConfigError
 
     meta_file = storage.join(exp, "emotune.json")

@@ -25,6 +25,9 @@ def test_the_final_stage_retrains_the_winners_and_tests_them_once(two_arch_searc
     exp = two_arch_search  # conftest: 2 trials of 2 epochs, final: {top_k: 2, epochs: 3, train_limit: 200}
     final = json.loads((exp / "final" / "ensemble.json").read_text())
     assert final["retrained"] and final["epochs"] == 3 and final["seeds"] == 1 and len(final["members"]) == 2
+    # the stage trained its members with the search's scaling, which emotune.json records (no space re-read)
+    assert json.loads((exp / "emotune.json").read_text())["scaling"] == {"workers": 1, "cpus_per_worker": 1.0,
+                                                                        "gpus_per_worker": 0.0}
     trials = {m["trial_id"] for m in final["members"]}
     assert trials == {d.name for d in exp.iterdir() if (d / "result.json").is_file()}
     for m in final["members"]:
