@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench import proc
+from distributed.storage import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -79,13 +80,9 @@ def read_results(out: str | Path) -> dict:
 def record(out: str | Path, key: str, value) -> None:
     """Merge `value` under `key` into OUT/results.json, written through a rename so a kill never leaves half a
     file. Steps run one at a time, so read-modify-write is safe."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     results = read_results(out)
     results[key] = value
-    tmp = out / f".{RESULTS}.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    tmp.replace(out / RESULTS)
+    write_atomic(Path(out) / RESULTS, (json.dumps(results, indent=1, default=str) + "\n").encode())
 
 
 def spread(values: list[float]) -> dict:

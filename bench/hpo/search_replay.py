@@ -410,7 +410,7 @@ def replay(tables: list[Table], seeds: int, trials: int | None, strategies: list
 
 # ------------------------------------------------------------------------------------------- reports
 
-def spread(values: list[float], fmt: str) -> str:
+def median_iqr(values: list[float], fmt: str) -> str:
     # "not reached" (inf) sorts last; a quartile that falls on it reads inf
     q1, med, q3 = np.percentile(np.nan_to_num(values, posinf=1e300), [25, 50, 75])
     q1, med, q3 = (math.inf if v >= 1e200 else v for v in (q1, med, q3))
@@ -432,10 +432,10 @@ def markdown(rows: list[dict]) -> str:
         for strategy, k in dict.fromkeys((r["strategy"], r["concurrency"]) for r in mine):
             rs = [r for r in mine if r["strategy"] == strategy and r["concurrency"] == k]
             lines.append("| " + " | ".join([
-                label, strategy, str(k), spread([r["reach"] for r in rs], ".2f"),
+                label, strategy, str(k), median_iqr([r["reach"] for r in rs], ".2f"),
                 f"{sum(math.isfinite(r['reach']) for r in rs)}/{len(rs)}",
-                *(spread([r[f"regret_{s:g}"] for r in rs], ".1f") for s in BUDGETS),
-                spread([r["pick_test_0.25"] for r in rs], ".3f"), spread([r["pick_test_1"] for r in rs], ".3f"),
+                *(median_iqr([r[f"regret_{s:g}"] for r in rs], ".1f") for s in BUDGETS),
+                median_iqr([r["pick_test_0.25"] for r in rs], ".3f"), median_iqr([r["pick_test_1"] for r in rs], ".3f"),
             ]) + " |")
             label = ""
     return "\n".join(lines) + "\n"
