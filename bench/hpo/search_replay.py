@@ -342,8 +342,7 @@ def synchronous_sh(table: Table, seed: int, budget: int, n: int, grace: int, rf:
     before the budget is followed by a new one with fresh configs. -> {"trace"} as search() returns it."""
     sampler = optuna.samplers.RandomSampler(seed=seed)
     study = optuna.create_study(direction="maximize", sampler=sampler, study_name=f"sync-sh seed {seed}")
-    rungs = [grace * rf ** k for k in range(int(math.log(table.epochs / grace) / math.log(rf)) + 1)
-             if grace * rf ** k < table.epochs] + [table.epochs]
+    rungs = [r for r in ray_rungs(grace, rf, table.epochs) if r < table.epochs] + [table.epochs]
     best, pick, trace, used = -1.0, math.nan, [], set()
     while len(trace) < budget:
         alive = []
