@@ -16,11 +16,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, remove
+from conftest import REPO, free_port, remove
 
 from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's bin: `ray`, and the `python` a job's entrypoint runs
 
 
