@@ -129,3 +129,22 @@ def test_an_rgb_model_classifies_each_face_as_its_training_images_were_decoded(t
     top = probs.topk(3)
     assert [(names[i], round(float(v), 5)) for v, i in zip(top.values, top.indices)] == \
         [(t["class"], round(t["p"], 5)) for t in rec["top3"]]
+
+
+def test_predict_tta_flip_answers_a_face_and_its_mirror_alike(model_file, tmp_path, capsys):
+    """--tta on one model file: flip averages the face with its mirror, so a face and its mirror image get the same
+    probabilities, which without test-time augmentation they do not (the model is not exactly symmetric)."""
+    face = Image.open(min(need(DATA / "ckplus48" / "test" / "happy").glob("*.png")))  # 48x48: a crop already
+    face.save(tmp_path / "a.png")
+    face.transpose(Image.FLIP_LEFT_RIGHT).save(tmp_path / "b_mirror.png")
+
+    def top3(tta: str) -> list[list]:
+        assert main(["predict", str(model_file), str(tmp_path / "a.png"), str(tmp_path / "b_mirror.png"), "--json",
+                     "--tta", tta]) == 0
+        return [json.loads(line)["top3"] for line in capsys.readouterr().out.splitlines()]
+
+    plain, mirror = top3("none")
+    assert plain != mirror
+    face_, mirror_ = top3("flip")
+    assert [n for n, _ in face_] == [n for n, _ in mirror_]
+    assert [p for _, p in face_] == pytest.approx([p for _, p in mirror_], abs=1e-6)
