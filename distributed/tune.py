@@ -146,18 +146,17 @@ def run_search(ready: Prepared, overrides: list[str], storage_path: str = "resul
         if resume:
             tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
-            tuner = tune.Tuner(trainable, tune_config=tune_config(space, plan, study),
-                               run_config=tune.RunConfig(name=space.name, storage_path=storage.resolve(storage_path),
-                                                         verbose=1 if verbose else 0,
-                                                         callbacks=[] if verbose else [TrialLines(space, space.num_samples)],
-                                                         failure_config=tune.FailureConfig(max_failures=2),
-                                                         # Each carries the best weights. Two, not one: Tune deletes
-                                                         # the older when it registers a newer, and a driver killed
-                                                         # before the state naming the newer is uploaded leaves a
-                                                         # state that --resume restores from the older.
-                                                         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                                         progress_reporter=progress_table(space) if verbose else None,
-                                                         stop=GiveUpWaiting(waiting)))  # (autoscaling)
+            # Checkpoints: each carries the best weights. Two, not one: Tune deletes the older when it registers a
+            # newer, and a driver killed before the state naming the newer is uploaded leaves a state that
+            # --resume restores from the older.
+            run_config = tune.RunConfig(name=space.name, storage_path=storage.resolve(storage_path),
+                                        verbose=1 if verbose else 0,
+                                        callbacks=[] if verbose else [TrialLines(space, space.num_samples)],
+                                        failure_config=tune.FailureConfig(max_failures=2),
+                                        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                        progress_reporter=progress_table(space) if verbose else None,
+                                        stop=GiveUpWaiting(waiting))  # (autoscaling)
+            tuner = tune.Tuner(trainable, tune_config=tune_config(space, plan, study), run_config=run_config)
         tuner.fit()
     study.publish()
     if waiting.gave_up:  # (autoscaling): what did run is still collected (leaderboard, report.html)
@@ -198,10 +197,11 @@ def tune_config(space: SearchSpace, plan: Plan, study: StudyFiles):
                                              multivariate=True, group=True, constant_liar=True)
     metrics = [m for m, _ in space.objectives]
     modes = [m for _, m in space.objectives]
-    searcher = DivergenceAwareOptunaSearch(space=space.define_by_run, metric=metrics if space.multi_objective else metrics[0],
-                            mode=modes if space.multi_objective else modes[0], sampler=sampler,
-                            points_to_evaluate=space.optuna_points() or None, study_name=space.name,
-                            storage=study.storage())
+    many = space.multi_objective
+    searcher = DivergenceAwareOptunaSearch(space=space.define_by_run, metric=metrics if many else metrics[0],
+                                           mode=modes if many else modes[0], sampler=sampler,
+                                           points_to_evaluate=space.optuna_points() or None, study_name=space.name,
+                                           storage=study.storage())
     searcher.study = study
     scheduler = None
     if space.asha:
