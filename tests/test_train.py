@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -30,6 +32,23 @@ def test_loop_runs_without_ray_and_reports_every_epoch(synthetic, tmp_path):
     assert run.reports[0]["train_config"] == TrainConfig(**TINY).to_dict()  # the resolved config travels along
     state, best = load_state(tmp_path)
     assert state["epoch"] == 2 and best["class_names"] == synthetic.class_names
+
+
+def test_the_loop_trains_in_a_process_that_never_imports_ray_or_optuna(tmp_path):
+    """A GPU box without Ray, Optuna or tensorboardX (BENCHMARKS.md 4) runs the loop as it is: a fresh process
+    trains one short epoch and scores its model file, and none of them was ever imported."""
+    code = f"""
+import sys
+from distributed.config import TrainConfig
+from distributed.evaluate import score_model
+from distributed.train import LocalRun, train_loop
+train_loop(TrainConfig(**{TINY!r} | {{"epochs": 1}}), None, LocalRun(device="cpu", checkpoint_dir={str(tmp_path)!r}))
+score_model({str(tmp_path / BEST_FILE)!r}, "test")
+print(sorted(m for m in ("ray", "optuna", "tensorboardX") if m in sys.modules))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
 
 
 def test_same_seed_reproduces_exactly(synthetic):
