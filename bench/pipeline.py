@@ -42,6 +42,7 @@ from distributed.splits import make_splits
 from distributed.train import (
     LocalRun,
     build_member,
+    epoch_seed,
     make_schedule,
     shared_tensor,
     steps_per_epoch,
@@ -77,7 +78,7 @@ def bench_row(model: str, size: int, batch: int, steps: int, rounds: int, run: L
     def full_block() -> int:
         nonlocal epoch
         epoch += 1
-        gen.manual_seed(cfg.seed * 1000 + epoch * 10 + run.rank)  # as train_loop seeds each epoch
+        gen.manual_seed(epoch_seed(cfg, epoch, run.rank))  # as train_loop seeds each epoch
         return train_epoch(m, cfg, epoch, images, labels, mix, gen, run)[1]
 
     def raw_block() -> int:

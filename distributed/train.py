@@ -92,7 +92,7 @@ def train_loop(cfg: TrainConfig, data: Decoded | None, run: "Run") -> None:
         tic = time.perf_counter()
         train_loss, seen = 0.0, 0
         for fold, m in enumerate(members):
-            gen.manual_seed(cfg.seed * 1000 + epoch * 10 + run.rank + fold * 100_003)
+            gen.manual_seed(epoch_seed(cfg, epoch, run.rank, fold))
             loss, n = train_epoch(m, cfg, epoch, images, labels, mix, gen, run)
             train_loss, seen = train_loss + loss, seen + n
         # Keep every rank stepping through the epoch (each must join each all-reduce); NaN spreads through DDP's
@@ -359,6 +359,12 @@ def make_schedule(cfg: TrainConfig, optimizer, peak_lrs: list[float], total_step
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, last_epoch=last)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0, last_epoch=last)
+
+
+def epoch_seed(cfg: TrainConfig, epoch: int, rank: int, fold: int = 0) -> int:
+    """The seed of one epoch's sampling and augmentation on one rank, for one cv fold: runs with one seed repeat
+    exactly, and no two ranks, folds or epochs draw the same numbers."""
+    return cfg.seed * 1000 + epoch * 10 + rank + fold * 100_003
 
 
 def set_trainable(groups: list[nn.Module], cfg: TrainConfig, epoch: int) -> int:
