@@ -193,6 +193,7 @@ def cmd_tune(args) -> int:
 
 def final_lines(out: dict) -> list[str]:
     """What the final stage found, beside the search's own figure (validation; test only for retrained models)."""
+    from distributed.ensemble import FINAL_DIR, MODEL_FILE
     from distributed.results import BEST, column_name
 
     final = out["final"]
@@ -209,9 +210,10 @@ def final_lines(out: dict) -> list[str]:
         lines.append(f"search: best {metric} {search_best[f'best_{metric}']:.4f} (trial {search_best['trial_id']}, "
                      f"{search_best['epochs_run']} epochs)")
     seed = f" (seed {chosen['seed']})" if final.get("seeds", 1) > 1 else ""
+    # the ensemble's file is named: on a few hundred validation faces it is the model to use (README)
     lines.append(f"final:  trial {chosen['trial_id']}'s config{seed} retrained for {chosen['epochs']} epochs: {val}, "
                  f"test_acc {final['single_best']['all']['test_acc']:.4f}; ensemble of {len(final['members'])} "
-                 f"test_acc {final['ensemble']['all']['test_acc']:.4f}")
+                 f"test_acc {final['ensemble']['all']['test_acc']:.4f} ({FINAL_DIR}/{MODEL_FILE})")
     return lines
 
 

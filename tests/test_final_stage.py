@@ -123,7 +123,8 @@ def test_a_refit_final_stage_of_one_config_and_several_seeds(two_arch_search, tm
     assert "refit on the validation split too" in best.read_text().splitlines()[0]
     assert (f"trial {top}'s config (seed {chosen['seed']}) retrained for 3 epochs: refit on the validation split too"
             in final_lines(out)[-1])
-    assert "ensemble of 2 test_acc" in final_lines(out)[-1]
+    assert final_lines(out)[-1].endswith(f"ensemble of 2 test_acc {final['ensemble']['all']['test_acc']:.4f} "
+                                         f"(final/ensemble_model.pt)")
     page = (exp / "report.html").read_text()
     assert "The best config retrained for 3 epochs (2 seeds), refit on the validation split too" in page
     assert f"{top} seed {chosen['seed']}" in page

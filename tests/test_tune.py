@@ -51,7 +51,8 @@ def test_default_tune_end_to_end_and_best_config_reruns(ray_local, tmp_path, mon
     assert re.search(rf"^search: best val_acc {best:.4f} \(trial {rows[0]['trial_id']}, ", out, re.M), out[-3000:]
     assert re.search(r"^final:  trial \S+'s config retrained for 8 epochs: val_acc [\d.]+ at its last epoch, "
                      r"test_acc [\d.]+; "
-                     r"ensemble of 2 test_acc [\d.]+$", out, re.M), out[-3000:]
+                     r"ensemble of 2 test_acc [\d.]+ \(final/ensemble_model\.pt\)$", out, re.M), out[-3000:]
+    assert (exp / "final" / "ensemble_model.pt").is_file()  # the file that line names
     header = (exp / "best_config.yaml").read_text()
     assert header.startswith(f"# final stage: trial {final['members'][0]['trial_id']}'s config retrained for 8 epochs")
     assert "git commit:" in header
