@@ -138,13 +138,14 @@ def test_predict_tta_flip_answers_a_face_and_its_mirror_alike(model_file, tmp_pa
     face.save(tmp_path / "a.png")
     face.transpose(Image.FLIP_LEFT_RIGHT).save(tmp_path / "b_mirror.png")
 
-    def top3(tta: str) -> list[list]:
+    def top3(tta: str) -> list[list[dict]]:  # per photo: [{"class", "p"}] x 3
         assert main(["predict", str(model_file), str(tmp_path / "a.png"), str(tmp_path / "b_mirror.png"), "--json",
                      "--tta", tta]) == 0
         return [json.loads(line)["top3"] for line in capsys.readouterr().out.splitlines()]
 
     plain, mirror = top3("none")
-    assert plain != mirror
+    assert len(plain) == len(mirror) == 3
+    assert [t["p"] for t in plain] != pytest.approx([t["p"] for t in mirror], abs=1e-6)
     face_, mirror_ = top3("flip")
-    assert [n for n, _ in face_] == [n for n, _ in mirror_]
-    assert [p for _, p in face_] == pytest.approx([p for _, p in mirror_], abs=1e-6)
+    assert [t["class"] for t in face_] == [t["class"] for t in mirror_]
+    assert [t["p"] for t in face_] == pytest.approx([t["p"] for t in mirror_], abs=1e-6)
