@@ -46,7 +46,8 @@ table.sortable td, table.sortable th { border: 1px solid #ddd; padding: 3px 6px;
 
 def load_study(exp: str):
     """The experiment's Optuna study (study.StudyFiles publishes it as <exp>/optuna.journal, on any storage), or None
-    when there is none. A copy is opened, so a search writing to the journal is never disturbed."""
+    when there is none. A copy is read into memory, so a search writing to the journal is never disturbed and no
+    file is left behind."""
     import tempfile
 
     import optuna
@@ -55,11 +56,16 @@ def load_study(exp: str):
     journal = storage.join(exp, "optuna.journal")
     if not storage.is_file(journal):
         return None
-    local = os.path.join(tempfile.mkdtemp(prefix="emotune-report-"), "optuna.journal")
-    storage.download(journal, local)
-    url = optuna.storages.JournalStorage(JournalFileBackend(local))
-    names = optuna.study.get_all_study_names(url)
-    return optuna.load_study(study_name=names[0], storage=url) if len(names) == 1 else None
+    with tempfile.TemporaryDirectory(prefix="emotune-report-") as tmp:
+        local = os.path.join(tmp, "optuna.journal")
+        storage.download(journal, local)
+        copy = optuna.storages.JournalStorage(JournalFileBackend(local))
+        names = optuna.study.get_all_study_names(copy)
+        if len(names) != 1:
+            return None
+        memory = optuna.storages.InMemoryStorage()
+        optuna.copy_study(from_study_name=names[0], from_storage=copy, to_storage=memory)
+    return optuna.load_study(study_name=names[0], storage=memory)
 
 
 def write_report(exp: str, meta: dict, rows: list[dict], final: dict | None, trials: list[dict],

@@ -176,3 +176,27 @@ def test_importances_show_both_evaluators_and_a_models_own_parameters(tmp_path):
     for trace in ('"name":"fANOVA (share of the variance)"', '"name":"PED-ANOVA (top 10% against the rest)"',
                   'resnet18\\u002flr_backbone', '"lr_head"'):  # plotly writes / as \u002f
         assert trace in page, trace
+
+
+def test_the_report_reads_the_study_from_a_copy_and_leaves_no_file_behind(tmp_path, monkeypatch):
+    """report.load_study opens a copy of the journal (a search may be writing to it); every report used to leave
+    that copy in the temp folder."""
+    import tempfile
+
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    from distributed.report import load_study
+
+    exp, scratch = tmp_path / "exp", tmp_path / "tmp"
+    exp.mkdir(), scratch.mkdir()
+    journal = optuna.storages.JournalStorage(JournalFileBackend(str(exp / "optuna.journal")))
+    written = optuna.create_study(study_name="s", storage=journal, direction="maximize")
+    written.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-2, log=True), n_trials=3)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    study = load_study(str(exp))
+    assert [t.params for t in study.trials] == [t.params for t in written.trials]
+    assert study.best_value == written.best_value
+    assert list(scratch.iterdir()) == []
+    assert load_study(str(tmp_path)) is None  # no journal, no study
