@@ -130,6 +130,12 @@ class TrainConfig:
     label_smoothing: float = knob(0.0, "cross-entropy label smoothing", low=0, high=0.5)
     augment: bool = knob(True, "flips, small affine, brightness/contrast, random erasing (on the device)")
     class_balance: str = knob("none", "counter class imbalance by weighted loss or sampler", choices=BALANCE_MODES)
+    # distillation
+    teacher: str = knob("", "a model or ensemble file (local path or URI) the loss also learns from: on every "
+                        "augmented, mixed batch the network matches the teacher's mean class probabilities "
+                        "(a final stage's distilled single model; empty = off)")
+    teacher_weight: float = knob(0.5, "with a teacher: the share of the loss that matches it (KL divergence); the "
+                                 "rest is the labels' cross-entropy (1 = the teacher alone)", low=0, high=1)
     # transfer learning
     pretrained: bool = knob(False, "start from torchvision's ImageNet weights")
     weights_path: str = knob("", "load backbone weights from this local file instead of downloading")

@@ -17,7 +17,7 @@ from distributed.config import DRIVER_RESOURCE, DRIVER_SLOTS, HISTORY_FILE, Conf
 from distributed.modelfile import BEST_FILE, STATE_FILE, checkpoint_state, load_state
 from distributed.prepare import check_auth_mode, check_reachable
 from distributed.progress import epoch_line, follow, progress_callback, tensorboard_callback, write_scalars
-from distributed.train import Run, train_loop
+from distributed.train import Run, load_teacher, train_loop
 
 
 class TrainWorkerRun(Run):
@@ -222,6 +222,8 @@ def train_run(cfg: TrainConfig, output: str, scaling: Scaling, address: str | No
     splits = make_splits(data, cfg)
     if cfg.weights_path and cfg.model not in BACKBONES and not cfg.classes:
         check_weights(cfg, num_classes=len(splits.class_names))  # the head of a scratch model's file fits the data
+    if cfg.teacher:
+        load_teacher(cfg, splits.class_names, "cpu")  # it loads and answers these classes, before Ray starts
     check_same_run(out, cfg)
     storage.check_writable(out, "--output")
     # Ray Train checkpoints straight to `out` (a path or a URI); the final files are written here, then uploaded.

@@ -25,7 +25,8 @@ from distributed import storage
 from distributed.augment import mix_transform
 from distributed.config import HISTORY_FILE, TrainConfig, better
 from distributed.data import Decoded, load_data
-from distributed.evaluate import confusion, metrics, predict, prepare_batch
+from distributed.errors import ConfigError
+from distributed.evaluate import confusion, input_size, metrics, predict, prepare_batch
 from distributed.modelfile import (
     BEST_FILE,
     STATE_FILE,
@@ -71,6 +72,7 @@ def train_loop(cfg: TrainConfig, data: Decoded | None, run: "Run") -> None:
     members = [build_member(cfg, s, run) for s in folds]
     in_sample = validation_trains(cfg)
     mix = mix_transform(cfg.mixup_alpha, cfg.cutmix_alpha, len(class_names))
+    teacher = load_teacher(cfg, class_names, run.device) if cfg.teacher else []
     steps = [steps_per_epoch(len(m.train_idx), run.world, cfg.batch_size) for m in members]
 
     start_epoch, best, bad_epochs, history, best_blob = 1, None, 0, [], None
@@ -93,7 +95,7 @@ def train_loop(cfg: TrainConfig, data: Decoded | None, run: "Run") -> None:
         train_loss, seen = 0.0, 0
         for fold, m in enumerate(members):
             gen.manual_seed(epoch_seed(cfg, epoch, run.rank, fold))
-            loss, n = train_epoch(m, cfg, epoch, images, labels, mix, gen, run)
+            loss, n = train_epoch(m, cfg, epoch, images, labels, mix, gen, run, teacher)
             train_loss, seen = train_loss + loss, seen + n
         # Keep every rank stepping through the epoch (each must join each all-reduce); NaN spreads through DDP's
         # gradients anyway, so the epoch's summed loss tells whether any step diverged.
@@ -185,8 +187,10 @@ def build_member(cfg: TrainConfig, splits: Splits, run: "Run") -> Member:
 
 
 def train_epoch(m: Member, cfg: TrainConfig, epoch: int, images: torch.Tensor, labels: torch.Tensor,
-                mix, gen: torch.Generator, run: "Run") -> tuple[float, int]:
-    """One epoch of one member -> (summed training loss, images seen)."""
+                mix, gen: torch.Generator, run: "Run", teacher: list[nn.Module] = ()) -> tuple[float, int]:
+    """One epoch of one member -> (summed training loss, images seen). With a teacher (load_teacher), the loss
+    mixes the labels' cross-entropy with the KL divergence from the teacher's mean probabilities on the very batch
+    the network sees (augmented and mixed: the teacher answers for the image as trained, not for its label)."""
     now_trainable = set_trainable(m.stages, cfg, epoch)
     if now_trainable != m.trainable:
         # DDP only all-reduces parameters that required grad when it was built: rebuild it on every change.
@@ -204,7 +208,13 @@ def train_epoch(m: Member, cfg: TrainConfig, epoch: int, images: torch.Tensor, l
         if mix is not None:
             x, y = mix(x, y)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.amp and run.device.type == "cuda"):
-            loss = m.loss_fn(m.model(x), y)
+            out = m.model(x)
+            loss = m.loss_fn(out, y)
+            if teacher:
+                with torch.no_grad():
+                    target = torch.stack([t(x).float().softmax(1) for t in teacher]).mean(0)
+                matched = F.kl_div(F.log_softmax(out.float(), 1), target, reduction="batchmean")
+                loss = (1 - cfg.teacher_weight) * loss + cfg.teacher_weight * matched
         m.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -217,6 +227,25 @@ def train_epoch(m: Member, cfg: TrainConfig, epoch: int, images: torch.Tensor, l
         train_loss += loss.detach().float() * len(idx)
         seen += len(idx)
     return float(train_loss), seen  # one sync per epoch
+
+
+def load_teacher(cfg: TrainConfig, class_names: list[str], device: str | torch.device) -> list[nn.Module]:
+    """cfg.teacher's networks (an ensemble file's members, or one model file), in eval mode on the device. They
+    are fed the network's own prepared batches, so they must answer the same classes from the same input."""
+    from distributed.ensemble import load_predictor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = cfg.teacher
+        if storage.is_uri(path):
+            path = str(Path(tmp) / "teacher.pt")
+            storage.download(cfg.teacher, path)
+        teacher = load_predictor(path, device)
+    for _, t in teacher.members:
+        if teacher.class_names != class_names or t.in_channels != cfg.in_channels or input_size(t) != input_size(cfg):
+            raise ConfigError(f"teacher {cfg.teacher}: it answers {teacher.class_names} from {t.in_channels}-channel "
+                              f"{input_size(t)} px input, this run {class_names} from {cfg.in_channels}-channel "
+                              f"{input_size(cfg)} px; distil from a model trained on the same data and input size")
+    return [net for net, _ in teacher.members]
 
 
 class Run:

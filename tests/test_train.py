@@ -255,3 +255,44 @@ def test_under_wsd_a_rungs_value_does_not_depend_on_the_trials_budget():
     assert short[2] != long[2]
     one_short, one_long = curve("onecycle", 3), curve("onecycle", 5)
     assert one_short[0] != one_long[0]
+
+
+def teacher_file(path, cfg: TrainConfig, class_names: list[str], answer: int):
+    """A model file of cfg.model that answers `answer` for every image: its head's last layer weighs nothing and
+    its bias favours that class by far."""
+    from distributed.modelfile import model_blob, save_model
+    from distributed.models import create_model
+
+    net = create_model(cfg.model, len(class_names), in_channels=cfg.in_channels, dropout=cfg.dropout)
+    head = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(answer), len(class_names)).float() * 20)
+    save_model(path, model_blob(net, cfg, class_names, {}))
+    return path
+
+
+def test_a_student_learns_what_its_teacher_answers(synthetic, tmp_path):
+    """teacher: a network that matches the teacher's answers on its batches ends up answering like it. The teacher
+    here says class 3 for every face; with teacher_weight 1 the student does too, with 0 it learns the labels."""
+    from distributed.evaluate import score_model
+
+    cfg = TrainConfig(**TINY, keep_last=True)
+    teacher = teacher_file(tmp_path / "teacher.pt", cfg, synthetic.class_names, answer=3)
+    answers = {}
+    for weight in (0.0, 1.0):
+        out = tmp_path / f"w{weight}"
+        train_loop(cfg.replace(teacher=str(teacher), teacher_weight=weight), synthetic,
+                   LocalRun(device="cpu", checkpoint_dir=out))
+        answers[weight] = score_model(out / BEST_FILE, "test", data=synthetic).y_pred
+    assert np.mean(answers[1.0] == 3) > 0.95
+    assert np.mean(answers[0.0] == 3) < 0.5
+
+
+def test_a_teacher_for_other_classes_is_refused_before_training(synthetic, tmp_path):
+    from distributed.errors import ConfigError
+
+    cfg = TrainConfig(**TINY)
+    teacher = teacher_file(tmp_path / "teacher.pt", cfg, synthetic.class_names[:-1], answer=0)
+    with pytest.raises(ConfigError, match="distil from a model trained on the same data"):
+        train_loop(cfg.replace(teacher=str(teacher)), synthetic, LocalRun(device="cpu"))
