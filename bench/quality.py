@@ -33,6 +33,9 @@ so a longer final stage is measured on the very searches the shorter one had; `-
 reshape it (K configs x S seeds, into final_eN_kKsS/), and `--final-refit` trains its members on the validation
 split too (into ..._refit/; the record keeps the search's own stage as final_before, for paired figures);
 `--final-keep-last` / `--no-final-keep-last` keeps each member's last / best validation epoch (..._last/, ..._best/).
+`--final-distill` adds a single model distilled from the members' ensemble (..._distill/); when the stage otherwise
+has the search's own shape, its members are the search's own stage's runs (copied, scored again: no retraining), so
+the paired difference is the distilled model alone, and only it trains.
 `--set KEY=VALUE` changes the search alone (e.g. `cv_folds=3`: each trial scored on 3 folds by person; the final
 stage retrains on all of train as always).
 """
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -165,7 +169,7 @@ def one_dataset(name: str, budget: str, data_root: Path, out: Path, compute: lis
 
 def again(record: dict, out: Path, dest: Path, budget: str, compute: list[float], final_epochs: int | None,
           final_top_k: int | None = None, final_seeds: int | None = None, final_refit: bool | None = None,
-          final_keep_last: bool | None = None) -> dict:
+          final_keep_last: bool | None = None, final_distill: bool = False) -> dict:
     """An earlier run's search (record, its folder `out`) with, if asked, its final stage again at `final_epochs`
     per member, and `final_top_k` configs x `final_seeds` seeds, `final_refit` and `final_keep_last` when given
     (else the search's own; into the experiment's final_eN[_kKsS][_refit|_last|_best]/), then the plain runs (into
@@ -185,13 +189,19 @@ def again(record: dict, out: Path, dest: Path, budget: str, compute: list[float]
         keep_last = final.get("keep_last", False) if final_keep_last is None else final_keep_last
         folder = (f"final_e{final_epochs}" + (f"_k{top}s{seeds}" if final_top_k or final_seeds else "")
                   + ("_refit" if refit else "_last" if final_keep_last else "_best" if final_keep_last is False
-                     else ""))
+                     else "") + ("_distill" if final_distill else ""))
+        own = (final_epochs == final["epochs"] and top * seeds == record["final"]["members"] and seeds == final["seeds"]
+               and refit == final.get("refit", False) and keep_last == final.get("keep_last", False))
+        if final_distill and own and not (exp / folder).exists():  # the same members: only the student trains
+            shutil.copytree(exp / "final" / "retrain", exp / folder / "retrain")
         print(f"{record['dataset']} seed {record['seed']}: the final stage again, {top} configs x {seeds} "
               f"seeds x {final_epochs} epochs{', refit' if refit else ''}"
-              f"{', last epoch' if keep_last and not refit else ''}", flush=True)
+              f"{', last epoch' if keep_last and not refit else ''}{', distilled' if final_distill else ''}",
+              flush=True)
         code = (f"from distributed.ensemble import run_ensemble; run_ensemble({str(exp)!r}, {top}, "
                 f"output={str(exp / folder)!r}, retrain=True, epochs={final_epochs}, "
-                f"seeds={seeds}, train_limit={final['train_limit']}, refit={refit}, keep_last={keep_last})")
+                f"seeds={seeds}, train_limit={final['train_limit']}, refit={refit}, keep_last={keep_last}, "
+                f"distill={final_distill})")
         run = proc.run([sys.executable, "-c", code], out / f"{folder}.log", cwd=str(REPO))
         if run["rc"]:
             raise SystemExit(f"the final stage failed (rc {run['rc']}); see {out / f'{folder}.log'}")
@@ -212,11 +222,16 @@ def final_stage(exp: Path, folder: str = "final") -> dict | None:
     if not record.is_file():
         return None
     final = json.loads(record.read_text())
+    distilled = final.get("distilled")
     return {"members": len(final["members"]), "refit": final.get("refit", False),
             "keep_last": final.get("keep_last", False),
-            "epochs": sum(m["epochs"] for m in final["members"]),
+            # every epoch the stage trained, the distilled model's too (each of its epochs also runs the members)
+            "epochs": sum(m["epochs"] for m in final["members"]) + (distilled["epochs"] if distilled else 0),
             "chosen": final["single_best"]["all"]["test_acc"], "ensemble": final["ensemble"]["all"]["test_acc"],
-            "member_test_acc": [m["test_acc"] for m in final["members"]]}
+            "member_test_acc": [m["test_acc"] for m in final["members"]],
+            "distilled": distilled is not None,
+            # the member validation chose (the single model without distill)
+            "chosen_by_validation": final["members"][0]["test_acc"] if final["members"][0].get("test_acc") else None}
 
 
 def interval(acc: float, n: int) -> float:
@@ -287,6 +302,8 @@ def main(argv=None) -> int:
     p.add_argument("--final-keep-last", action=argparse.BooleanOptionalAction, default=None,
                    help="with --final-epochs: each member its last epoch, not its best validation epoch (default: "
                         "the space's)")
+    p.add_argument("--final-distill", action="store_true",
+                   help="with --final-epochs: a single model distilled from the members' ensemble too")
     p.add_argument("--seeds", type=int, default=1, help="searches per data set, seeds FIRST..N-1 (sampler, "
                    "training and split; the plain run's too)")
     p.add_argument("--first-seed", type=int, default=0, help="skip the seeds below (run before)")
@@ -298,7 +315,7 @@ def main(argv=None) -> int:
     if args.final_epochs and not args.again:
         p.error("--final-epochs runs an earlier search's final stage again: give that run's folder with --from")
     if (args.final_top_k or args.final_seeds or args.final_refit is not None
-            or args.final_keep_last is not None) and not args.final_epochs:
+            or args.final_keep_last is not None or args.final_distill) and not args.final_epochs:
         p.error("--final-top-k, --final-seeds, --final-refit and --final-keep-last shape a final stage run again: "
                 "give --final-epochs too")
     out = out_dir("quality", args.out, prefix=f"{args.budget}-")
@@ -315,7 +332,8 @@ def main(argv=None) -> int:
                 folder = folder / f"seed{record['seed']}" if (folder / f"seed{record['seed']}").is_dir() else folder
                 dest = out / record["dataset"] / f"seed{record['seed']}"
                 results.append(again(record, folder, dest, args.budget, compute, args.final_epochs, args.final_top_k,
-                                     args.final_seeds, args.final_refit, args.final_keep_last))
+                                     args.final_seeds, args.final_refit, args.final_keep_last,
+                                     args.final_distill))
                 (out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
     for name in [] if args.again else args.datasets:
         for seed in range(args.first_seed, args.seeds):

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-last", action=argparse.BooleanOptionalAction, default=None,
                    help="with --retrain: each member is its last epoch (default), or with --no-keep-last its best "
                         "validation epoch (TrainConfig.keep_last; a space's final: {keep_last: ...})")
+    p.add_argument("--distill", action="store_true",
+                   help="with --retrain: the single model is one more run of the best config that learns from the "
+                        "members' ensemble too (TrainConfig.teacher; a space's final: {distill: true})")
     p.add_argument("--tta", choices=TTA_MODES, default=None,
                    help="test-time augmentation (default: the best trial's tta setting)")
     p.add_argument("--output", default=None, help="default: EXPERIMENT/ensemble_topK")
@@ -173,7 +176,8 @@ def cmd_tune(args) -> int:
     if final.get("top_k") and "://" in exp:
         print(f"emotune: the final stage runs on local (or NFS) experiments only; for {exp}, download it and run "
               f"`emotune ensemble EXPERIMENT --top {final['top_k']} --retrain{' --refit' if final.get('refit') else ''}"
-              f"{' --no-keep-last' if final.get('keep_last') is False else ''}`",
+              f"{' --no-keep-last' if final.get('keep_last') is False else ''}"
+              f"{' --distill' if final.get('distill') else ''}`",
               file=sys.stderr)
     elif final.get("top_k"):
         from distributed.ensemble import final_stage
@@ -182,10 +186,12 @@ def cmd_tune(args) -> int:
         data = f"on {final['train_limit']} training images" if final.get("train_limit") else "on every training image"
         data += ", the validation split's included (refit)" if final.get("refit") else ""
         data += ", each member its last epoch" if final.get("keep_last") or final.get("refit") else ""
+        data += ", then a single model distilled from them" if final.get("distill") else ""
         print(f"emotune: final stage: {final_shape(final['top_k'], final['seeds'], final['epochs'])} {data}, then "
               f"tested once", flush=True)
         final_stage(exp, final["top_k"], final["epochs"], final["seeds"], final.get("train_limit", 0),
-                    final.get("refit", False), final.get("keep_last", False), address=args.address)
+                    final.get("refit", False), final.get("keep_last", False), final.get("distill", False),
+                    address=args.address)
         out = collect(exp, top=args.top)
     print_summary(out)
     return 0
@@ -199,7 +205,7 @@ def final_lines(out: dict) -> list[str]:
     final = out["final"]
     metric = column_name(next(k for k in out["top"][0] if k.startswith(BEST))) if out["top"] else "val_acc"
     search_best = out["top"][0] if out["top"] else None
-    chosen = final["members"][0]
+    chosen = final.get("distilled") or final["members"][0]
     val = next((f"{column_name(k)} {v:.4f}" for k, v in chosen.items() if k.startswith(BEST + "val")), "")
     if final.get("refit"):  # its validation images trained: the figure would flatter it
         val = "refit on the validation split too"
@@ -209,9 +215,10 @@ def final_lines(out: dict) -> list[str]:
     if search_best:
         lines.append(f"search: best {metric} {search_best[f'best_{metric}']:.4f} (trial {search_best['trial_id']}, "
                      f"{search_best['epochs_run']} epochs)")
-    seed = f" (seed {chosen['seed']})" if final.get("seeds", 1) > 1 else ""
+    seed = f" (seed {chosen['seed']})" if final.get("seeds", 1) > 1 or final.get("distilled") else ""
     # the ensemble's file is named: on a few hundred validation faces it is the model to use (README)
-    lines.append(f"final:  trial {chosen['trial_id']}'s config{seed} retrained for {chosen['epochs']} epochs: {val}, "
+    how = "distilled from the ensemble" if final.get("distilled") else "retrained"
+    lines.append(f"final:  trial {chosen['trial_id']}'s config{seed} {how} for {chosen['epochs']} epochs: {val}, "
                  f"test_acc {final['single_best']['all']['test_acc']:.4f}; ensemble of {len(final['members'])} "
                  f"test_acc {final['ensemble']['all']['test_acc']:.4f} ({FINAL_DIR}/{MODEL_FILE})")
     return lines
@@ -379,9 +386,10 @@ def cmd_ensemble(args) -> int:
     from distributed.ensemble import accuracy_gain, run_ensemble
 
     out = run_ensemble(args.experiment, args.top, output=args.output, retrain=args.retrain, tta=args.tta,
-                       address=args.address, refit=args.refit, keep_last=args.keep_last)
+                       address=args.address, refit=args.refit, keep_last=args.keep_last, distill=args.distill)
     ens, one = out["ensemble"]["all"], out["single_best"]["all"]
-    print(f"\ntest_acc: ensemble of {len(out['members'])} {ens['test_acc']:.4f}, best single {one['test_acc']:.4f} "
+    single = "distilled single" if out.get("distilled") else "best single"
+    print(f"\ntest_acc: ensemble of {len(out['members'])} {ens['test_acc']:.4f}, {single} {one['test_acc']:.4f} "
           f"({accuracy_gain(out):+.1f} points; tta {out['tta']})")
     print(f"results in {out['output']}: ensemble_model.pt ensemble.json classification_report.txt "
           f"confusion_matrix.png single_best/")

@@ -89,7 +89,7 @@ def top_trials(exp: str | Path, k: int) -> list[tuple[dict, dict, str]]:
 def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: bool = False,
                  tta: str | None = None, address: str | None = None, epochs: int | None = None,
                  seeds: int = 1, train_limit: int | None = None, refit: bool = False,
-                 keep_last: bool | None = None) -> dict:
+                 keep_last: bool | None = None, distill: bool = False) -> dict:
     """`emotune ensemble` and a search's final stage: everything checked before any training starts; then (with
     retrain) one `emotune train` per member and seed, at `epochs` (default: each config's own budget) and on
     `train_limit` training images (default: the config's own; 0: all), with `refit` on the validation split too,
@@ -99,7 +99,14 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     The single best member is the search's best trial, or with retrain the retrained member with the best
     validation score (test never chooses; with keep_last, its last epoch's); with refit, whose validation images
     trained, the best config's first seed. A retrained member whose run directory exists resumes (or, finished,
-    is only scored again): an interrupted final stage goes on where it stopped."""
+    is only scored again): an interrupted final stage goes on where it stopped.
+
+    With distill (retrain only), the single model is not one of the members but one more run of the best config,
+    a fresh seed, that learns from the members' ensemble as well as from the labels (TrainConfig.teacher): on a
+    few hundred validation faces, which cannot choose among seeds, it takes what the ensemble knows into one
+    network (BENCHMARKS.md 5). It costs one more member's epochs, each about twice as long (the teacher's forward
+    passes). Its validation split is its own seed's, on some of whose faces members of other seeds trained: its
+    validation figure is reported, never used to choose."""
     from distributed import results, storage
     from distributed.config import TTA_MODES, better
     from distributed.data import load_data
@@ -112,8 +119,9 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     exp = Path(exp).resolve()
     if tta is not None and tta not in TTA_MODES:
         raise ConfigError(f"--tta {tta}: choose from {', '.join(TTA_MODES)}")
-    if (refit or keep_last is not None) and not retrain:
-        flag = "--refit" if refit else "--keep-last" if keep_last else "--no-keep-last"
+    if (refit or keep_last is not None or distill) and not retrain:
+        flag = ("--refit" if refit else "--distill" if distill else "--keep-last" if keep_last
+                else "--no-keep-last")
         raise ConfigError(f"{flag} shapes how the members are retrained; add --retrain")
     keep_last = FINAL_KEEP_LAST if keep_last is None else keep_last
     chosen = top_trials(exp, top)
@@ -125,6 +133,7 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     storage.check_writable(out, "--output")
 
     members = [(row, path, None) for row, _, path in chosen]  # (row, model file, retrained run's summary)
+    distilled = None  # (row, model file, run summary) of the distilled single model
     if retrain:
         meta = read_meta(str(exp))
         # an experiment from before emotune.json recorded scaling: its space file, as searched
@@ -132,15 +141,18 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
                    else load_space(exp / "space.yaml", meta["overrides"]).scaling)
         if in_process(scaling, address):  # members train one after another here: each may use every core
             scaling = replace(scaling, cpus_per_worker=max(scaling.cpus_per_worker, local_cpus()))
+        def retrained(cfg: dict, seed: int, **extra) -> TrainConfig:
+            # cv_folds off: the retrained member learns from all of train, not from one fold
+            return TrainConfig.from_dict({**cfg, "cv_folds": 0, "epochs": epochs or cfg["epochs"],
+                                          "seed": cfg["seed"] + seed, "refit": refit,
+                                          "keep_last": keep_last or cfg.get("keep_last", False),
+                                          "train_limit": cfg["train_limit"] if train_limit is None else train_limit,
+                                          **extra})
+
         members = []
         for row, cfg, _ in chosen:
             for seed in range(seeds):
-                # cv_folds off: the retrained member learns from all of train, not from one fold
-                cfg_run = TrainConfig.from_dict({**cfg, "cv_folds": 0, "epochs": epochs or cfg["epochs"],
-                                                 "seed": cfg["seed"] + seed, "refit": refit,
-                                                 "keep_last": keep_last or cfg.get("keep_last", False),
-                                                 "train_limit": cfg["train_limit"] if train_limit is None
-                                                 else train_limit})
+                cfg_run = retrained(cfg, seed)
                 run_dir = out / "retrain" / (row["trial_id"] + (f"-seed{seed}" if seeds > 1 else ""))
                 print(f"emotune: member {len(members) + 1} of {len(chosen) * seeds}: trial {row['trial_id']}'s "
                       f"config, seed {cfg_run.seed}, {cfg_run.epochs} epochs -> {run_dir}", flush=True)
@@ -153,19 +165,32 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
                     monitor, summary[f"best_{monitor}"], members[best_i][2][f"best_{monitor}"]):
                 best_i = i
         members.insert(0, members.pop(best_i))  # the single best: by held-out validation after retraining
+        if distill:
+            teacher = out / MODEL_FILE  # the members' ensemble, written now (and again, the same, below)
+            Ensemble([load_file(p, MODEL_FORMAT) for _, p, _ in members]).save(teacher)
+            row, cfg, _ = chosen[0]
+            cfg_run = retrained(cfg, seeds, teacher=str(teacher))  # a seed no member of its config had
+            run_dir = out / "retrain" / "distilled"
+            print(f"emotune: distilled single model: trial {row['trial_id']}'s config, seed {cfg_run.seed}, "
+                  f"{cfg_run.epochs} epochs, learning from the ensemble of {len(members)} -> {run_dir}", flush=True)
+            summary = train_run(cfg_run, str(run_dir), scaling, address=address)
+            distilled = (row, run_dir / BEST_FILE, {**summary, "seed": cfg_run.seed})
 
     ensemble = Ensemble([load_file(p, MODEL_FORMAT) for _, p, _ in members])
     tta = tta or ensemble.config.tta
     x = torch.from_numpy(splits.test_x)
+    def record(row: dict, p: Path, ran: dict | None) -> dict:
+        return {"trial_id": row["trial_id"], "model": row["model"], "file": str(p),
+                **({"seed": ran["seed"], "epochs": ran["epochs_run"], "best_epoch": ran["best_epoch"],
+                    **{k: v for k, v in ran.items() if k.startswith("best_val") or k.startswith("test_")}}
+                   if ran else {})}
+
     summary = {"experiment": str(exp), "tta": tta, "retrained": retrain, "epochs": epochs, "seeds": seeds,
                "refit": in_sample, "keep_last": retrain and (keep_last or in_sample or first.keep_last),
-               "members": [{"trial_id": row["trial_id"], "model": row["model"], "file": str(p),
-                            **({"seed": ran["seed"], "epochs": ran["epochs_run"], "best_epoch": ran["best_epoch"],
-                                **{k: v for k, v in ran.items() if k.startswith("best_val") or k.startswith("test_")}}
-                               if ran else {})}
-                           for row, p, ran in members]}
-    for name, predictor, where in (("ensemble", ensemble, out),
-                                   ("single_best", Ensemble(ensemble.blobs[:1]), out / "single_best")):
+               "members": [record(*m) for m in members],
+               "distilled": record(*distilled) if distilled else None}
+    single = (Ensemble([load_file(distilled[1], MODEL_FORMAT)]) if distilled else Ensemble(ensemble.blobs[:1]))
+    for name, predictor, where in (("ensemble", ensemble, out), ("single_best", single, out / "single_best")):
         pred = predictor.probs(x, tta).argmax(1).numpy()
         summary[name] = write_test_report(where, splits.test_y, pred, ensemble.class_names, splits.test_groups)
     ensemble.save(out / MODEL_FILE)
@@ -178,7 +203,8 @@ FINAL_DIR = "final"
 
 
 def final_stage(exp: str | Path, top_k: int, epochs: int, seeds: int = 1, train_limit: int = 0,
-                refit: bool = False, keep_last: bool = FINAL_KEEP_LAST, address: str | None = None) -> dict:
+                refit: bool = False, keep_last: bool = FINAL_KEEP_LAST, distill: bool = False,
+                address: str | None = None) -> dict:
     """A search's final stage: its top_k configs retrained at the full budget (`epochs`, `seeds` seeds each) by
     `emotune train` (with refit, on the validation split too; with keep_last or refit, each its last epoch), the
     ensemble of those members and the best of them by validation (refit: the best config's first seed) tested once
@@ -190,7 +216,8 @@ def final_stage(exp: str | Path, top_k: int, epochs: int, seeds: int = 1, train_
         raise ConfigError(f"{exp}: no trial finished with a model, so there is nothing for the final stage to "
                           f"retrain; see the leaderboard's errors")
     return run_ensemble(exp, k, output=str(Path(exp) / FINAL_DIR), retrain=True, epochs=epochs, seeds=seeds,
-                        train_limit=train_limit, refit=refit, keep_last=keep_last, address=address)
+                        train_limit=train_limit, refit=refit, keep_last=keep_last, distill=distill,
+                        address=address)
 
 
 def accuracy_gain(summary: dict) -> float:

@@ -113,17 +113,26 @@ def final_html(final: dict, rows: list[dict], metric: str) -> str:
     for i, m in enumerate(final["members"]):
         row = searched.get(m["trial_id"], {})
         seed = f" seed {m['seed']}" if final.get("seeds", 1) > 1 and "seed" in m else ""
-        lines.append(f"<tr><td>{html.escape(m['trial_id'])}{seed}{' (chosen)' if i == 0 else ''}</td>"
+        chosen = i == 0 and not final.get("distilled")
+        lines.append(f"<tr><td>{html.escape(m['trial_id'])}{seed}{' (chosen)' if chosen else ''}</td>"
                      f"<td>{html.escape(m['model'])}</td><td>{cell(row.get(f'best_{metric}'))} "
                      f"({cell(row.get('epochs_run'))})</td><td>{cell(m.get(val_key))} ({cell(m.get('epochs'))})</td>"
                      f"<td>{cell(m.get('test_acc'))}</td></tr>")
+    if final.get("distilled"):
+        m = final["distilled"]
+        lines.append(f"<tr><td>{html.escape(m['trial_id'])} seed {m['seed']} distilled (chosen)</td>"
+                     f"<td>{html.escape(m['model'])}</td><td></td><td>{cell(m.get(val_key))} "
+                     f"({cell(m.get('epochs'))})</td><td>{cell(m.get('test_acc'))}</td></tr>")
     ens, one = final["ensemble"]["all"]["test_acc"], final["single_best"]["all"]["test_acc"]
     shape = final_shape(len({m["trial_id"] for m in final["members"]}), final["seeds"], final["epochs"])
     how = ("refit on the validation split too (so its figures are in-sample), the single model the best config's "
            "first seed" if final.get("refit") else "the single model chosen by validation"
            + (" at each member's last epoch" if final.get("keep_last") else ""))
+    if final.get("distilled"):
+        how = "the single model one more run of the best config that learned from the members' ensemble too"
+    single = "distilled model" if final.get("distilled") else "chosen member"
     return (f"<p>{shape[0].upper() + shape[1:]}, {how}; test touched once: the "
-            f"chosen member <b>{one:.4f}</b>, the ensemble of all "
+            f"{single} <b>{one:.4f}</b>, the ensemble of all "
             f"{len(final['members'])} <b>{ens:.4f}</b> (tta {html.escape(str(final['tta']))}).</p>"
             f"<table>{''.join(lines)}</table>")
 

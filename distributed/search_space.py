@@ -71,10 +71,10 @@ class SearchSpace:
     objectives: list = field(default_factory=list)  # [(metric, mode)], >1 means multi-objective
     # The final stage (ensemble.final_stage): the top_k configs retrained at `epochs` (the full budget) on
     # train_limit training images (0: all of them, whatever the search used) with `seeds` seeds each, then tested
-    # once and ensembled; refit: they train on the validation split too; keep_last: each is its last epoch.
-    # top_k 0: no final stage.
+    # once and ensembled; refit: they train on the validation split too; keep_last: each is its last epoch;
+    # distill: the single model is one more run that learns from their ensemble. top_k 0: no final stage.
     final: dict = field(default_factory=lambda: {"top_k": 0, "epochs": None, "seeds": 1, "train_limit": 0,
-                                                 "refit": False, "keep_last": FINAL_KEEP_LAST})
+                                                 "refit": False, "keep_last": FINAL_KEEP_LAST, "distill": False})
 
     # -- sampling ---------------------------------------------------------------------------------------
 

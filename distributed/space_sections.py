@@ -20,7 +20,7 @@ from distributed.config import (
 from distributed.errors import did_you_mean
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice", "quniform")
-FINAL_KEYS = ("top_k", "epochs", "seeds", "train_limit", "refit", "keep_last")
+FINAL_KEYS = ("top_k", "epochs", "seeds", "train_limit", "refit", "keep_last", "distill")
 # A final stage keeps each member's last epoch unless its space says final: {keep_last: false}: the search decided
 # the length, and the best of 40-80 epochs on 100-200 validation faces is partly noise (BENCHMARKS.md 5, issue 22)
 FINAL_KEEP_LAST = True
@@ -210,11 +210,13 @@ def read_scalar(text: str):
 
 
 def parse_final(final: dict, where: str, search_epochs: int) -> dict:
-    """The final stage: {top_k, epochs, seeds, train_limit, refit, keep_last}; epochs defaults to the search's own
+    """The final stage: {top_k, epochs, seeds, train_limit, refit, keep_last, distill}; epochs defaults to the search's own
     budget (fixed.epochs) and may not be below it (the final stage trains the winners longer, never shorter);
     train_limit defaults to 0, every training image (a search may train on a subset to go faster); refit (default
     false): the members train on the validation split too (TrainConfig.refit); keep_last (default FINAL_KEEP_LAST):
-    each member is its last epoch, not its best validation epoch (TrainConfig.keep_last)."""
+    each member is its last epoch, not its best validation epoch (TrainConfig.keep_last); distill (default false):
+    the single model is one more run of the best config that learns from the members' ensemble too
+    (TrainConfig.teacher)."""
     known_keys(final, FINAL_KEYS, where)
     top_k = int(bounded(final.get("top_k", 0), int, 0, 100, f"{where}.top_k"))
     epochs = int(bounded(final.get("epochs", search_epochs), int, 1, 100_000, f"{where}.epochs"))
@@ -223,7 +225,8 @@ def parse_final(final: dict, where: str, search_epochs: int) -> dict:
                          f"final stage trains the winners at the full budget, so give at least {search_epochs}")
     seeds = int(bounded(final.get("seeds", 1), int, 1, 100, f"{where}.seeds"))
     train_limit = int(bounded(final.get("train_limit", 0), int, 0, 10**9, f"{where}.train_limit"))
-    flags = {name: final.get(name, default) for name, default in (("refit", False), ("keep_last", FINAL_KEEP_LAST))}
+    flags = {name: final.get(name, default)
+             for name, default in (("refit", False), ("keep_last", FINAL_KEEP_LAST), ("distill", False))}
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise SpaceError(f"{where}.{name}: {value!r} is not true or false")

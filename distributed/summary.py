@@ -82,13 +82,16 @@ def write_final_best_config(path: str, final: dict, meta: dict) -> None:
     refit its first), as it was retrained (the full budget), with its validation and test figures."""
     from distributed.config import read_yaml, write_config
 
-    chosen = final["members"][0]
+    chosen = final.get("distilled") or final["members"][0]
     run_dir = chosen["file"].rsplit("/", 1)[0]
     config = read_yaml(storage.join(run_dir, "config.yaml"))  # the retrain's own TrainConfig, as it ran
     val = next((f"{column_name(k)} = {v:.4f}" for k, v in chosen.items() if k.startswith(BEST + "val")), "")
     how = f"chosen by validation among {len(final['members'])} retrained members"
     if final.get("refit"):  # validation trained too: nothing chose, the best config's first seed is the model
         val, how = "refit on the validation split too", f"the first of {len(final['members'])} retrained members"
+    if final.get("distilled"):
+        how = (f"distilled from the ensemble of {len(final['members'])} retrained members (its teacher file: "
+               f"re-running this config needs it)")
     kept = "last" if final.get("keep_last") else "best"
     header = (f"final stage: trial {chosen['trial_id']}'s config retrained for {config['epochs']} epochs ({kept} epoch "
               f"{chosen.get('best_epoch')}): {val}, test_acc = {chosen['test_acc']:.4f}; {how}\n"

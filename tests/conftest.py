@@ -140,8 +140,8 @@ def tensorboard_scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
 def two_arch_search(ray_local, tmp_path_factory) -> Path:
     """One small real search that several modules read (report, Pareto front, best per architecture, ensembles,
     the final stage): two trials, one per architecture, two objectives (so there is a Pareto front), 2 epochs on
-    200 images; its final stage retrains both for 3 epochs on the same 200. Tests that change its files work on a
-    copy."""
+    200 images; its final stage retrains both for 3 epochs on the same 200, then distils their ensemble into one
+    more run of the best config. Tests that change its files work on a copy."""
     from distributed.cli import main
 
     tmp = tmp_path_factory.mktemp("two_arch")
@@ -151,6 +151,6 @@ def two_arch_search(ray_local, tmp_path_factory) -> Path:
                        space={"model": {"choice": ["small_cnn", "emotion_cnn48"]},
                               "lr_head": {"loguniform": [1e-3, 1e-2]}},
                        points_to_evaluate=[{"model": "small_cnn"}, {"model": "emotion_cnn48"}],
-                       final={"top_k": 2, "epochs": 3, "train_limit": 200})
+                       final={"top_k": 2, "epochs": 3, "train_limit": 200, "distill": True})
     assert main(["tune", str(path), "--storage-path", str(tmp)]) == 0
     return tmp / "two_arch"

@@ -1,8 +1,10 @@
-"""A search's final stage (ensemble.final_stage): the winners retrained at the full budget, tested once, ensembled;
-best_config.yaml and report.html say so; a stage killed half way resumes with --resume."""
+"""A search's final stage (ensemble.final_stage): the winners retrained at the full budget, tested once, ensembled,
+the ensemble distilled into one network; best_config.yaml and report.html say so; a stage killed half way resumes
+with --resume."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from distributed.splits import make_splits
 
 @pytest.mark.slow
 def test_the_final_stage_retrains_the_winners_and_tests_them_once(two_arch_search):
-    exp = two_arch_search  # conftest: 2 trials of 2 epochs, final: {top_k: 2, epochs: 3, train_limit: 200}
+    exp = two_arch_search  # conftest: 2 trials of 2 epochs, final: {top_k: 2, epochs: 3, train_limit: 200, distill}
     final = json.loads((exp / "final" / "ensemble.json").read_text())
     assert final["retrained"] and final["epochs"] == 3 and final["seeds"] == 1 and len(final["members"]) == 2
     # the stage trained its members with the search's scaling, which emotune.json records (no space re-read)
@@ -46,16 +48,33 @@ def test_the_final_stage_retrains_the_winners_and_tests_them_once(two_arch_searc
         assert m["best_val_acc"] == pytest.approx(last["val_acc"])
     vals = [m["best_val_acc"] for m in final["members"]]
     assert vals[0] == max(vals)
-    chosen = TrainConfig.load(Path(final["members"][0]["file"]).parent / "config.yaml")
+    # distill: the single model is one more run of the search's best config, a seed no member had, learning from
+    # the members' ensemble (its file) as well as from the labels; it is not one of the ensemble's members
+    distilled = final["distilled"]
+    student = TrainConfig.load(Path(distilled["file"]).parent / "config.yaml")
+    from distributed.summary import collect
+
+    assert distilled["trial_id"] == collect(str(exp))["top"][0]["trial_id"]  # the search's best config
+    top = json.loads((exp / distilled["trial_id"] / "result.json").read_text().splitlines()[-1])["train_config"]
+    assert student == TrainConfig.from_dict({**top, "epochs": 3, "cv_folds": 0, "train_limit": 200, "keep_last": True,
+                                             "seed": top["seed"] + 1,
+                                             "teacher": str(exp / "final" / "ensemble_model.pt")})
+    assert distilled["best_epoch"] == 3
     best = exp / "best_config.yaml"
-    assert TrainConfig.load(best) == chosen and chosen.keep_last
+    assert TrainConfig.load(best) == student
     assert best.read_text().startswith("# final stage: trial ") and "epochs (last epoch 3)" in best.read_text()
-    # the ensemble's figure is its own model file scored on the test split
-    splits = make_splits(load_data(chosen), chosen)
-    pred = load_predictor(exp / "final" / "ensemble_model.pt").probs(torch.from_numpy(splits.test_x)).argmax(1)
-    assert final["ensemble"]["all"]["test_acc"] == pytest.approx(float(np.mean(pred.numpy() == splits.test_y)))
+    assert "distilled from the ensemble of 2 retrained members" in best.read_text().splitlines()[0]
+    # the figures are the files scored on the best trial's test split: the ensemble of the two members (not the
+    # student), and the student alone
+    splits = make_splits(load_data(TrainConfig.from_dict(top)), TrainConfig.from_dict(top))
+    ensemble = load_predictor(exp / "final" / "ensemble_model.pt")
+    assert len(ensemble.members) == 2
+    for name, predictor in (("ensemble", ensemble), ("single_best", load_predictor(distilled["file"]))):
+        pred = predictor.probs(torch.from_numpy(splits.test_x)).argmax(1).numpy()
+        assert final[name]["all"]["test_acc"] == pytest.approx(float(np.mean(pred == splits.test_y)))
     page = (exp / "report.html").read_text()
     assert "<h2>Final stage</h2>" in page and all(t in page for t in trials)
+    assert f"{distilled['trial_id']} seed {distilled['seed']} distilled (chosen)" in page
 
 
 @pytest.mark.slow
@@ -76,7 +95,8 @@ def test_a_final_stage_killed_half_way_resumes(two_arch_search, tmp_path):
     assert not (exp / "final" / "ensemble.json").exists()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "final:  trial " in done.stdout and "ensemble of 2 test_acc" in done.stdout, done.stdout[-3000:]
+    assert re.search(r"^final:  trial \S+'s config \(seed \d+\) distilled from the ensemble for 3 epochs: .*"
+                     r"ensemble of 2 test_acc", done.stdout, re.M), done.stdout[-3000:]
     final = json.loads((exp / "final" / "ensemble.json").read_text())
     starts = {}
     for m in final["members"]:

@@ -72,7 +72,8 @@ def test_search_report_renders_in_a_browser(experiment, tmp_path):
     assert console == [], console
     assert dom.count('class="plotly-graph-div js-plotly-plot"') == figures  # plotly drew every figure...
     assert dom.count('class="main-svg"') >= 2 * figures  # ...into SVG
-    assert dom.count("<tr>") == 2 * (1 + 2)  # leaderboard and final stage: a header and one row per trial each
+    # leaderboard and final stage: a header and one row per trial each, and the final stage's distilled model
+    assert dom.count("<tr>") == 2 * (1 + 2) + 1
     assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 200, "the screenshot is (nearly) blank"
 
 
