@@ -119,10 +119,11 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     exp = Path(exp).resolve()
     if tta is not None and tta not in TTA_MODES:
         raise ConfigError(f"--tta {tta}: choose from {', '.join(TTA_MODES)}")
-    if (refit or keep_last is not None or distill) and not retrain:
-        flag = ("--refit" if refit else "--distill" if distill else "--keep-last" if keep_last
-                else "--no-keep-last")
+    if (refit or keep_last is not None) and not retrain:
+        flag = "--refit" if refit else "--keep-last" if keep_last else "--no-keep-last"
         raise ConfigError(f"{flag} shapes how the members are retrained; add --retrain")
+    if distill and not retrain:
+        raise ConfigError("--distill trains one more model from the retrained members' ensemble; add --retrain")
     keep_last = FINAL_KEEP_LAST if keep_last is None else keep_last
     chosen = top_trials(exp, top)
     out = Path(output).resolve() if output else exp / (f"ensemble_top{top}" + ("_refit" if refit else
