@@ -142,6 +142,7 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
                    else load_space(exp / "space.yaml", meta["overrides"]).scaling)
         if in_process(scaling, address):  # members train one after another here: each may use every core
             scaling = replace(scaling, cpus_per_worker=max(scaling.cpus_per_worker, local_cpus()))
+
         def retrained(cfg: dict, seed: int, **extra) -> TrainConfig:
             # cv_folds off: the retrained member learns from all of train, not from one fold
             return TrainConfig.from_dict({**cfg, "cv_folds": 0, "epochs": epochs or cfg["epochs"],
@@ -180,6 +181,7 @@ def run_ensemble(exp: str | Path, top: int, output: str | None = None, retrain: 
     ensemble = Ensemble([load_file(p, MODEL_FORMAT) for _, p, _ in members])
     tta = tta or ensemble.config.tta
     x = torch.from_numpy(splits.test_x)
+
     def record(row: dict, p: Path, ran: dict | None) -> dict:
         return {"trial_id": row["trial_id"], "model": row["model"], "file": str(p),
                 **({"seed": ran["seed"], "epochs": ran["epochs_run"], "best_epoch": ran["best_epoch"],
